@@ -1,0 +1,44 @@
+# The two commands of the README: `make serve` and `make test`. Both set up what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PORT ?= 50051
+STORE ?= sqlite:var/recur.db
+
+.PHONY: serve test proto models bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Serving needs only the base dependencies (no torch).
+$(VENV)/.serve: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+# Tests and training also need the train and dev extras (torch==2.13.0, CPU build).
+$(VENV)/.dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[train,dev]'
+	touch $@ $(VENV)/.serve
+
+serve: $(VENV)/.serve
+	mkdir -p var
+	$(BIN)/recur serve --models-dir models --store $(STORE) --port $(PORT)
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q
+
+# Regenerate the gRPC stubs from protos/ (a test fails when they are stale).
+proto: $(VENV)/.dev
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/recur/v1/recur.proto
+
+# Re-create the three shipped default models (about 15 minutes on 2 cores).
+models: $(VENV)/.dev
+	$(BIN)/recur train --task lm --cell lstm --layers 2 --hidden 256 --embed 64 --batch 64 --bptt 128 --epochs 3 --max-steps 2800 --out runs/pylm
+	$(BIN)/recur export runs/pylm/best.pt --name pylm --version 1
+	$(BIN)/recur train --task tagger --cell gru --layers 1 --hidden 128 --embed 32 --batch 64 --bptt 128 --epochs 1 --max-steps 1200 --out runs/pytag
+	$(BIN)/recur export runs/pytag/best.pt --name pytag --version 1
+	$(BIN)/recur train --task digits --cell lstm --layers 1 --hidden 64 --batch 64 --epochs 80 --lr 1e-2 --warmup 20 --out runs/digits
+	$(BIN)/recur export runs/digits/best.pt --name digits --version 1
+
+clean:
+	rm -rf $(VENV) var runs data

@@ -1,0 +1,89 @@
+"""The one place where wire messages meet the core's types, in paired to/from functions."""
+
+from __future__ import annotations
+
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from recur.v1 import recur_pb2 as pb
+from service.errors import InvalidInput
+from service.models import Model
+from service.outputs import OutputOptions
+from service.sessions import GeneratedToken, GenerateInput, NamedTensor, SessionView, StepInput, StepResult
+
+
+def _ts(t: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+def tensor_from_pb(t: pb.Tensor) -> NamedTensor:
+    shape = tuple(int(d) for d in t.shape)
+    n = int(np.prod(shape)) if shape else 1
+    if any(d < 0 for d in shape) or len(t.data) != 4 * n:
+        raise InvalidInput(f"tensor {t.name!r}: {len(t.data)} bytes do not hold float32 of shape {list(shape)}")
+    return NamedTensor(t.name, np.frombuffer(t.data, dtype="<f4").reshape(shape).astype(np.float32))
+
+
+def tensor_to_pb(t: NamedTensor) -> pb.Tensor:
+    return pb.Tensor(name=t.name, shape=list(t.value.shape), data=np.ascontiguousarray(t.value, dtype="<f4").tobytes())
+
+
+def model_to_pb(m: Model) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=m.name, version=m.version, cell=m.cell, head=m.head, input_kind=m.input_kind,
+        feature_dim=m.feature_dim, vocabulary=m.vocab, unk_id=-1 if m.unk_id is None else m.unk_id,
+        labels=m.labels, layers=m.states[0].layers, hidden_size=m.states[0].hidden, classes=m.classes,
+        state=[pb.TensorSpec(name=s.name, shape=[s.layers, -1, s.hidden], dtype="float32") for s in m.states],
+        metrics=m.metrics,
+    )
+
+
+def session_to_pb(v: SessionView) -> pb.Session:
+    return pb.Session(
+        session_id=v.session_id, tenant=v.tenant, model=v.model, version=v.version, offset=v.offset,
+        created_at=_ts(v.created_at), updated_at=_ts(v.updated_at), expires_at=_ts(v.expires_at),
+        state=[tensor_to_pb(t) for t in v.state or []],
+    )
+
+
+def step_from_pb(r: pb.StepRequest) -> StepInput:
+    return StepInput(
+        session_id=r.session_id, tokens=list(r.tokens), text=r.text, features=r.features,
+        expected_offset=r.expected_offset if r.HasField("expected_offset") else None,
+        options=OutputOptions(top_k=r.top_k, return_logits=r.return_logits, final_only=r.final_only,
+                              return_state=r.return_state),
+    )
+
+
+def step_to_pb(r: StepResult, request_id: str = "") -> pb.StepResponse:
+    out = pb.StepResponse(
+        session_id=r.session_id, offset=r.offset, start_offset=r.start_offset, replayed=r.replayed, text=r.text,
+        request_id=request_id,
+        outputs=[pb.StepOutput(argmax=o.argmax, top_ids=o.top_ids, top_probs=o.top_probs, label=o.label, text=o.text)
+                 for o in r.outputs],
+        state=[tensor_to_pb(t) for t in r.state or []],
+    )
+    if r.logits is not None:
+        out.logits = np.ascontiguousarray(r.logits, dtype="<f4").tobytes()
+        out.logits_shape.extend(r.logits.shape)
+    return out
+
+
+def step_error_to_pb(r: pb.StepRequest, code: int, message: str) -> pb.StepResponse:
+    return pb.StepResponse(session_id=r.session_id, request_id=r.request_id,
+                           status=pb.ChunkStatus(code=code, message=message))
+
+
+def generate_from_pb(r: pb.GenerateRequest) -> GenerateInput:
+    return GenerateInput(
+        session_id=r.session_id, prompt=r.prompt, prompt_tokens=list(r.prompt_tokens),
+        max_tokens=r.max_tokens or 16, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+        seed=r.seed if r.HasField("seed") else None, stop=list(r.stop),
+        expected_offset=r.expected_offset if r.HasField("expected_offset") else None,
+    )
+
+
+def generated_to_pb(g: GeneratedToken) -> pb.GenerateResponse:
+    return pb.GenerateResponse(token=g.token, text=g.text, offset=g.offset, done=g.done, finish_reason=g.finish_reason)

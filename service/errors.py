@@ -1,0 +1,71 @@
+"""The one error hierarchy of the serving core. Each error names its gRPC code
+(as a string, so the core stays transport-free); the servicer maps it in one place.
+Messages are written for the client: they say what is wrong and what to do."""
+
+from __future__ import annotations
+
+
+class RecurError(Exception):
+    code = "INTERNAL"
+
+
+class InvalidInput(RecurError):
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(RecurError):
+    code = "NOT_FOUND"
+
+
+class SessionNotFound(NotFound):
+    pass
+
+
+class SessionExpired(NotFound):
+    pass
+
+
+class ModelNotFound(NotFound):
+    pass
+
+
+class AlreadyExists(RecurError):
+    code = "ALREADY_EXISTS"
+
+
+class OffsetMismatch(RecurError):
+    """The chunk named an offset the session is not at."""
+
+    code = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, actual: int) -> None:
+        super().__init__(message)
+        self.actual = actual
+
+
+class NoOutputYet(RecurError):
+    code = "FAILED_PRECONDITION"
+
+
+class LimitExceeded(RecurError):
+    code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(RecurError):
+    code = "UNAVAILABLE"
+
+
+class ModelInvalid(RecurError):
+    """A model directory whose manifest and graph disagree (raised at load)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class StoreConflict(RecurError):
+    """Compare-and-set lost: the stored offset is not the one this write started from."""
+
+    code = "FAILED_PRECONDITION"
+
+    def __init__(self, message: str, actual: int | None) -> None:
+        super().__init__(message)
+        self.actual = actual

@@ -1,0 +1,128 @@
+"""gRPC servicer for recur.v1.Recur: parse, call the core, reply. Errors map to status codes here."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from recur.v1 import recur_pb2 as pb
+from recur.v1 import recur_pb2_grpc
+from service import convert
+from service.errors import RecurError
+from service.sessions import SessionService
+
+log = logging.getLogger(__name__)
+
+TENANT = "default"  # until authentication exists, every request belongs to one tenant
+
+T = TypeVar("T")
+
+
+def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status and message a client sees; unexpected errors never leak their text."""
+    if isinstance(e, RecurError):
+        return getattr(grpc.StatusCode, e.code), str(e)
+    log.error("unexpected error", exc_info=e)
+    return grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
+
+
+def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        try:
+            return await fn(self, request, context)
+        except Exception as e:
+            code, message = status_of(e)
+            await context.abort(code, message)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+class RecurServicer(recur_pb2_grpc.RecurServicer):
+    def __init__(self, core: SessionService, max_stream_inflight: int) -> None:
+        self.core = core
+        self.max_stream_inflight = max_stream_inflight
+
+    @unary
+    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[convert.model_to_pb(m) for m in self.core.models.all()])
+
+    @unary
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.Session:
+        state = [convert.tensor_from_pb(t) for t in request.initial_state]
+        view = await self.core.create(TENANT, request.model, request.version, request.session_id,
+                                      request.ttl_seconds, state)
+        return convert.session_to_pb(view)
+
+    @unary
+    async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> pb.Session:
+        return convert.session_to_pb(await self.core.get(TENANT, request.session_id, request.include_state))
+
+    @unary
+    async def DeleteSession(self, request: pb.DeleteSessionRequest,
+                            context: grpc.aio.ServicerContext) -> pb.DeleteSessionResponse:
+        await self.core.delete(TENANT, request.session_id)
+        return pb.DeleteSessionResponse()
+
+    @unary
+    async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> pb.Session:
+        view = await self.core.fork(TENANT, request.session_id, request.new_session_id, request.ttl_seconds)
+        return convert.session_to_pb(view)
+
+    @unary
+    async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
+        result = await self.core.step(TENANT, convert.step_from_pb(request))
+        return convert.step_to_pb(result, request.request_id)
+
+    async def Stream(self, request_iterator: AsyncIterator[pb.StepRequest],
+                     context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
+        """Chunks of different sessions run concurrently, each session's in arrival order
+        (the core's per-session locks are FIFO). A refused chunk gets its own status."""
+        replies: asyncio.Queue[pb.StepResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.max_stream_inflight)
+
+        async def one(request: pb.StepRequest) -> None:
+            try:
+                result = await self.core.step(TENANT, convert.step_from_pb(request))
+                reply = convert.step_to_pb(result, request.request_id)
+            except Exception as e:
+                code, message = status_of(e)
+                reply = convert.step_error_to_pb(request, code.value[0], message)
+            finally:
+                slots.release()
+            await replies.put(reply)
+
+        async def read() -> None:
+            tasks: set[asyncio.Task] = set()
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.wait(tasks)  # unlike gather, a cancelled wait leaves the chunks running
+            finally:
+                await replies.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+        finally:
+            reader.cancel()
+
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            async for token in self.core.generate(TENANT, convert.generate_from_pb(request)):
+                yield convert.generated_to_pb(token)
+        except Exception as e:
+            code, message = status_of(e)
+            await context.abort(code, message)

@@ -1,0 +1,332 @@
+"""The transport-free core: sessions and their rules.
+
+Invariants (DESIGN.md): chunking is invisible; a chunk with expected_offset applies
+only at that offset and a retry of the last applied chunk is replayed; one chunk at a
+time per session, in arrival order; a reply only after the state is as durable as the
+store promises; a refused request changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.config import Settings
+from service.errors import (InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, StoreConflict,
+                            Unavailable)
+from service.models import Model, ModelRepository
+from service.outputs import OutputOptions, StepOutput, sample, step_outputs
+from service.store import SessionRecord, Store
+from service.store.base import now
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class NamedTensor:
+    name: str
+    value: np.ndarray  # float32
+
+
+@dataclass(frozen=True)
+class SessionView:
+    session_id: str
+    tenant: str
+    model: str
+    version: int
+    offset: int
+    created_at: float
+    updated_at: float
+    expires_at: float
+    state: list[NamedTensor] | None = None
+
+
+@dataclass(frozen=True)
+class StepInput:
+    session_id: str
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    features: bytes = b""
+    expected_offset: int | None = None
+    options: OutputOptions = OutputOptions()
+
+
+@dataclass(frozen=True)
+class StepResult:
+    session_id: str
+    start_offset: int
+    offset: int
+    replayed: bool
+    outputs: list[StepOutput]
+    text: str
+    logits: np.ndarray | None  # (steps, classes) when asked
+    state: list[NamedTensor] | None
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    session_id: str
+    prompt: str = ""
+    prompt_tokens: list[int] = field(default_factory=list)
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    expected_offset: int | None = None
+
+
+@dataclass(frozen=True)
+class GeneratedToken:
+    token: int
+    text: str
+    offset: int
+    done: bool
+    finish_reason: str = ""
+
+
+class _Locks:
+    """One FIFO lock per session, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+class SessionService:
+    """Owns sessions: creates, steps, generates, forks and deletes them over a Store."""
+
+    def __init__(self, settings: Settings, models: ModelRepository, store: Store) -> None:
+        self.settings, self.models, self.store = settings, models, store
+        self._locks = _Locks()
+        self._pool = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="ort")
+        self.accepting = True
+
+    async def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _check_open(self) -> None:
+        if not self.accepting:
+            raise Unavailable("the server is shutting down; retry on another replica")
+
+    # -- sessions ------------------------------------------------------------
+    def _view(self, rec: SessionRecord, model: Model | None = None, with_state: bool = False) -> SessionView:
+        state = None
+        if with_state and model is not None:
+            state = [NamedTensor(s.name, v) for s, v in zip(model.states, rec.state)]
+        return SessionView(rec.session_id, rec.tenant, rec.model, rec.version, rec.offset, rec.created_at,
+                           rec.updated_at, rec.expires_at, state)
+
+    def _ttl(self, ttl: float) -> float:
+        if ttl < 0 or ttl > self.settings.max_ttl:
+            raise InvalidInput(f"ttl_seconds must be between 0 (the default, {self.settings.session_ttl:.0f}) "
+                               f"and {self.settings.max_ttl:.0f}")
+        return ttl or self.settings.session_ttl
+
+    def _new_id(self, requested: str) -> str:
+        if not requested:
+            return uuid.uuid4().hex
+        if not _ID.match(requested):
+            raise InvalidInput("session_id must be 1-128 characters of letters, digits and . _ : @ -")
+        return requested
+
+    async def _check_capacity(self) -> None:
+        if self.settings.max_sessions and await self.store.count() >= self.settings.max_sessions:
+            raise LimitExceeded(f"the server holds its limit of {self.settings.max_sessions} sessions; "
+                                "delete sessions or raise --max-sessions")
+
+    async def create(self, tenant: str, model_name: str, version: int, session_id: str = "", ttl: float = 0,
+                     initial_state: list[NamedTensor] | None = None) -> SessionView:
+        self._check_open()
+        model = self.models.get(model_name, version)
+        sid, ttl = self._new_id(session_id), self._ttl(ttl)
+        state = self._initial_state(model, initial_state) if initial_state else model.zero_state()
+        await self._check_capacity()
+        t = now()
+        rec = SessionRecord(tenant, sid, model.name, model.version, 0, t, t, ttl, state)
+        await self.store.create(rec)
+        log.info("session created", extra={"session_id": sid, "model": model.name})
+        return self._view(rec)
+
+    def _initial_state(self, model: Model, tensors: list[NamedTensor]) -> list[np.ndarray]:
+        given = {t.name: t.value for t in tensors}
+        names = [s.name for s in model.states]
+        if sorted(given) != sorted(names) or len(given) != len(tensors):
+            raise InvalidInput(f"initial_state must name each of {names} once; got {[t.name for t in tensors]}")
+        out = []
+        for s in model.states:
+            v = given[s.name]
+            if v.shape != (s.layers, s.hidden):
+                raise InvalidInput(f"initial_state {s.name!r} must have shape [{s.layers}, {s.hidden}] "
+                                   f"(float32, little-endian), got {list(v.shape)}")
+            if not np.isfinite(v).all():
+                raise InvalidInput(f"initial_state {s.name!r} has values that are not finite")
+            out.append(v.astype(np.float32))
+        return out
+
+    async def get(self, tenant: str, session_id: str, include_state: bool = False) -> SessionView:
+        rec = await self.store.get(tenant, session_id)
+        model = self.models.get(rec.model, rec.version) if include_state else None
+        return self._view(rec, model, include_state)
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        self._check_open()
+        async with self._locks.hold((tenant, session_id)):
+            await self.store.delete(tenant, session_id)
+
+    async def fork(self, tenant: str, session_id: str, new_id: str = "", ttl: float = 0) -> SessionView:
+        self._check_open()
+        sid, ttl = self._new_id(new_id), self._ttl(ttl)
+        await self._check_capacity()
+        async with self._locks.hold((tenant, session_id)):
+            src = await self.store.get(tenant, session_id)
+            t = now()
+            rec = src.copy(session_id=sid, created_at=t, updated_at=t, ttl=ttl,
+                           state=[s.copy() for s in src.state])
+            await self.store.create(rec)
+        return self._view(rec)
+
+    # -- steps ---------------------------------------------------------------
+    def _chunk(self, model: Model, inp: StepInput) -> tuple[np.ndarray, bytes]:
+        """The chunk as the graph's input (1, T[, D]) and a digest of its content."""
+        given = [n for n, v in (("tokens", inp.tokens), ("text", inp.text), ("features", inp.features)) if v]
+        if len(given) != 1:
+            raise InvalidInput(f"give exactly one non-empty input (tokens, text or features); got {given or 'none'}")
+        kind = given[0]
+        if model.input_kind == "tokens" and kind == "features":
+            raise InvalidInput(f"model {model.name} takes tokens or text, not features")
+        if model.input_kind == "features" and kind != "features":
+            raise InvalidInput(f"model {model.name} takes features (float32 [time, {model.feature_dim}]), not {kind}")
+        if kind == "features":
+            row = 4 * model.feature_dim
+            if len(inp.features) % row:
+                raise InvalidInput(f"features must be little-endian float32 [time, {model.feature_dim}]: "
+                                   f"{len(inp.features)} bytes is not a multiple of {row}")
+            x = np.frombuffer(inp.features, dtype="<f4").reshape(1, -1, model.feature_dim).astype(np.float32)
+            if not np.isfinite(x).all():
+                raise InvalidInput("features contain values that are not finite (NaN or infinity)")
+        else:
+            ids = model.encode(inp.text) if kind == "text" else inp.tokens
+            x = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+            bad = np.flatnonzero((x < 0) | (x >= len(model.vocab)))
+            if len(bad):
+                raise InvalidInput(f"token id {int(x[0, bad[0]])} at position {int(bad[0])} is out of range "
+                                   f"[0, {len(model.vocab)}) for model {model.name}")
+        steps = x.shape[1]
+        if steps > self.settings.max_chunk:
+            raise InvalidInput(f"chunk of {steps} steps is longer than the limit of {self.settings.max_chunk}; "
+                               "split it into smaller chunks")
+        return x, hashlib.sha256(x.tobytes()).digest()
+
+    async def _advance(self, model: Model, rec: SessionRecord, x: np.ndarray, digest: bytes) -> SessionRecord:
+        """Run one chunk from the record's state and store the result (compare-and-set)."""
+        states = [s[:, None, :] for s in rec.state]  # (L, 1, H)
+        loop = asyncio.get_running_loop()
+        logits, new_states = await loop.run_in_executor(self._pool, model.runtime.run, x, states)
+        new = rec.copy(offset=rec.offset + x.shape[1], updated_at=now(), state=[s[:, 0, :] for s in new_states],
+                       last_digest=digest, last_start=rec.offset, last_logits=logits[0])
+        try:
+            await self.store.put(new, prev_offset=rec.offset)
+        except StoreConflict as e:
+            raise OffsetMismatch(f"session {rec.session_id} was advanced elsewhere; it is at offset {e.actual}",
+                                 e.actual if e.actual is not None else -1) from e
+        return new
+
+    def _result(self, model: Model, rec: SessionRecord, options: OutputOptions, replayed: bool) -> StepResult:
+        logits = rec.last_logits
+        assert logits is not None
+        if options.final_only:
+            logits = logits[-1:]
+        outputs = step_outputs(model, logits, options.top_k)
+        state = [NamedTensor(s.name, v) for s, v in zip(model.states, rec.state)] if options.return_state else None
+        return StepResult(rec.session_id, rec.last_start, rec.offset, replayed, outputs,
+                          "".join(o.text for o in outputs), logits if options.return_logits else None, state)
+
+    async def step(self, tenant: str, inp: StepInput) -> StepResult:
+        self._check_open()
+        if inp.options.top_k < 0:
+            raise InvalidInput("top_k must be 0 or more")
+        async with self._locks.hold((tenant, inp.session_id)):
+            rec = await self.store.get(tenant, inp.session_id)
+            model = self.models.get(rec.model, rec.version)
+            x, digest = self._chunk(model, inp)
+            if inp.expected_offset is not None and inp.expected_offset != rec.offset:
+                if inp.expected_offset == rec.last_start and digest == rec.last_digest:
+                    return self._result(model, rec, inp.options, replayed=True)
+                raise OffsetMismatch(f"session {inp.session_id} is at offset {rec.offset}, "
+                                     f"not {inp.expected_offset}; resend from offset {rec.offset}", rec.offset)
+            rec = await self._advance(model, rec, x, digest)
+            return self._result(model, rec, inp.options, replayed=False)
+
+    # -- generation ----------------------------------------------------------
+    def _check_generate(self, g: GenerateInput) -> None:
+        if g.max_tokens < 1:
+            raise InvalidInput("max_tokens must be at least 1")
+        if g.max_tokens > self.settings.max_generate_tokens:
+            raise LimitExceeded(f"max_tokens {g.max_tokens} is over the server's limit of "
+                                f"{self.settings.max_generate_tokens}")
+        if g.temperature < 0 or not np.isfinite(g.temperature):
+            raise InvalidInput("temperature must be 0 (greedy) or more")
+        if not 0 <= g.top_p <= 1 or g.top_k < 0:
+            raise InvalidInput("top_p must be in [0, 1] and top_k 0 or more")
+        if g.prompt and g.prompt_tokens:
+            raise InvalidInput("give prompt or prompt_tokens, not both")
+
+    async def generate(self, tenant: str, g: GenerateInput) -> AsyncIterator[GeneratedToken]:
+        """Sample tokens; each is fed back and stored before it is yielded, so a cancel leaves
+        the session at the offset of the last token sent."""
+        self._check_open()
+        self._check_generate(g)
+        async with self._locks.hold((tenant, g.session_id)):
+            rec = await self.store.get(tenant, g.session_id)
+            model = self.models.get(rec.model, rec.version)
+            if model.head != "lm":
+                raise InvalidInput(f"model {model.name} has a {model.head} head; Generate needs a language model")
+            if g.expected_offset is not None and g.expected_offset != rec.offset:
+                raise OffsetMismatch(f"session {g.session_id} is at offset {rec.offset}, not {g.expected_offset}",
+                                     rec.offset)
+            if g.prompt or g.prompt_tokens:
+                x, digest = self._chunk(model, StepInput(g.session_id, tokens=g.prompt_tokens, text=g.prompt))
+                rec = await self._advance(model, rec, x, digest)
+            if rec.last_logits is None:
+                raise NoOutputYet(f"session {g.session_id} has consumed no token yet: give a prompt")
+            rng = np.random.default_rng(g.seed)
+            made = ""
+            for i in range(g.max_tokens):
+                self._check_open()
+                token = sample(rec.last_logits[-1], rng, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+                x = np.array([[token]], dtype=np.int64)
+                rec = await self._advance(model, rec, x, hashlib.sha256(x.tobytes()).digest())
+                piece = model.decode_token(token)
+                made += piece
+                stopped = any(made.endswith(s) for s in g.stop if s)
+                last = stopped or i == g.max_tokens - 1
+                reason = "stop" if stopped else "max_tokens" if last else ""
+                yield GeneratedToken(token, piece, rec.offset, last, reason)
+                if stopped:
+                    return

@@ -1,0 +1,116 @@
+"""The state store interface and the record it keeps. Three homes share it:
+memory, SQLite (the embedded durable default) and Redis (many replicas)."""
+
+from __future__ import annotations
+
+import struct
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+DURABILITY_MODES = ("sync", "async", "none")
+
+
+@dataclass
+class SessionRecord:
+    """One sequence's life on the server. `state` tensors are (layers, hidden), batch-free.
+
+    `last_*` describe the last applied chunk, so a retry of it can be answered
+    with the recorded reply without advancing the state again.
+    """
+
+    tenant: str
+    session_id: str
+    model: str
+    version: int
+    offset: int
+    created_at: float
+    updated_at: float
+    ttl: float
+    state: list[np.ndarray]
+    last_digest: bytes = b""
+    last_start: int = -1
+    last_logits: np.ndarray | None = None  # (T, C) of the last applied chunk
+
+    @property
+    def expires_at(self) -> float:
+        return self.updated_at + self.ttl
+
+    def copy(self, **changes: object) -> SessionRecord:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """What remains of a session that expired or was evicted, so its id is answered clearly."""
+
+    tenant: str
+    session_id: str
+    at: float
+    reason: str  # "expired" or "evicted"
+
+
+def pack_arrays(arrays: list[np.ndarray]) -> bytes:
+    """Compact float32 encoding: count, then each array's rank, dims and little-endian data."""
+    parts = [struct.pack("<B", len(arrays))]
+    for a in arrays:
+        a = np.ascontiguousarray(a, dtype="<f4")
+        parts.append(struct.pack(f"<B{a.ndim}I", a.ndim, *a.shape))
+        parts.append(a.tobytes())
+    return b"".join(parts)
+
+
+def unpack_arrays(blob: bytes) -> list[np.ndarray]:
+    (count,), pos, out = struct.unpack_from("<B", blob), 1, []
+    for _ in range(count):
+        (ndim,) = struct.unpack_from("<B", blob, pos)
+        shape = struct.unpack_from(f"<{ndim}I", blob, pos + 1)
+        pos += 1 + 4 * ndim
+        n = int(np.prod(shape)) if shape else 1
+        out.append(np.frombuffer(blob, dtype="<f4", count=n, offset=pos).reshape(shape).copy())
+        pos += 4 * n
+    return out
+
+
+class Store(ABC):
+    """Where session records live. Writes are compare-and-set on the offset.
+
+    `put` raises StoreConflict when the stored offset is not `prev_offset`; `get`
+    raises SessionNotFound or SessionExpired. Returning from `put` means the record
+    is as durable as the store's durability mode promises.
+    """
+
+    @abstractmethod
+    async def get(self, tenant: str, session_id: str) -> SessionRecord: ...
+
+    @abstractmethod
+    async def create(self, record: SessionRecord) -> None: ...
+
+    @abstractmethod
+    async def put(self, record: SessionRecord, prev_offset: int) -> None: ...
+
+    @abstractmethod
+    async def delete(self, tenant: str, session_id: str) -> None: ...
+
+    @abstractmethod
+    async def count(self) -> int: ...
+
+    @abstractmethod
+    async def sweep(self, now: float | None = None) -> int:
+        """Remove sessions idle past their TTL (leaving tombstones); returns how many."""
+
+    async def flush(self) -> None:
+        """Wait until every accepted write is stored."""
+
+    async def close(self) -> None:
+        await self.flush()
+
+
+def now() -> float:
+    return time.time()
+
+
+def fmt_time(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
