@@ -42,9 +42,9 @@ class Running:
     sweeper: asyncio.Task
 
     async def stop(self, grace: float) -> None:
-        self.core.accepting = False
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await self.core.drain(grace)  # new calls get UNAVAILABLE with a clear message meanwhile
+        await self.server.stop(1.0)
         self.sweeper.cancel()
         await self.store.close()
         await self.core.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -121,8 +122,10 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            async for token in self.core.generate(TENANT, convert.generate_from_pb(request)):
-                yield convert.generated_to_pb(token)
+            # aclosing: a cancelled call releases the session's lock now, not at garbage collection
+            async with contextlib.aclosing(self.core.generate(TENANT, convert.generate_from_pb(request))) as tokens:
+                async for token in tokens:
+                    yield convert.generated_to_pb(token)
         except Exception as e:
             code, message = status_of(e)
             await context.abort(code, message)

@@ -126,6 +126,9 @@ class SessionService:
         self._locks = _Locks()
         self._pool = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="ort")
         self.accepting = True
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -133,6 +136,27 @@ class SessionService:
     def _check_open(self) -> None:
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry on another replica")
+
+    @asynccontextmanager
+    async def _work(self) -> AsyncIterator[None]:
+        """Count a call in flight, so draining can wait for it."""
+        self._check_open()
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new work and wait up to `timeout` seconds for calls in flight."""
+        self.accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            log.warning("%d calls still in flight after %.0f s", self._inflight, timeout)
 
     # -- sessions ------------------------------------------------------------
     def _view(self, rec: SessionRecord, model: Model | None = None, with_state: bool = False) -> SessionView:
@@ -162,14 +186,14 @@ class SessionService:
 
     async def create(self, tenant: str, model_name: str, version: int, session_id: str = "", ttl: float = 0,
                      initial_state: list[NamedTensor] | None = None) -> SessionView:
-        self._check_open()
         model = self.models.get(model_name, version)
         sid, ttl = self._new_id(session_id), self._ttl(ttl)
         state = self._initial_state(model, initial_state) if initial_state else model.zero_state()
         await self._check_capacity()
         t = now()
         rec = SessionRecord(tenant, sid, model.name, model.version, 0, t, t, ttl, state)
-        await self.store.create(rec)
+        async with self._work():
+            await self.store.create(rec)
         log.info("session created", extra={"session_id": sid, "model": model.name})
         return self._view(rec)
 
@@ -195,15 +219,13 @@ class SessionService:
         return self._view(rec, model, include_state)
 
     async def delete(self, tenant: str, session_id: str) -> None:
-        self._check_open()
-        async with self._locks.hold((tenant, session_id)):
+        async with self._work(), self._locks.hold((tenant, session_id)):
             await self.store.delete(tenant, session_id)
 
     async def fork(self, tenant: str, session_id: str, new_id: str = "", ttl: float = 0) -> SessionView:
-        self._check_open()
         sid, ttl = self._new_id(new_id), self._ttl(ttl)
         await self._check_capacity()
-        async with self._locks.hold((tenant, session_id)):
+        async with self._work(), self._locks.hold((tenant, session_id)):
             src = await self.store.get(tenant, session_id)
             t = now()
             rec = src.copy(session_id=sid, created_at=t, updated_at=t, ttl=ttl,
@@ -268,10 +290,9 @@ class SessionService:
                           "".join(o.text for o in outputs), logits if options.return_logits else None, state)
 
     async def step(self, tenant: str, inp: StepInput) -> StepResult:
-        self._check_open()
         if inp.options.top_k < 0:
             raise InvalidInput("top_k must be 0 or more")
-        async with self._locks.hold((tenant, inp.session_id)):
+        async with self._work(), self._locks.hold((tenant, inp.session_id)):
             rec = await self.store.get(tenant, inp.session_id)
             model = self.models.get(rec.model, rec.version)
             x, digest = self._chunk(model, inp)
@@ -300,9 +321,8 @@ class SessionService:
     async def generate(self, tenant: str, g: GenerateInput) -> AsyncIterator[GeneratedToken]:
         """Sample tokens; each is fed back and stored before it is yielded, so a cancel leaves
         the session at the offset of the last token sent."""
-        self._check_open()
         self._check_generate(g)
-        async with self._locks.hold((tenant, g.session_id)):
+        async with self._work(), self._locks.hold((tenant, g.session_id)):
             rec = await self.store.get(tenant, g.session_id)
             model = self.models.get(rec.model, rec.version)
             if model.head != "lm":
@@ -318,7 +338,6 @@ class SessionService:
             rng = np.random.default_rng(g.seed)
             made = ""
             for i in range(g.max_tokens):
-                self._check_open()
                 token = sample(rec.last_logits[-1], rng, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
                 x = np.array([[token]], dtype=np.int64)
                 rec = await self._advance(model, rec, x, hashlib.sha256(x.tobytes()).digest())

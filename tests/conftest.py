@@ -19,7 +19,8 @@ def _train_and_export(run_dir: Path, models_dir: Path, cell: str, head: str) -> 
     from training.train import Trainer
 
     cfg = TrainConfig(task=_TASK[head], cell=cell, out=str(run_dir), layers=2, hidden=16, embed=8, batch=8,
-                      bptt=16, max_steps=6, warmup=2, train_chars=20_000, val_chars=2_000, log_every=2)
+                      bptt=16, max_steps=6, warmup=2, train_chars=20_000, val_chars=2_000, test_chars=2_000,
+                      log_every=2)
     Trainer(cfg, command=f"tests: tiny {cell} {head}").run(progress=False)
     export(run_dir / "best.pt", name=f"{cell}-{head}", version=1, models_dir=models_dir)
 

@@ -28,6 +28,7 @@ class TrainConfig:
     clip: float = 1.0  # gradient-norm clipping; 0 disables
     train_chars: int = 0  # use only the first N training characters (0: all); for quick runs
     val_chars: int = 0  # validate on the first N characters (0: all)
+    test_chars: int = 0  # report test metrics on the first N characters (0: all, as for the shipped models)
     seed: int = 1337
     threads: int = 0  # torch intra-op threads (0: all cores)
     log_every: int = 20

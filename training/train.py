@@ -232,7 +232,7 @@ class Trainer:
         """Evaluate the best checkpoint on the test split and record it in best.pt."""
         best = torch.load(self.out / "best.pt", map_location="cpu", weights_only=False)
         self.model.load_state_dict(best["model"])
-        test_data = _task_data(TrainConfig(**{**asdict(self.cfg), "val_chars": 0}), "test")
+        test_data = _task_data(TrainConfig(**{**asdict(self.cfg), "val_chars": self.cfg.test_chars}), "test")
         test = _evaluate(self.model, self.cfg, test_data)
         metrics = {**best["metrics"], **{f"test_{k}": v for k, v in test.items()}}
         if self.cfg.task != "lm":
