@@ -45,7 +45,10 @@ def _code_tuple(code: int) -> tuple | None:
 class RecurClient:
     def __init__(self, target: str, *, timeout: float = 30.0) -> None:
         self.target, self.timeout = target, timeout
-        self.channel = grpc.insecure_channel(target)
+        # Short reconnect backoff: after a replica restarts or fails over, resume within a second or two.
+        self.channel = grpc.insecure_channel(target, options=[("grpc.initial_reconnect_backoff_ms", 200),
+                                                              ("grpc.min_reconnect_backoff_ms", 100),
+                                                              ("grpc.max_reconnect_backoff_ms", 2000)])
         self.stub = recur_pb2_grpc.RecurStub(self.channel)
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ store promises; a refused request changes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -214,7 +215,8 @@ class SessionService:
         return out
 
     async def get(self, tenant: str, session_id: str, include_state: bool = False) -> SessionView:
-        rec = await self.store.get(tenant, session_id)
+        async with self._locks.hold((tenant, session_id)):  # after the chunks in flight: a settled offset
+            rec = await self.store.get(tenant, session_id)
         model = self.models.get(rec.model, rec.version) if include_state else None
         return self._view(rec, model, include_state)
 
@@ -272,8 +274,16 @@ class SessionService:
         logits, new_states = await loop.run_in_executor(self._pool, model.runtime.run, x, states)
         new = rec.copy(offset=rec.offset + x.shape[1], updated_at=now(), state=[s[:, 0, :] for s in new_states],
                        last_digest=digest, last_start=rec.offset, last_logits=logits[0])
+        put = asyncio.ensure_future(self.store.put(new, prev_offset=rec.offset))
         try:
-            await self.store.put(new, prev_offset=rec.offset)
+            try:
+                await asyncio.shield(put)
+            except asyncio.CancelledError:
+                # The caller went away; the write may already be on its way to disk. Settle it before
+                # the session's lock is released, so the next reader sees one state or the other.
+                with contextlib.suppress(Exception):
+                    await put
+                raise
         except StoreConflict as e:
             raise OffsetMismatch(f"session {rec.session_id} was advanced elsewhere; it is at offset {e.actual}",
                                  e.actual if e.actual is not None else -1) from e

@@ -59,7 +59,8 @@ class Server:
             self.kill()
             raise RuntimeError("server did not start:\n" + "".join(self.log))
         with grpc.insecure_channel(self.target) as ch:
-            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=20,
+                                                          wait_for_ready=True).status
             assert status == health_pb2.HealthCheckResponse.SERVING
         return self
 
