@@ -195,7 +195,7 @@ class SessionService:
         rec = SessionRecord(tenant, sid, model.name, model.version, 0, t, t, ttl, state)
         async with self._work():
             await self.store.create(rec)
-        log.info("session created", extra={"session_id": sid, "model": model.name})
+        log.info("session %s created on %s v%d", sid, model.name, model.version)
         return self._view(rec)
 
     def _initial_state(self, model: Model, tensors: list[NamedTensor]) -> list[np.ndarray]:
