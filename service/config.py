@@ -49,7 +49,13 @@ class Settings:
     ort_threads: int = 1
     """ONNX Runtime intra-op threads per call."""
     inference_threads: int = 2
-    """Threads that run ONNX Runtime beside the event loop."""
+    """ONNX Runtime calls that may run at once, each on its own thread beside the event loop."""
+    max_batch: int = 256
+    """Most sessions' chunks in one batched ONNX Runtime call."""
+    slice_steps: int = 64
+    """Most steps of one chunk per batched call; longer chunks advance a slice at a time."""
+    batch_window: float = 0.0
+    """Seconds an idle engine waits for more chunks before a call (0: batch only what queued up)."""
     grace: float = 10.0
     """Seconds in-flight calls get to finish on SIGTERM."""
 

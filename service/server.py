@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from recur.v1 import recur_pb2, recur_pb2_grpc
 from service.config import Settings
+from service.engine import Engine, EngineOptions
 from service.models import ModelRepository
 from service.runtime import RuntimeOptions
 from service.servicer import RecurServicer
@@ -70,7 +71,9 @@ async def create_server(settings: Settings) -> Running:
     store = await open_store(settings.store, durability=settings.durability,
                              memory_capacity=settings.memory_capacity, cache_size=settings.cache_size,
                              async_window=settings.async_window, tombstone_seconds=settings.tombstone_seconds)
-    core = SessionService(settings, models, store)
+    engine = Engine(EngineOptions(max_batch=settings.max_batch, slice_steps=settings.slice_steps,
+                                  window=settings.batch_window, threads=settings.inference_threads))
+    core = SessionService(settings, models, store, engine)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])
     recur_pb2_grpc.add_RecurServicer_to_server(RecurServicer(core, settings.max_stream_inflight), server)

@@ -15,13 +15,13 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from service.config import Settings
+from service.engine import Engine
 from service.errors import (InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, StoreConflict,
                             Unavailable)
 from service.models import Model, ModelRepository
@@ -122,17 +122,16 @@ class _Locks:
 class SessionService:
     """Owns sessions: creates, steps, generates, forks and deletes them over a Store."""
 
-    def __init__(self, settings: Settings, models: ModelRepository, store: Store) -> None:
-        self.settings, self.models, self.store = settings, models, store
+    def __init__(self, settings: Settings, models: ModelRepository, store: Store, engine: Engine) -> None:
+        self.settings, self.models, self.store, self.engine = settings, models, store, engine
         self._locks = _Locks()
-        self._pool = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="ort")
         self.accepting = True
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        await self.engine.close()
 
     def _check_open(self) -> None:
         if not self.accepting:
@@ -269,11 +268,9 @@ class SessionService:
 
     async def _advance(self, model: Model, rec: SessionRecord, x: np.ndarray, digest: bytes) -> SessionRecord:
         """Run one chunk from the record's state and store the result (compare-and-set)."""
-        states = [s[:, None, :] for s in rec.state]  # (L, 1, H)
-        loop = asyncio.get_running_loop()
-        logits, new_states = await loop.run_in_executor(self._pool, model.runtime.run, x, states)
-        new = rec.copy(offset=rec.offset + x.shape[1], updated_at=now(), state=[s[:, 0, :] for s in new_states],
-                       last_digest=digest, last_start=rec.offset, last_logits=logits[0])
+        logits, new_states = await self.engine.run(model.runtime, x[0], rec.state)  # batched with other sessions
+        new = rec.copy(offset=rec.offset + x.shape[1], updated_at=now(), state=new_states,
+                       last_digest=digest, last_start=rec.offset, last_logits=logits)
         put = asyncio.ensure_future(self.store.put(new, prev_offset=rec.offset))
         try:
             try:

@@ -1,0 +1,165 @@
+"""Cross-session batching: chunks of many sessions of one model run as one ONNX Runtime call.
+
+A job is one session's chunk and its state. Jobs wait in a FIFO per model; whenever an
+inference thread is free, the scheduler takes up to `max_batch` jobs, cuts each to its next
+slice of at most `slice_steps` steps, groups slices of equal length, stacks their states
+(batch axis 1) and runs each group as one call. Nothing is padded, so no padded step can
+reach a state. A job with steps left goes to the back of the queue with its new state, so a
+long chunk advances a slice at a time and never holds up short ones.
+
+While every thread is busy, arriving jobs queue up and form the next batch: batching comes
+from load, not from waiting. `window` adds an optional wait to gather more when idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    max_batch: int = 256  # most jobs in one call
+    slice_steps: int = 64  # most steps of one job in one call (fairness for long chunks)
+    window: float = 0.0  # seconds to wait for more jobs when a thread is idle
+    threads: int = 2  # concurrent ONNX Runtime calls
+
+
+@dataclass
+class _Job:
+    x: np.ndarray  # (T,) int64 or (T, D) float32
+    states: list[np.ndarray]  # each (L, H)
+    future: asyncio.Future
+    done_steps: int = 0
+    outputs: list[np.ndarray] = field(default_factory=list)  # (t, C) per slice
+
+
+@dataclass
+class EngineStats:
+    calls: int = 0
+    jobs: int = 0  # slices run
+    steps: int = 0
+
+
+class _ModelQueue:
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self.runtime = runtime
+        self.jobs: deque[_Job] = deque()
+
+
+class Engine:
+    """Runs chunks for all models; `run` returns (logits (T, C), new states each (L, H))."""
+
+    def __init__(self, options: EngineOptions) -> None:
+        self.options = options
+        self.stats = EngineStats()
+        self._pool = ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="ort")
+        self._queues: dict[int, _ModelQueue] = {}
+        self._free = asyncio.Semaphore(options.threads)
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def run(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray]
+                  ) -> tuple[np.ndarray, list[np.ndarray]]:
+        if self._task is None:
+            self._task = asyncio.create_task(self._schedule(), name="engine")
+        q = self._queues.setdefault(id(runtime), _ModelQueue(runtime))
+        job = _Job(x, states, asyncio.get_running_loop().create_future())
+        q.jobs.append(job)
+        self._wake.set()
+        return await job.future
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._pool.shutdown(wait=True)
+
+    def _take(self) -> tuple[_ModelQueue, list[_Job]] | None:
+        """The longest-waiting model's next batch (round robin over models)."""
+        for key in list(self._queues):
+            q = self._queues[key]
+            if q.jobs:
+                self._queues[key] = self._queues.pop(key)  # move to the back: fair across models
+                n = min(len(q.jobs), self.options.max_batch)
+                return q, [q.jobs.popleft() for _ in range(n)]
+        return None
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            await self._free.acquire()
+            if self.options.window > 0:
+                await asyncio.sleep(self.options.window)
+            taken = self._take()
+            if taken is None:
+                self._free.release()
+                self._wake.clear()
+                continue
+            q, jobs = taken
+            loop.create_task(self._run_batch(q, jobs))
+            if not any(q.jobs for q in self._queues.values()):
+                self._wake.clear()
+
+    async def _run_batch(self, q: _ModelQueue, jobs: list[_Job]) -> None:
+        try:
+            groups: dict[int, list[_Job]] = {}
+            for job in jobs:
+                if job.future.cancelled():
+                    continue
+                steps = min(self.options.slice_steps, len(job.x) - job.done_steps)
+                groups.setdefault(steps, []).append(job)
+            for steps, group in groups.items():
+                for part, result in await self._run_isolating(q.runtime, group, steps):
+                    self._scatter(q, part, steps, *result)
+        finally:
+            self._free.release()
+
+    async def _run_isolating(self, runtime: ModelRuntime, group: list[_Job], steps: int) -> list[tuple]:
+        """Run a group as one call; if the call fails, run its jobs one by one so that only the
+        failing job fails, not the rest of its batch."""
+        loop = asyncio.get_running_loop()
+        try:
+            return [(group, await loop.run_in_executor(self._pool, _run_group, runtime, group, steps))]
+        except Exception as e:
+            if len(group) == 1:
+                log.warning("chunk failed in ONNX Runtime: %s", e.__class__.__name__)
+                if not group[0].future.done():
+                    group[0].future.set_exception(e)
+                return []
+        results = []
+        for job in group:
+            results.extend(await self._run_isolating(runtime, [job], steps))
+        return results
+
+    def _scatter(self, q: _ModelQueue, group: list[_Job], steps: int, logits: np.ndarray,
+                 new_states: list[np.ndarray]) -> None:
+        self.stats.calls += 1
+        self.stats.jobs += len(group)
+        self.stats.steps += steps * len(group)
+        for i, job in enumerate(group):
+            job.outputs.append(logits[i].copy())  # copies: a view would keep the whole batch alive
+            job.states = [np.ascontiguousarray(s[:, i]) for s in new_states]
+            job.done_steps += steps
+            if job.done_steps < len(job.x):
+                q.jobs.append(job)  # the rest of a long chunk waits its turn
+                self._wake.set()
+            elif not job.future.done():
+                out = job.outputs[0] if len(job.outputs) == 1 else np.concatenate(job.outputs)
+                job.future.set_result((out, job.states))
+
+
+def _run_group(runtime: ModelRuntime, group: list[_Job], steps: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One call for a group of equal-length slices: (B, T[, D]) inputs, states stacked on axis 1."""
+    x = np.stack([job.x[job.done_steps : job.done_steps + steps] for job in group])
+    states = [np.stack([job.states[k] for job in group], axis=1) for k in range(len(group[0].states))]
+    return runtime.run(x, states)

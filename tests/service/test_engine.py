@@ -1,0 +1,112 @@
+"""The batching engine on real ONNX Runtime sessions: exact results for mixed lengths, long chunks
+sliced fairly, a failing chunk isolated from its batch, per-session order through the server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recur.v1 import recur_pb2 as pb
+from service.engine import Engine, EngineOptions
+from service.models import Model, load_model
+from service.runtime import RuntimeOptions
+from tests.service.conftest import Server, logits_of, state_of
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def lstm(tiny_models: Path) -> Model:
+    return load_model(tiny_models / "lstm-lm" / "1", RuntimeOptions())
+
+
+def _one_pass(model: Model, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    logits, new = model.runtime.run(x[None], [s[:, None] for s in states])
+    return logits[0], [s[:, 0] for s in new]
+
+
+def _random_state(rng: np.random.Generator) -> list[np.ndarray]:
+    return [rng.standard_normal((2, 16)).astype(np.float32) for _ in range(2)]
+
+
+def test_mixed_lengths_batch_together_and_stay_exact(lstm: Model) -> None:
+    rng = np.random.default_rng(0)
+    jobs = [(rng.integers(0, 98, int(n)), _random_state(rng)) for n in rng.integers(1, 200, 40)]
+
+    async def go() -> tuple[list, Engine]:
+        engine = Engine(EngineOptions(slice_steps=16, threads=1))
+        results = await asyncio.gather(*(engine.run(lstm.runtime, x, s) for x, s in jobs))
+        await engine.close()
+        return results, engine
+
+    results, engine = asyncio.run(go())
+    for (x, s), (logits, states) in zip(jobs, results):
+        want_logits, want_states = _one_pass(lstm, x, s)
+        assert logits.shape == want_logits.shape
+        assert np.abs(logits - want_logits).max() <= TOL
+        for a, b in zip(states, want_states):
+            assert np.abs(a - b).max() <= TOL
+    slices = sum(-(-len(x) // 16) for x, _ in jobs)
+    assert engine.stats.jobs == slices and engine.stats.calls < slices / 3  # really batched
+
+
+def test_a_long_chunk_does_not_starve_short_ones(lstm: Model) -> None:
+    rng = np.random.default_rng(1)
+
+    async def go() -> list[str]:
+        engine = Engine(EngineOptions(slice_steps=32, threads=1))
+        finished: list[str] = []
+
+        async def one(name: str, n: int) -> None:
+            await engine.run(lstm.runtime, rng.integers(0, 98, n), _random_state(rng))
+            finished.append(name)
+
+        long = asyncio.create_task(one("long", 4096))
+        await asyncio.sleep(0)
+        shorts = [asyncio.create_task(one(f"short{i}", 3)) for i in range(5)]
+        await asyncio.gather(long, *shorts)
+        await engine.close()
+        return finished
+
+    finished = asyncio.run(go())
+    assert finished[-1] == "long" and len(finished) == 6
+
+
+def test_a_failing_chunk_does_not_poison_its_batch(lstm: Model) -> None:
+    rng = np.random.default_rng(2)
+    good = [(rng.integers(0, 98, 8), _random_state(rng)) for _ in range(6)]
+    bad = (np.array([1, 2, 10_000, 3, 4, 5, 6, 7]), _random_state(rng))  # out of the embedding's range
+
+    async def go() -> list:
+        engine = Engine(EngineOptions(threads=1))
+        jobs = [engine.run(lstm.runtime, x, s) for x, s in good[:3] + [bad] + good[3:]]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        await engine.close()
+        return results
+
+    results = asyncio.run(go())
+    assert isinstance(results[3], Exception)
+    for (x, s), r in zip(good, results[:3] + results[4:]):
+        assert np.abs(r[0] - _one_pass(lstm, x, s)[0]).max() <= TOL
+
+
+def test_one_sessions_chunks_apply_in_arrival_order(server: Server, reference) -> None:  # type: ignore[no-untyped-def]
+    """Fifty chunks of one session and fifty of another interleaved on one stream, no offsets given."""
+    rng = np.random.default_rng(3)
+    with server.client() as c:
+        a, b = c.create("lstm-lm").session_id, c.create("gru-lm").session_id
+        seq = {a: rng.integers(0, 98, 300), b: rng.integers(0, 98, 300)}
+        cuts = sorted(rng.choice(np.arange(1, 300), 49, replace=False))
+        reqs = [pb.StepRequest(session_id=sid, tokens=[int(t) for t in seq[sid][x:y]], return_logits=True,
+                               return_state=True) for x, y in zip([0, *cuts], [*cuts, 300]) for sid in (a, b)]
+        replies = list(c.stub.Stream(iter(reqs)))
+    for sid, model in ((a, "lstm-lm"), (b, "gru-lm")):
+        mine = [r for r in replies if r.session_id == sid]
+        assert [r.start_offset for r in mine] == [0, *cuts]
+        want_logits, want_state = reference(model).run(seq[sid])
+        assert np.abs(np.concatenate([logits_of(r) for r in mine]) - want_logits).max() <= TOL
+        for x, y in zip(state_of(mine[-1]), want_state):
+            assert np.abs(x - y).max() <= TOL
