@@ -48,7 +48,7 @@ class Settings:
     """Most chunks of one Stream being processed at once; more wait (flow control)."""
     ort_threads: int = 1
     """ONNX Runtime intra-op threads per call."""
-    inference_threads: int = 2
+    inference_threads: int = 1
     """ONNX Runtime calls that may run at once, each on its own thread beside the event loop."""
     max_batch: int = 256
     """Most sessions' chunks in one batched ONNX Runtime call."""

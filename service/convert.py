@@ -53,14 +53,14 @@ def step_from_pb(r: pb.StepRequest) -> StepInput:
         session_id=r.session_id, tokens=list(r.tokens), text=r.text, features=r.features,
         expected_offset=r.expected_offset if r.HasField("expected_offset") else None,
         options=OutputOptions(top_k=r.top_k, return_logits=r.return_logits, final_only=r.final_only,
-                              return_state=r.return_state),
+                              return_state=r.return_state, compact=r.compact),
     )
 
 
 def step_to_pb(r: StepResult, request_id: str = "") -> pb.StepResponse:
     out = pb.StepResponse(
         session_id=r.session_id, offset=r.offset, start_offset=r.start_offset, replayed=r.replayed, text=r.text,
-        request_id=request_id,
+        request_id=request_id, argmax=r.argmax,
         outputs=[pb.StepOutput(argmax=o.argmax, top_ids=o.top_ids, top_probs=o.top_probs, label=o.label, text=o.text)
                  for o in r.outputs],
         state=[tensor_to_pb(t) for t in r.state or []],

@@ -15,6 +15,7 @@ class OutputOptions:
     return_logits: bool = False
     final_only: bool = False  # many-to-one: only the last step's output
     return_state: bool = False
+    compact: bool = False  # argmax ids and text only, no per-step StepOutput
 
 
 @dataclass(frozen=True)
@@ -33,22 +34,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def step_outputs(model: Model, logits: np.ndarray, top_k: int) -> list[StepOutput]:
-    """One StepOutput per row of `logits` (T, C)."""
-    probs = softmax(logits.astype(np.float64))
-    argmax = probs.argmax(axis=-1)
+    """One StepOutput per row of `logits` (T, C). Probabilities are computed only when top-k is asked."""
+    argmax = logits.argmax(axis=-1).tolist()
     k = min(top_k, logits.shape[-1])
-    top = np.argsort(-probs, axis=-1, kind="stable")[:, :k] if k else np.zeros((len(logits), 0), dtype=np.int64)
-    out = []
-    for t in range(len(logits)):
-        a = int(argmax[t])
-        out.append(StepOutput(
-            argmax=a,
-            top_ids=[int(i) for i in top[t]],
-            top_probs=[float(probs[t, i]) for i in top[t]],
-            label=model.labels[a] if model.head != "lm" and model.labels else "",
-            text=model.decode_token(a) if model.head == "lm" and model.vocab else "",
-        ))
-    return out
+    if k:
+        probs = softmax(logits.astype(np.float64))
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+        top_ids = top.tolist()
+        top_probs = np.take_along_axis(probs, top, axis=-1).tolist()
+    else:
+        top_ids = top_probs = [[]] * len(argmax)
+    if model.head == "lm":
+        labels, texts = [""] * len(argmax), [model.decode_token(a) for a in argmax]
+    else:
+        labels, texts = [model.labels[a] for a in argmax], [""] * len(argmax)
+    return [StepOutput(a, i, p, lab, t) for a, i, p, lab, t in zip(argmax, top_ids, top_probs, labels, texts)]
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, *, temperature: float, top_k: int, top_p: float) -> int:

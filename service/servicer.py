@@ -90,11 +90,7 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
 
         async def one(request: pb.StepRequest) -> None:
             try:
-                result = await self.core.step(TENANT, convert.step_from_pb(request))
-                reply = convert.step_to_pb(result, request.request_id)
-            except Exception as e:
-                code, message = status_of(e)
-                reply = convert.step_error_to_pb(request, code.value[0], message)
+                reply = await self._step_or_status(request)
             finally:
                 slots.release()
             await replies.put(reply)
@@ -116,6 +112,34 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         try:
             while (reply := await replies.get()) is not None:
                 yield reply
+        finally:
+            reader.cancel()
+
+    async def _step_or_status(self, request: pb.StepRequest) -> pb.StepResponse:
+        try:
+            return convert.step_to_pb(await self.core.step(TENANT, convert.step_from_pb(request)), request.request_id)
+        except Exception as e:
+            code, message = status_of(e)
+            return convert.step_error_to_pb(request, code.value[0], message)
+
+    async def StreamBatch(self, request_iterator: AsyncIterator[pb.StepBatch],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepBatchResponse]:
+        """Each message's chunks run together; messages are answered in order, and a later message
+        may start while an earlier one runs (each session's chunks still apply in arrival order)."""
+        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=max(1, self.max_stream_inflight // 16))
+
+        async def read() -> None:
+            try:
+                async for batch in request_iterator:
+                    await pending.put(asyncio.ensure_future(
+                        asyncio.gather(*(self._step_or_status(r) for r in batch.steps))))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield pb.StepBatchResponse(steps=await task)
         finally:
             reader.cancel()
 

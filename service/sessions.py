@@ -69,7 +69,8 @@ class StepResult:
     start_offset: int
     offset: int
     replayed: bool
-    outputs: list[StepOutput]
+    argmax: list[int]
+    outputs: list[StepOutput]  # empty when compact output was asked for
     text: str
     logits: np.ndarray | None  # (steps, classes) when asked
     state: list[NamedTensor] | None
@@ -291,10 +292,12 @@ class SessionService:
         assert logits is not None
         if options.final_only:
             logits = logits[-1:]
-        outputs = step_outputs(model, logits, options.top_k)
+        argmax = logits.argmax(axis=-1).tolist()
+        outputs = [] if options.compact else step_outputs(model, logits, options.top_k)
+        text = "".join(model.decode_token(a) for a in argmax) if model.head == "lm" else ""
         state = [NamedTensor(s.name, v) for s, v in zip(model.states, rec.state)] if options.return_state else None
-        return StepResult(rec.session_id, rec.last_start, rec.offset, replayed, outputs,
-                          "".join(o.text for o in outputs), logits if options.return_logits else None, state)
+        return StepResult(rec.session_id, rec.last_start, rec.offset, replayed, argmax, outputs, text,
+                          logits if options.return_logits else None, state)
 
     async def step(self, tenant: str, inp: StepInput) -> StepResult:
         if inp.options.top_k < 0:

@@ -191,3 +191,24 @@ def export(checkpoint: Path, *, name: str, version: int, models_dir: Path) -> Pa
     )
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out
+
+
+def model_from_repository(directory: Path) -> SequenceModel:
+    """The PyTorch model a repository entry was exported from, rebuilt from its graph's weights
+    (for baselines and checks that want eager PyTorch on exactly the served weights)."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    cfg = ModelConfig(**manifest["model_config"])
+    weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(directory / "model.onnx")).graph.initializer}
+    inverse = np.argsort(_GATE_ORDER[cfg.cell])
+    model = SequenceModel(cfg)
+    sd = {"head.weight": weights["head_W"].T, "head.bias": weights["head_b"]}
+    if cfg.input_kind == "tokens":
+        sd["embed.weight"] = weights["embedding"]
+    for layer in range(cfg.layers):
+        w, r, b = weights[f"l{layer}_W"][0], weights[f"l{layer}_R"][0], weights[f"l{layer}_B"][0]
+        back = {"weight_ih": w, "weight_hh": r, "bias_ih": b[: len(b) // 2], "bias_hh": b[len(b) // 2 :]}
+        for name, value in back.items():
+            blocks = np.split(value, len(inverse))
+            sd[f"rnn.{name}_l{layer}"] = np.concatenate([blocks[i] for i in inverse])
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in sd.items()})
+    return model.eval()

@@ -143,7 +143,7 @@ class ForkSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., new_session_id: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "tokens", "text", "features", "expected_offset", "top_k", "return_logits", "final_only", "return_state", "request_id")
+    __slots__ = ("session_id", "tokens", "text", "features", "expected_offset", "top_k", "return_logits", "final_only", "return_state", "request_id", "compact")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class StepRequest(_message.Message):
     FINAL_ONLY_FIELD_NUMBER: _ClassVar[int]
     RETURN_STATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPACT_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -164,7 +165,8 @@ class StepRequest(_message.Message):
     final_only: bool
     return_state: bool
     request_id: str
-    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., features: _Optional[bytes] = ..., expected_offset: _Optional[int] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ..., final_only: _Optional[bool] = ..., return_state: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+    compact: bool
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., features: _Optional[bytes] = ..., expected_offset: _Optional[int] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ..., final_only: _Optional[bool] = ..., return_state: _Optional[bool] = ..., request_id: _Optional[str] = ..., compact: _Optional[bool] = ...) -> None: ...
 
 class StepOutput(_message.Message):
     __slots__ = ("argmax", "top_ids", "top_probs", "label", "text")
@@ -189,7 +191,7 @@ class ChunkStatus(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("session_id", "offset", "replayed", "outputs", "text", "logits", "logits_shape", "state", "status", "request_id", "start_offset")
+    __slots__ = ("session_id", "offset", "replayed", "outputs", "text", "logits", "logits_shape", "state", "status", "request_id", "start_offset", "argmax")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +203,7 @@ class StepResponse(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ARGMAX_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     offset: int
     replayed: bool
@@ -212,7 +215,20 @@ class StepResponse(_message.Message):
     status: ChunkStatus
     request_id: str
     start_offset: int
-    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., replayed: _Optional[bool] = ..., outputs: _Optional[_Iterable[_Union[StepOutput, _Mapping]]] = ..., text: _Optional[str] = ..., logits: _Optional[bytes] = ..., logits_shape: _Optional[_Iterable[int]] = ..., state: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., status: _Optional[_Union[ChunkStatus, _Mapping]] = ..., request_id: _Optional[str] = ..., start_offset: _Optional[int] = ...) -> None: ...
+    argmax: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., replayed: _Optional[bool] = ..., outputs: _Optional[_Iterable[_Union[StepOutput, _Mapping]]] = ..., text: _Optional[str] = ..., logits: _Optional[bytes] = ..., logits_shape: _Optional[_Iterable[int]] = ..., state: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., status: _Optional[_Union[ChunkStatus, _Mapping]] = ..., request_id: _Optional[str] = ..., start_offset: _Optional[int] = ..., argmax: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class StepBatch(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[StepRequest]
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepRequest, _Mapping]]] = ...) -> None: ...
+
+class StepBatchResponse(_message.Message):
+    __slots__ = ("steps",)
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    steps: _containers.RepeatedCompositeFieldContainer[StepResponse]
+    def __init__(self, steps: _Optional[_Iterable[_Union[StepResponse, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("session_id", "prompt", "prompt_tokens", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "expected_offset")

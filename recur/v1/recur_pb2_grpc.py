@@ -69,6 +69,11 @@ class RecurStub:
                 request_serializer=recur_dot_v1_dot_recur__pb2.StepRequest.SerializeToString,
                 response_deserializer=recur_dot_v1_dot_recur__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StreamBatch = channel.stream_stream(
+                '/recur.v1.Recur/StreamBatch',
+                request_serializer=recur_dot_v1_dot_recur__pb2.StepBatch.SerializeToString,
+                response_deserializer=recur_dot_v1_dot_recur__pb2.StepBatchResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/recur.v1.Recur/Generate',
                 request_serializer=recur_dot_v1_dot_recur__pb2.GenerateRequest.SerializeToString,
@@ -127,6 +132,14 @@ class RecurServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamBatch(self, request_iterator, context):
+        """Several sessions' chunks in one message, as a gateway serving many users sends one message per
+        tick. One reply message per request message, in order; each chunk has its own status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Generate(self, request, context):
         """One-to-many: sample tokens from a session's state; each advances the session.
         """
@@ -171,6 +184,11 @@ def add_RecurServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=recur_dot_v1_dot_recur__pb2.StepRequest.FromString,
                     response_serializer=recur_dot_v1_dot_recur__pb2.StepResponse.SerializeToString,
+            ),
+            'StreamBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamBatch,
+                    request_deserializer=recur_dot_v1_dot_recur__pb2.StepBatch.FromString,
+                    response_serializer=recur_dot_v1_dot_recur__pb2.StepBatchResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -367,6 +385,33 @@ class Recur:
             '/recur.v1.Recur/Stream',
             recur_dot_v1_dot_recur__pb2.StepRequest.SerializeToString,
             recur_dot_v1_dot_recur__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/recur.v1.Recur/StreamBatch',
+            recur_dot_v1_dot_recur__pb2.StepBatch.SerializeToString,
+            recur_dot_v1_dot_recur__pb2.StepBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

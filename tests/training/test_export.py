@@ -110,3 +110,13 @@ def test_dynamic_batch_and_time(tiny_models: Path, batch: int, time: int) -> Non
     assert all(v.shape == (2, batch, 16) for v in state.values())
     graph_input = sess.get_inputs()[0]
     assert not isinstance(graph_input.shape[0], int) and not isinstance(graph_input.shape[1], int)
+
+
+@pytest.mark.parametrize("cell,head", CASES)
+def test_the_repository_entry_rebuilds_the_pytorch_model(tiny_models: Path, cell: str, head: str) -> None:
+    from training.export import model_from_repository
+
+    ckpt = torch.load(tiny_models.parent / "runs" / f"{cell}-{head}" / "best.pt", weights_only=False)
+    rebuilt = model_from_repository(tiny_models / f"{cell}-{head}" / "1")
+    for name, value in ckpt["model"].items():
+        assert torch.equal(rebuilt.state_dict()[name], value), name

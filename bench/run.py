@@ -1,0 +1,331 @@
+"""The benchmark suite: recur against what ONNX Runtime can do in process, in one run.
+
+For S concurrent sessions each streaming a sequence in chunks of C tokens (every chunk from the
+state its session's previous chunk left):
+  limit      in-process ONNX Runtime, all S sessions batched per call (batch S, time C)
+  per-call   in-process ONNX Runtime, one call per session per chunk
+  recur      recur over loopback gRPC (Stream; Step too for S = 1), memory store and SQLite sync
+  naive      bench/naive_server.py: grpcio, unary calls, dict of states, PyTorch eager, no batching
+Writes BENCHMARKS.md and bench/throughput.png.
+
+    python -m bench.run                 # the full suite (make bench)
+    python -m bench.run --quick         # a smoke run of a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from recur.v1 import recur_pb2 as pb
+from recur.v1 import recur_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_DIR = ROOT / "models" / "pylm" / "1"
+TOL = 1e-5
+
+
+@dataclass
+class Result:
+    mode: str
+    sessions: int
+    chunk: int
+    tokens: int
+    seconds: float
+    latencies: list[float]  # per chunk (per call for in-process batched)
+    rss_mb: float = 0.0
+    checked: int = 0  # sessions compared with their one-pass reference
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
+
+    def p(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q) * 1e3) if self.latencies else float("nan")
+
+
+def _session(threads: int = 1) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(MODEL_DIR / "model.onnx"), so, providers=["CPUExecutionProvider"])
+
+
+def _sequences(sessions: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, 98, (sessions, length)).astype(np.int64)
+
+
+def reference(seq: np.ndarray) -> np.ndarray:
+    """One pass over one whole sequence: logits (T, V)."""
+    s = _session()
+    zeros = np.zeros((2, 1, 256), np.float32)
+    return s.run(["logits"], {"tokens": seq[None], "state_h": zeros, "state_c": zeros})[0][0]
+
+
+def in_process(seqs: np.ndarray, chunk: int, batched: bool) -> Result:
+    s = _session()
+    n, length = seqs.shape
+    h = np.zeros((2, n, 256), np.float32)
+    c = np.zeros((2, n, 256), np.float32)
+    lat: list[float] = []
+    t0 = time.perf_counter()
+    for i in range(0, length, chunk):
+        if batched:
+            t1 = time.perf_counter()
+            _, h, c = s.run(None, {"tokens": seqs[:, i : i + chunk], "state_h": h, "state_c": c})
+            lat.append(time.perf_counter() - t1)
+        else:
+            for j in range(n):
+                t1 = time.perf_counter()
+                _, h[:, j : j + 1], c[:, j : j + 1] = s.run(None, {"tokens": seqs[j : j + 1, i : i + chunk],
+                                                                   "state_h": h[:, j : j + 1],
+                                                                   "state_c": c[:, j : j + 1]})
+                lat.append(time.perf_counter() - t1)
+    return Result("limit" if batched else "per-call", n, chunk, seqs.size, time.perf_counter() - t0, lat)
+
+
+class Process:
+    """A server process on a free port, with its peak RSS readable."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("recur listening on port "):
+                self.port = int(line.split()[-1])
+                break
+        else:
+            raise RuntimeError(f"{cmd} did not start")
+
+    def reset_peak(self) -> None:
+        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+
+    def peak_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def recur_server(store: str) -> Process:
+    return Process([sys.executable, "-m", "recur.cli", "--log-level", "WARNING", "serve", "--models-dir",
+                    str(ROOT / "models"), "--store", store, "--host", "127.0.0.1", "--port", "0"])
+
+
+def naive_server() -> Process:
+    return Process([sys.executable, "-m", "bench.naive_server", "--model", str(MODEL_DIR), "--port", "0"])
+
+
+async def _drive(port: int, seqs: np.ndarray, chunk: int, api: str, check: int, budget: float) -> Result:
+    """S sessions, each sending its next chunk when the previous reply arrives."""
+    n, length = seqs.shape
+    lat: list[float] = []
+    logits: dict[int, list[np.ndarray]] = {i: [] for i in range(check)}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = recur_pb2_grpc.RecurStub(ch)
+        sids = [(await stub.CreateSession(pb.CreateSessionRequest(model="pylm"))).session_id for _ in range(n)]
+        pos = [0] * n
+        done = 0
+        t0 = time.perf_counter()
+        deadline = t0 + budget
+
+        def request(i: int) -> pb.StepRequest:
+            return pb.StepRequest(session_id=sids[i], tokens=seqs[i, pos[i] : pos[i] + chunk].tolist(),
+                                  expected_offset=pos[i], return_logits=i < check, request_id=str(i),
+                                  compact=True)
+
+        def record(i: int, reply: pb.StepResponse, sent: float) -> None:
+            lat.append(time.perf_counter() - sent)
+            if i < check:
+                logits[i].append(np.frombuffer(reply.logits, "<f4").reshape(tuple(reply.logits_shape)))
+            pos[i] = reply.offset
+
+        if api == "batch":
+            call = stub.StreamBatch()
+            while min(pos) < length and time.perf_counter() < deadline:
+                live = [i for i in range(n) if pos[i] < length]
+                sent = time.perf_counter()
+                await call.write(pb.StepBatch(steps=[request(i) for i in live]))
+                reply = await call.read()
+                for i, r in zip(live, reply.steps):
+                    assert not r.HasField("status"), r.status.message
+                    record(i, r, sent)
+            await call.done_writing()
+        elif api == "step":
+            async def one(i: int) -> None:
+                while pos[i] < length and time.perf_counter() < deadline:
+                    sent = time.perf_counter()
+                    record(i, await stub.Step(request(i)), sent)
+
+            await asyncio.gather(*(one(i) for i in range(n)))
+        else:
+            call = stub.Stream()
+            sent_at = [0.0] * n
+            for i in range(n):
+                sent_at[i] = time.perf_counter()
+                await call.write(request(i))
+            async for reply in call:
+                assert not reply.HasField("status"), reply.status.message
+                i = int(reply.request_id)
+                record(i, reply, sent_at[i])
+                if pos[i] < length and time.perf_counter() < deadline:
+                    sent_at[i] = time.perf_counter()
+                    await call.write(request(i))
+                else:
+                    done += 1
+                    if done == n:
+                        await call.done_writing()
+        seconds = time.perf_counter() - t0
+    checked = 0
+    for i, parts in logits.items():
+        if parts:
+            got = np.concatenate(parts)
+            want = reference(seqs[i])[: len(got)]
+            err = float(np.abs(got - want).max())
+            if err > TOL:
+                raise AssertionError(f"session {i}: logits differ from the one-pass reference by {err}")
+            checked += 1
+    return Result(api, n, chunk, sum(pos), seconds, lat, checked=checked)
+
+
+def over_grpc(server: Process, mode: str, seqs: np.ndarray, chunk: int, api: str, budget: float) -> Result:
+    server.reset_peak()
+    r = asyncio.run(_drive(server.port, seqs, chunk, api, check=min(2, len(seqs)), budget=budget))
+    r.mode, r.rss_mb = mode, server.peak_mb()
+    return r
+
+
+def run_suite(sessions: list[int], chunks: list[int], length: int, budget: float, naive: bool) -> list[Result]:
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = {"recur memory": recur_server("memory:"), "recur sqlite-sync": recur_server(f"sqlite:{tmp}/b.db")}
+        if naive:
+            servers["naive"] = naive_server()
+        try:
+            for c in chunks:
+                for s in sessions:
+                    seqs = _sequences(s, length, seed=s * 100 + c)
+                    results.append(in_process(seqs, c, batched=True))
+                    results.append(in_process(seqs, c, batched=False))
+                    cells = [("recur memory", "Stream", "stream"), ("recur sqlite-sync", "Stream", "stream"),
+                             ("recur memory", "StreamBatch", "batch"), ("recur sqlite-sync", "StreamBatch", "batch")]
+                    if s == 1:
+                        cells.append(("recur memory", "Step", "step"))
+                    if naive:
+                        cells.append(("naive", "unary, torch", "step"))
+                    for name, label, api in cells:
+                        results.append(over_grpc(servers[name], f"{name} ({label})", seqs, c, api, budget))
+                    for r in results[-(2 + len(cells)) :]:
+                        print(f"S={s:<4} C={c:<3} {r.mode:28} {r.rate:>10,.0f} tok/s  p50 {r.p(50):7.3f} ms  "
+                              f"p99 {r.p(99):7.3f} ms", flush=True)
+        finally:
+            for p in servers.values():
+                p.stop()
+    return results
+
+
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+            f"ONNX Runtime {ort.__version__}, grpcio {grpc.__version__}")
+
+
+def table(results: list[Result]) -> str:
+    limits = {(r.sessions, r.chunk): r.rate for r in results if r.mode == "limit"}
+    rows = ["| S | C | mode | tokens/s | p50 chunk ms | p99 chunk ms | server peak RSS MB | ratio to limit |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        rss = f"{r.rss_mb:.0f}" if r.rss_mb else "-"
+        rows.append(f"| {r.sessions} | {r.chunk} | {r.mode} | {r.rate:,.0f} | {r.p(50):.3f} | {r.p(99):.3f} | {rss} | "
+                    f"{r.rate / limits[(r.sessions, r.chunk)]:.2f} |")
+    return "\n".join(rows)
+
+
+def plot(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chunks = sorted({r.chunk for r in results})
+    fig, axes = plt.subplots(1, len(chunks), figsize=(6 * len(chunks), 4), squeeze=False)
+    for ax, c in zip(axes[0], chunks):
+        for mode in dict.fromkeys(r.mode for r in results):
+            pts = sorted((r.sessions, r.rate) for r in results if r.mode == mode and r.chunk == c)
+            if len(pts) > 1:
+                ax.plot(*zip(*pts), "o-", label=mode)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"chunks of C = {c} tokens")
+        ax.set_xlabel("concurrent sessions S")
+        ax.set_ylabel("tokens/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smoke run: S = 1, 4; C = 1, 4; 32 tokens")
+    p.add_argument("--length", type=int, default=512, help="tokens per session")
+    p.add_argument("--budget", type=float, default=30.0, help="seconds per gRPC cell before it stops early")
+    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    p.add_argument("--json", type=Path, default=None, help="also write raw results here")
+    args = p.parse_args()
+    if args.quick:
+        sessions, chunks, length, budget = [1, 4], [1, 4], 32, 10.0
+    else:
+        sessions, chunks, length, budget = [1, 16, 64, 256], [1, 16], args.length, args.budget
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    results = run_suite(sessions, chunks, length, budget, naive=True)
+    if args.json:
+        args.json.write_text(json.dumps([{**r.__dict__, "rate": r.rate, "p50": r.p(50), "p99": r.p(99),
+                                          "latencies": None} for r in results], indent=1))
+    if args.quick:
+        return
+    plot(results, ROOT / "bench" / "throughput.png")
+    section = (f"## Throughput and latency\n\nMeasured {started} on {machine()}.\n"
+               f"Command: `make bench` (`python -m bench.run`). Each session streams {length} tokens; "
+               f"a gRPC cell stops early after {budget:.0f} s and counts what completed.\n\n"
+               + table(results) + "\n\n![throughput](bench/throughput.png)\n")
+    write_section(args.out, "## Throughput and latency", section)
+
+
+def write_section(path: Path, heading: str, section: str) -> None:
+    """Replace one `## ` section of BENCHMARKS.md, keeping the others (the analysis is written by hand)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(heading)
+    if start < 0:
+        text = text.rstrip() + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""A smoke run of the benchmark suite (make bench) so that it keeps working; not a measurement."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--json", str(out)], cwd=ROOT, check=True,
+                   timeout=180, capture_output=True)
+    results = json.loads(out.read_text())
+    modes = {r["mode"] for r in results}
+    assert {"limit", "per-call", "recur memory (Stream)", "recur sqlite-sync (StreamBatch)",
+            "naive (unary, torch)"} <= modes
+    grpc_cells = [r for r in results if r["mode"].startswith("recur")]
+    assert all(r["tokens"] == r["sessions"] * 32 and r["checked"] >= 1 for r in grpc_cells)
