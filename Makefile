@@ -25,6 +25,7 @@ serve: $(VENV)/.serve
 	$(BIN)/recur serve --models-dir models --store $(STORE) --port $(PORT)
 
 test: $(VENV)/.dev
+	deploy/ensure-packages
 	$(BIN)/python -m pytest -q
 
 # Regenerate the gRPC stubs from protos/ (a test fails when they are stale).
@@ -39,6 +40,11 @@ models: $(VENV)/.dev
 	$(BIN)/recur export runs/pytag/best.pt --name pytag --version 1
 	$(BIN)/recur train --task digits --cell lstm --layers 1 --hidden 64 --batch 64 --epochs 80 --lr 1e-2 --warmup 20 --out runs/digits
 	$(BIN)/recur export runs/digits/best.pt --name digits --version 1
+
+# The benchmark suite: writes BENCHMARKS.md and bench/throughput.png (several minutes; run it on a quiet machine).
+bench: $(VENV)/.dev
+	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.scale
 
 clean:
 	rm -rf $(VENV) var runs data

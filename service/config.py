@@ -21,7 +21,7 @@ class Settings:
     port: int = 50051
     """gRPC port (0: any free port; the bound port is logged)."""
     store: str = "sqlite:var/recur.db"
-    """Where session state lives: memory: or sqlite:PATH."""
+    """Where session state lives: memory:, sqlite:PATH or redis://HOST:PORT/DB (shared by replicas)."""
     durability: str = "sync"
     """sync: reply after the state is on disk; async: write-behind within async_window; none: memory only."""
     async_window: float = 0.05
@@ -56,6 +56,8 @@ class Settings:
     """Most steps of one chunk per batched call; longer chunks advance a slice at a time."""
     batch_window: float = 0.0
     """Seconds an idle engine waits for more chunks before a call (0: batch only what queued up)."""
+    replica_id: str = ""
+    """This replica's name, sent as x-recur-replica metadata on every reply (default: host:port)."""
     grace: float = 10.0
     """Seconds in-flight calls get to finish on SIGTERM."""
 

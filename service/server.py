@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 
 import grpc
@@ -22,7 +23,7 @@ from service.config import Settings
 from service.engine import Engine, EngineOptions
 from service.models import ModelRepository
 from service.runtime import RuntimeOptions
-from service.servicer import RecurServicer
+from service.servicer import REPLICA_HEADER, RecurServicer
 from service.sessions import SessionService
 from service.store import Store, open_store
 
@@ -76,7 +77,8 @@ async def create_server(settings: Settings) -> Running:
     core = SessionService(settings, models, store, engine)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    recur_pb2_grpc.add_RecurServicer_to_server(RecurServicer(core, settings.max_stream_inflight), server)
+    servicer = RecurServicer(core, settings.max_stream_inflight, "")
+    recur_pb2_grpc.add_RecurServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -85,6 +87,7 @@ async def create_server(settings: Settings) -> Running:
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise SystemExit(f"cannot bind {settings.host}:{settings.port}")
+    servicer.metadata = ((REPLICA_HEADER, settings.replica_id or f"{socket.gethostname()}:{port}"),)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

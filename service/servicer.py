@@ -19,6 +19,7 @@ from service.sessions import SessionService
 
 log = logging.getLogger(__name__)
 
+REPLICA_HEADER = "x-recur-replica"
 TENANT = "default"  # until authentication exists, every request belongs to one tenant
 
 T = TypeVar("T")
@@ -36,6 +37,7 @@ def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
+            await context.send_initial_metadata(self.metadata)
             return await fn(self, request, context)
         except Exception as e:
             code, message = status_of(e)
@@ -46,9 +48,10 @@ def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 
 class RecurServicer(recur_pb2_grpc.RecurServicer):
-    def __init__(self, core: SessionService, max_stream_inflight: int) -> None:
+    def __init__(self, core: SessionService, max_stream_inflight: int, replica_id: str) -> None:
         self.core = core
         self.max_stream_inflight = max_stream_inflight
+        self.metadata = ((REPLICA_HEADER, replica_id),)  # which replica answered: for operators and tests
 
     @unary
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -85,6 +88,7 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
         """Chunks of different sessions run concurrently, each session's in arrival order
         (the core's per-session locks are FIFO). A refused chunk gets its own status."""
+        await context.send_initial_metadata(self.metadata)
         replies: asyncio.Queue[pb.StepResponse | None] = asyncio.Queue()
         slots = asyncio.Semaphore(self.max_stream_inflight)
 
@@ -126,6 +130,7 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepBatchResponse]:
         """Each message's chunks run together; messages are answered in order, and a later message
         may start while an earlier one runs (each session's chunks still apply in arrival order)."""
+        await context.send_initial_metadata(self.metadata)
         pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=max(1, self.max_stream_inflight // 16))
 
         async def read() -> None:
@@ -146,6 +151,7 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
+            await context.send_initial_metadata(self.metadata)
             # aclosing: a cancelled call releases the session's lock now, not at garbage collection
             async with contextlib.aclosing(self.core.generate(TENANT, convert.generate_from_pb(request))) as tokens:
                 async for token in tokens:

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 async def open_store(url: str, *, durability: str, memory_capacity: int, cache_size: int,
                      async_window: float, tombstone_seconds: float) -> Store:
-    """`memory:` or `sqlite:PATH`. Durability `none` keeps state in memory only, whatever the URL."""
+    """`memory:`, `sqlite:PATH` or `redis://HOST:PORT/DB`. Durability `none` keeps state in memory only."""
     if durability not in DURABILITY_MODES:
         raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
     if url == "memory:" or durability == "none":
@@ -27,4 +27,10 @@ async def open_store(url: str, *, durability: str, memory_capacity: int, cache_s
         store = SqliteStore(Path(url.removeprefix("sqlite:")), durability=durability, cache_size=cache_size,
                             async_window=async_window, tombstone_seconds=tombstone_seconds)
         return await store.open()
-    raise ValueError(f"unknown store URL {url!r}: expected memory: or sqlite:PATH")
+    if url.startswith("redis://"):
+        if durability != "sync":
+            raise ValueError("the redis store replies after Redis acknowledged each write: use --durability sync")
+        from service.store.redis import RedisStore
+
+        return RedisStore(url, tombstone_seconds=tombstone_seconds)
+    raise ValueError(f"unknown store URL {url!r}: expected memory:, sqlite:PATH or redis://HOST:PORT/DB")
