@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
@@ -50,6 +50,7 @@ class RecurClient:
                                                               ("grpc.min_reconnect_backoff_ms", 100),
                                                               ("grpc.max_reconnect_backoff_ms", 2000)])
         self.stub = recur_pb2_grpc.RecurStub(self.channel)
+        self.reconnects = 0  # times stream_sequence lost its stream and resumed
 
     def close(self) -> None:
         self.channel.close()
@@ -95,15 +96,19 @@ class RecurClient:
         return self.stub.Generate(pb.GenerateRequest(session_id=session_id, **fields), metadata=self._md(session_id))
 
     def stream_sequence(self, session_id: str, tokens: Sequence[int], chunk: int = 16, *,
-                        retry_for: float = 60.0, **options: object) -> list[pb.StepResponse]:
+                        retry_for: float = 60.0, on_reply: Callable[[pb.StepResponse], None] | None = None,
+                        **options: object) -> list[pb.StepResponse]:
         """Feed `tokens` from the session's current offset; returns one reply per chunk, in order.
 
-        Survives dropped connections and server restarts for up to `retry_for` seconds each.
+        Survives dropped connections, server restarts and replica failover for up to `retry_for`
+        seconds each. `on_reply` sees each reply as it arrives (progress, timing).
         """
         start = self.get(session_id).offset
         chunks = [list(tokens[i : i + chunk]) for i in range(0, len(tokens), chunk)]
         replies: list[pb.StepResponse] = []
         offset = start
+        failing_since: float | None = None  # retry_for counts from the first failure without progress
+        progress_at, backoff = 0, 0.05
         while len(replies) < len(chunks):
             requests: queue.Queue[pb.StepRequest | None] = queue.Queue()
             call = self.stub.Stream(iter(requests.get, None), metadata=self._md(session_id))
@@ -119,27 +124,28 @@ class RecurClient:
                         raise ChunkRefused(reply.status.code, reply.status.message)
                     replies.append(reply)
                     offset = reply.offset
+                    if on_reply is not None:
+                        on_reply(reply)
                 requests.put(None)
             except (grpc.RpcError, _Retry) as e:
                 code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+                self.reconnects += 1
                 requests.put(None)
                 call.cancel()
                 if code not in RETRYABLE:
                     raise
-                log.warning("stream to %s dropped (%s); resuming at offset %d", self.target, code.name, offset)
-                self._wait_ready(retry_for)
-        return replies
-
-    def _wait_ready(self, retry_for: float) -> None:
-        deadline = time.monotonic() + retry_for
-        while True:
-            try:
-                grpc.channel_ready_future(self.channel).result(timeout=max(0.1, deadline - time.monotonic()))
-                return
-            except grpc.FutureTimeoutError:
-                if time.monotonic() >= deadline:
+                if failing_since is None or progress_at != len(replies):
+                    failing_since, progress_at, backoff = time.monotonic(), len(replies), 0.05
+                if time.monotonic() - failing_since > retry_for:
                     raise
-            time.sleep(0.1)
+                log.warning("stream to %s dropped (%s); resuming at offset %d", self.target, code.name, offset)
+                time.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+                try:
+                    grpc.channel_ready_future(self.channel).result(timeout=retry_for)
+                except grpc.FutureTimeoutError:
+                    raise e from None
+        return replies
 
 
 class _Retry(Exception):
