@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from dataclasses import fields
@@ -92,7 +93,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recur", description="Stateful sequence inference with recurrent models.")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument("--log-level", default=os.environ.get("RECUR_LOG_LEVEL", "INFO"),
+                        help="logging level [RECUR_LOG_LEVEL; default: INFO]")
     sub = parser.add_subparsers(dest="command", required=True)
     from service.config import add_serve_arguments
     from recur.client_cli import add_client_arguments

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recur.client import RecurClient
 from recur.v1 import recur_pb2 as pb
@@ -160,6 +161,8 @@ def test_draining_server_refuses_new_work_and_finishes_what_is_in_flight(start_s
         server.proc.send_signal(15)  # type: ignore[union-attr]
         time.sleep(0.5)
         _refused(lambda: c.step(other, text="a"), grpc.StatusCode.UNAVAILABLE, "shutting down")
+        health = health_pb2_grpc.HealthStub(c.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
         rest = list(stream)
         assert len(rest) == 1499 and rest[-1].finish_reason == "max_tokens" and rest[-1].offset == 1501
     assert server.proc.wait(30) == 0  # type: ignore[union-attr]
