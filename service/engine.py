@@ -64,24 +64,43 @@ class Engine:
         self.stats = EngineStats()
         self._pool = ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="ort")
         self._queues: dict[int, _ModelQueue] = {}
-        self._free = asyncio.Semaphore(options.threads)
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._busy = 0  # calls in flight
+        self._calls: set[asyncio.Task] = set()
+        self._dispatch_pending = False
 
     async def run(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray]
                   ) -> tuple[np.ndarray, list[np.ndarray]]:
-        if self._task is None:
-            self._task = asyncio.create_task(self._schedule(), name="engine")
         q = self._queues.setdefault(id(runtime), _ModelQueue(runtime))
         job = _Job(x, states, asyncio.get_running_loop().create_future())
         q.jobs.append(job)
-        self._wake.set()
+        self._schedule()
         return await job.future
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
         self._pool.shutdown(wait=True)
+
+    def _schedule(self) -> None:
+        """Dispatch soon: after the callbacks already queued, so chunks that became ready in the
+        same turn of the event loop join the same call."""
+        if not self._dispatch_pending:
+            self._dispatch_pending = True
+            loop = asyncio.get_running_loop()
+            if self.options.window > 0 and self._busy == 0:
+                loop.call_later(self.options.window, self._dispatch)
+            else:
+                loop.call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_pending = False
+        loop = asyncio.get_running_loop()
+        while self._busy < self.options.threads:
+            taken = self._take()
+            if taken is None:
+                return
+            self._busy += 1
+            task = loop.create_task(self._run_batch(*taken))
+            self._calls.add(task)  # a strong reference until it ends
+            task.add_done_callback(self._calls.discard)
 
     def _take(self) -> tuple[_ModelQueue, list[_Job]] | None:
         """The longest-waiting model's next batch (round robin over models)."""
@@ -92,23 +111,6 @@ class Engine:
                 n = min(len(q.jobs), self.options.max_batch)
                 return q, [q.jobs.popleft() for _ in range(n)]
         return None
-
-    async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wake.wait()
-            await self._free.acquire()
-            if self.options.window > 0:
-                await asyncio.sleep(self.options.window)
-            taken = self._take()
-            if taken is None:
-                self._free.release()
-                self._wake.clear()
-                continue
-            q, jobs = taken
-            loop.create_task(self._run_batch(q, jobs))
-            if not any(q.jobs for q in self._queues.values()):
-                self._wake.clear()
 
     async def _run_batch(self, q: _ModelQueue, jobs: list[_Job]) -> None:
         try:
@@ -122,7 +124,8 @@ class Engine:
                 for part, result in await self._run_isolating(q.runtime, group, steps):
                     self._scatter(q, part, steps, *result)
         finally:
-            self._free.release()
+            self._busy -= 1
+            self._schedule()
 
     async def _run_isolating(self, runtime: ModelRuntime, group: list[_Job], steps: int) -> list[tuple]:
         """Run a group as one call; if the call fails, run its jobs one by one so that only the
@@ -152,7 +155,6 @@ class Engine:
             job.done_steps += steps
             if job.done_steps < len(job.x):
                 q.jobs.append(job)  # the rest of a long chunk waits its turn
-                self._wake.set()
             elif not job.future.done():
                 out = job.outputs[0] if len(job.outputs) == 1 else np.concatenate(job.outputs)
                 job.future.set_result((out, job.states))

@@ -9,7 +9,6 @@ store promises; a refused request changes nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import re
@@ -256,11 +255,11 @@ class SessionService:
                 raise InvalidInput("features contain values that are not finite (NaN or infinity)")
         else:
             ids = model.encode(inp.text) if kind == "text" else inp.tokens
-            x = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-            bad = np.flatnonzero((x < 0) | (x >= len(model.vocab)))
-            if len(bad):
-                raise InvalidInput(f"token id {int(x[0, bad[0]])} at position {int(bad[0])} is out of range "
+            if min(ids) < 0 or max(ids) >= len(model.vocab):
+                pos = next(i for i, t in enumerate(ids) if not 0 <= t < len(model.vocab))
+                raise InvalidInput(f"token id {ids[pos]} at position {pos} is out of range "
                                    f"[0, {len(model.vocab)}) for model {model.name}")
+            x = np.array(ids, dtype=np.int64).reshape(1, -1)
         steps = x.shape[1]
         if steps > self.settings.max_chunk:
             raise InvalidInput(f"chunk of {steps} steps is longer than the limit of {self.settings.max_chunk}; "
@@ -272,16 +271,8 @@ class SessionService:
         logits, new_states = await self.engine.run(model.runtime, x[0], rec.state)  # batched with other sessions
         new = rec.copy(offset=rec.offset + x.shape[1], updated_at=now(), state=new_states,
                        last_digest=digest, last_start=rec.offset, last_logits=logits)
-        put = asyncio.ensure_future(self.store.put(new, prev_offset=rec.offset))
         try:
-            try:
-                await asyncio.shield(put)
-            except asyncio.CancelledError:
-                # The caller went away; the write may already be on its way to disk. Settle it before
-                # the session's lock is released, so the next reader sees one state or the other.
-                with contextlib.suppress(Exception):
-                    await put
-                raise
+            await self.store.put(new, prev_offset=rec.offset)  # settles even if this call is cancelled
         except StoreConflict as e:
             raise OffsetMismatch(f"session {rec.session_id} was advanced elsewhere; it is at offset {e.actual}",
                                  e.actual if e.actual is not None else -1) from e

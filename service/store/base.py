@@ -79,7 +79,8 @@ class Store(ABC):
 
     `put` raises StoreConflict when the stored offset is not `prev_offset`; `get`
     raises SessionNotFound or SessionExpired. Returning from `put` means the record
-    is as durable as the store's durability mode promises.
+    is as durable as the store's durability mode promises; a cancelled `put` still
+    waits for its write to settle (applied or not) before the cancellation propagates.
     """
 
     @abstractmethod

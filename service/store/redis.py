@@ -13,6 +13,8 @@ persistence setting (the compose file runs it with appendonly yes, appendfsync e
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 import redis.asyncio as aioredis
@@ -101,9 +103,15 @@ class RedisStore(Store):
 
     async def put(self, record: SessionRecord, prev_offset: int) -> None:
         ttl_ms, tomb_ms = self._ms(record)
+        sent = asyncio.ensure_future(self._put(keys=self._keys(record.tenant, record.session_id),
+                                               args=[ttl_ms, tomb_ms, prev_offset, repr(record.expires_at),
+                                                     *self._fields(record)]))
         try:
-            res = await self._put(keys=self._keys(record.tenant, record.session_id),
-                                  args=[ttl_ms, tomb_ms, prev_offset, repr(record.expires_at), *self._fields(record)])
+            res = await asyncio.shield(sent)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # settle the script before the session's lock is released
+                await sent
+            raise
         except RedisError as e:
             raise self._down(e) from e
         if res == -1:

@@ -13,6 +13,7 @@ within `async_window` seconds (write-behind; a crash loses at most that window).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections import OrderedDict
@@ -142,7 +143,14 @@ class SqliteStore(Store):
         self._idle.clear()
         self._wake.set()
         if write.future is not None:
-            await write.future
+            try:
+                await asyncio.shield(write.future)
+            except asyncio.CancelledError:
+                # The caller went away, but the write may already be on its way to disk: settle it
+                # before the caller's session lock is released, so the next reader sees one state.
+                with contextlib.suppress(Exception):
+                    await write.future
+                raise
 
     async def create(self, record: SessionRecord) -> None:
         key = (record.tenant, record.session_id)
