@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from collections import Counter
@@ -16,7 +15,7 @@ import pytest
 from recur.client import RecurClient
 from recur.v1 import recur_pb2 as pb
 from tests.deploy.conftest import Topology
-from tests.service.conftest import logits_of, state_of
+from tests.service.conftest import logits_of, race, state_of
 
 TOL = 1e-5
 
@@ -91,32 +90,7 @@ def test_racing_replicas_apply_each_offset_once(topology: Topology, reference) -
     tokens = [int(t) for t in np.random.default_rng(1).integers(0, 98, 400)]
     with RecurClient(topology.replicas[0].target) as c:
         sid = c.create("gru-lm").session_id
-    applied: list[int] = []
-    refusals: list[str] = []
-    lock = threading.Lock()
-
-    def feed(target: str) -> None:
-        with RecurClient(target) as c:
-            offset = 0
-            while offset < len(tokens):
-                try:
-                    r = c.step(sid, tokens=tokens[offset : offset + 5], expected_offset=offset)
-                except grpc.RpcError as e:
-                    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.details()
-                    with lock:
-                        refusals.append(e.details())
-                    offset = int(re.search(r"is at offset (\d+)", e.details()).group(1))  # type: ignore[union-attr]
-                    continue
-                if not r.replayed:
-                    with lock:
-                        applied.append(r.start_offset)
-                offset = r.offset
-
-    threads = [threading.Thread(target=feed, args=(r.target,)) for r in topology.replicas]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    applied, refusals = race([r.target for r in topology.replicas], sid, tokens, 5)
     assert sorted(applied) == list(range(0, 400, 5))
     assert refusals  # the two replicas really raced
     with RecurClient(topology.nginx.target) as c:

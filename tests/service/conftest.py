@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,3 +143,35 @@ def logits_of(reply) -> np.ndarray:  # type: ignore[no-untyped-def]
 
 def state_of(msg) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     return [np.frombuffer(t.data, dtype="<f4").reshape(tuple(t.shape)) for t in msg.state]
+
+
+def race(targets: list[str], session_id: str, tokens: list[int], chunk: int) -> tuple[list[int], list[str]]:
+    """One client per target feeds the same sequence into one session at once, each chunk at the
+    offset it believes current. Returns the start offsets applied (not replayed) and the refusals."""
+    applied: list[int] = []
+    refusals: list[str] = []
+    lock = threading.Lock()
+
+    def feed(target: str) -> None:
+        with RecurClient(target) as c:
+            offset = 0
+            while offset < len(tokens):
+                try:
+                    r = c.step(session_id, tokens=tokens[offset : offset + chunk], expected_offset=offset)
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.details()
+                    with lock:
+                        refusals.append(e.details())
+                    offset = int(re.search(r"is at offset (\d+)", e.details()).group(1))  # type: ignore[union-attr]
+                    continue
+                if not r.replayed:
+                    with lock:
+                        applied.append(r.start_offset)
+                offset = r.offset
+
+    threads = [threading.Thread(target=feed, args=(t,)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return applied, refusals

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import re
-import threading
-
 import grpc
 import numpy as np
 import pytest
 
 from recur.client import RecurClient
-from tests.service.conftest import Server, logits_of, state_of
+from tests.service.conftest import Server, logits_of, race, state_of
 
 TOL = 1e-5
 
@@ -60,29 +57,7 @@ def test_two_clients_racing_on_one_session(server: Server, reference) -> None:  
     chunk = 5
     with server.client() as c:
         sid = c.create("lstm-lm").session_id
-    applied: list[int] = []
-    lock = threading.Lock()
-
-    def feed() -> None:
-        with server.client() as c:
-            offset = 0
-            while offset < len(tokens):
-                try:
-                    r = c.step(sid, tokens=tokens[offset : offset + chunk], expected_offset=offset)
-                except grpc.RpcError as e:
-                    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.details()
-                    offset = int(re.search(r"is at offset (\d+)", e.details()).group(1))  # type: ignore[union-attr]
-                    continue
-                if not r.replayed:
-                    with lock:
-                        applied.append(r.start_offset)
-                offset = r.offset
-
-    threads = [threading.Thread(target=feed) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    applied, _ = race([server.target, server.target], sid, tokens, chunk)
     assert sorted(applied) == list(range(0, len(tokens), chunk))  # each offset once, none twice
     with server.client() as c:
         final = c.get(sid, include_state=True)
