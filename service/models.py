@@ -174,6 +174,9 @@ class ModelRepository:
 
     def get(self, name: str, version: int = 0) -> Model:
         """The model `name` at `version` (0: the latest)."""
+        model = self._models.get((name, version))
+        if model is not None:
+            return model
         versions = sorted(v for (n, v) in self._models if n == name)
         if not versions:
             known = ", ".join(sorted({n for n, _ in self._models})) or "none"

@@ -14,7 +14,6 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,25 +97,75 @@ class GeneratedToken:
     finish_reason: str = ""
 
 
+class _SessionLock:
+    """A FIFO lock for one session, counting its holders and waiters so it can be dropped."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class _Hold:
+    """`async with locks.hold(key)`: a class, not a generator context manager (hot path)."""
+
+    __slots__ = ("_locks", "_key", "_entry")
+
+    def __init__(self, locks: dict[tuple[str, str], _SessionLock], key: tuple[str, str]) -> None:
+        self._locks, self._key = locks, key
+        entry = locks.get(key)
+        if entry is None:
+            entry = locks[key] = _SessionLock()
+        entry.users += 1
+        self._entry = entry
+
+    async def __aenter__(self) -> None:
+        try:
+            await self._entry.lock.acquire()
+        except BaseException:
+            self._release_user()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._entry.lock.release()
+        self._release_user()
+
+    def _release_user(self) -> None:
+        self._entry.users -= 1
+        if self._entry.users == 0:
+            del self._locks[self._key]
+
+
 class _Locks:
     """One FIFO lock per session, dropped when nobody holds or waits for it."""
 
     def __init__(self) -> None:
-        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+        self._locks: dict[tuple[str, str], _SessionLock] = {}
 
-    @asynccontextmanager
-    async def hold(self, key: tuple[str, str]) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+    def hold(self, key: tuple[str, str]) -> _Hold:
+        return _Hold(self._locks, key)
+
+
+class _Work:
+    """Counts a call in flight, so draining can wait for it; refuses new calls while draining."""
+
+    __slots__ = ("_service",)
+
+    def __init__(self, service: SessionService) -> None:
+        service._check_open()
+        self._service = service
+
+    async def __aenter__(self) -> None:
+        s = self._service
+        s._inflight += 1
+        s._idle.clear()
+
+    async def __aexit__(self, *exc: object) -> None:
+        s = self._service
+        s._inflight -= 1
+        if s._inflight == 0:
+            s._idle.set()
 
 
 class SessionService:
@@ -137,18 +186,8 @@ class SessionService:
         if not self.accepting:
             raise Unavailable("the server is shutting down; retry on another replica")
 
-    @asynccontextmanager
-    async def _work(self) -> AsyncIterator[None]:
-        """Count a call in flight, so draining can wait for it."""
-        self._check_open()
-        self._inflight += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+    def _work(self) -> _Work:
+        return _Work(self)
 
     async def drain(self, timeout: float) -> None:
         """Refuse new work and wait up to `timeout` seconds for calls in flight."""
