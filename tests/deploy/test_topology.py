@@ -36,6 +36,13 @@ def _stream_all(target: str, sids: list[str], seqs: list[np.ndarray], chunk: int
     return results, times, [threads, clients]
 
 
+def _wait_for(condition, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
 def _check_exact(results: list, seqs: list[np.ndarray], chunk: int, reference, model: str) -> None:  # type: ignore[no-untyped-def]
     for replies, seq in zip(results, seqs):
         assert [r.start_offset for r in replies] == list(range(0, len(seq), chunk))  # none lost, none twice
@@ -60,8 +67,7 @@ def test_failover_to_the_other_replica(topology: Topology, reference, tmp_path: 
     victim_name = counts.most_common(1)[0][0]
     victim = topology.replicas[0 if victim_name == "replica1" else 1]
     results, times, (threads, clients) = _stream_all(topology.nginx.target, sids, seqs, chunk=8)
-    while min(len(t) for t in times.values()) < 30:
-        time.sleep(0.01)
+    _wait_for(lambda: min(len(t) for t in times.values()) >= 30, "every session to make progress")
     killed_at = time.monotonic()
     victim.proc.kill()  # type: ignore[union-attr]
     for t in threads:
@@ -106,8 +112,7 @@ def test_a_redis_restart_mid_stream(topology: Topology, reference, caplog: pytes
         sids = [c.create("lstm-lm").session_id for _ in seqs]
         spare = c.create("lstm-lm").session_id
     results, times, (threads, clients) = _stream_all(topology.nginx.target, sids, seqs, chunk=8)
-    while min(len(t) for t in times.values()) < 20:
-        time.sleep(0.01)
+    _wait_for(lambda: min(len(t) for t in times.values()) >= 20, "every session to make progress")
     topology.redis.kill()  # SIGKILL: only what is in the append-only file survives
     with RecurClient(topology.replicas[0].target) as c:
         with pytest.raises(grpc.RpcError) as e:

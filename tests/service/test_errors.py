@@ -156,13 +156,16 @@ def test_draining_server_refuses_new_work_and_finishes_what_is_in_flight(start_s
     server = start_server(extra=["--grace", "60"])
     with server.client() as c:
         gen_sid, other = c.create("lstm-lm").session_id, c.create("lstm-lm").session_id
-        stream = c.generate(gen_sid, prompt="a", max_tokens=1500, seed=1)
+        stream = c.generate(gen_sid, prompt="a", max_tokens=4000, seed=1)
         next(stream)
         server.proc.send_signal(15)  # type: ignore[union-attr]
-        time.sleep(0.5)
+        health = health_pb2_grpc.HealthStub(c.channel)
+        deadline = time.monotonic() + 10
+        while health.Check(health_pb2.HealthCheckRequest(), timeout=5).status != \
+                health_pb2.HealthCheckResponse.NOT_SERVING:
+            assert time.monotonic() < deadline, "health never turned NOT_SERVING"
+            time.sleep(0.01)
         _refused(lambda: c.step(other, text="a"), grpc.StatusCode.UNAVAILABLE, "shutting down")
-        health = health_pb2_grpc.HealthStub(c.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
         rest = list(stream)
-        assert len(rest) == 1499 and rest[-1].finish_reason == "max_tokens" and rest[-1].offset == 1501
+        assert len(rest) == 3999 and rest[-1].finish_reason == "max_tokens" and rest[-1].offset == 4001
     assert server.proc.wait(30) == 0  # type: ignore[union-attr]

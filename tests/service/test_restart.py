@@ -55,7 +55,9 @@ def test_the_client_resumes_across_a_server_restart(tiny_models, tmp_path, refer
 
             t = threading.Thread(target=run)
             t.start()
+            deadline = time.monotonic() + 60
             while c.get(sid).offset < 800:
+                assert time.monotonic() < deadline and t.is_alive(), "the stream made no progress"
                 time.sleep(0.02)
             server.kill()
             server.start()
