@@ -70,11 +70,15 @@ class Engine:
 
     async def run(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray]
                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+        return await self.submit(runtime, x, states)
+
+    def submit(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray]) -> asyncio.Future:
+        """Queue one chunk; the future gives (logits (T, C), new states each (L, H))."""
         q = self._queues.setdefault(id(runtime), _ModelQueue(runtime))
         job = _Job(x, states, asyncio.get_running_loop().create_future())
         q.jobs.append(job)
         self._schedule()
-        return await job.future
+        return job.future
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -119,6 +119,21 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         finally:
             reader.cancel()
 
+    async def _batch(self, batch: pb.StepBatch) -> list[pb.StepResponse]:
+        try:
+            results = await self.core.step_batch(TENANT, [convert.step_from_pb(r) for r in batch.steps])
+        except Exception as e:  # the whole message refused (shutting down)
+            code, message = status_of(e)
+            return [convert.step_error_to_pb(r, code.value[0], message) for r in batch.steps]
+        replies = []
+        for request, result in zip(batch.steps, results):
+            if isinstance(result, Exception):
+                code, message = status_of(result)
+                replies.append(convert.step_error_to_pb(request, code.value[0], message))
+            else:
+                replies.append(convert.step_to_pb(result, request.request_id))
+        return replies
+
     async def _step_or_status(self, request: pb.StepRequest) -> pb.StepResponse:
         try:
             return convert.step_to_pb(await self.core.step(TENANT, convert.step_from_pb(request)), request.request_id)
@@ -136,8 +151,7 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         async def read() -> None:
             try:
                 async for batch in request_iterator:
-                    await pending.put(asyncio.ensure_future(
-                        asyncio.gather(*(self._step_or_status(r) for r in batch.steps))))
+                    await pending.put(asyncio.ensure_future(self._batch(batch)))
             finally:
                 await pending.put(None)
 

@@ -313,9 +313,13 @@ class SessionService:
         try:
             await self.store.put(new, prev_offset=rec.offset)  # settles even if this call is cancelled
         except StoreConflict as e:
-            raise OffsetMismatch(f"session {rec.session_id} was advanced elsewhere; it is at offset {e.actual}",
-                                 e.actual if e.actual is not None else -1) from e
+            raise self._conflict(e, rec.session_id) from e
         return new
+
+    @staticmethod
+    def _conflict(e: StoreConflict, session_id: str) -> OffsetMismatch:
+        return OffsetMismatch(f"session {session_id} was advanced elsewhere; it is at offset {e.actual}",
+                              e.actual if e.actual is not None else -1)
 
     def _result(self, model: Model, rec: SessionRecord, options: OutputOptions, replayed: bool) -> StepResult:
         logits = rec.last_logits
@@ -329,20 +333,91 @@ class SessionService:
         return StepResult(rec.session_id, rec.last_start, rec.offset, replayed, argmax, outputs, text,
                           logits if options.return_logits else None, state)
 
-    async def step(self, tenant: str, inp: StepInput) -> StepResult:
+    async def _prepare(self, tenant: str, inp: StepInput) -> tuple[Model, SessionRecord, np.ndarray, bytes] | StepResult:
+        """Validate a chunk against its session (held locked): what to run, or the replayed reply."""
         if inp.options.top_k < 0:
             raise InvalidInput("top_k must be 0 or more")
+        rec = await self.store.get(tenant, inp.session_id)
+        model = self.models.get(rec.model, rec.version)
+        x, digest = self._chunk(model, inp)
+        if inp.expected_offset is not None and inp.expected_offset != rec.offset:
+            if inp.expected_offset == rec.last_start and digest == rec.last_digest:
+                return self._result(model, rec, inp.options, replayed=True)
+            raise OffsetMismatch(f"session {inp.session_id} is at offset {rec.offset}, "
+                                 f"not {inp.expected_offset}; resend from offset {rec.offset}", rec.offset)
+        return model, rec, x, digest
+
+    async def step(self, tenant: str, inp: StepInput) -> StepResult:
         async with self._work(), self._locks.hold((tenant, inp.session_id)):
-            rec = await self.store.get(tenant, inp.session_id)
-            model = self.models.get(rec.model, rec.version)
-            x, digest = self._chunk(model, inp)
-            if inp.expected_offset is not None and inp.expected_offset != rec.offset:
-                if inp.expected_offset == rec.last_start and digest == rec.last_digest:
-                    return self._result(model, rec, inp.options, replayed=True)
-                raise OffsetMismatch(f"session {inp.session_id} is at offset {rec.offset}, "
-                                     f"not {inp.expected_offset}; resend from offset {rec.offset}", rec.offset)
+            prepared = await self._prepare(tenant, inp)
+            if isinstance(prepared, StepResult):
+                return prepared
+            model, rec, x, digest = prepared
             rec = await self._advance(model, rec, x, digest)
             return self._result(model, rec, inp.options, replayed=False)
+
+    async def step_batch(self, tenant: str, inputs: list[StepInput]) -> list[StepResult | Exception]:
+        """Many sessions' chunks as one unit: each session locked once (in sorted order, so two
+        batches cannot deadlock), one engine submission, one store write batch. A session named
+        again later in the batch runs those chunks afterwards, in order. Each chunk succeeds or
+        fails alone: the result list holds a StepResult or the error for each input."""
+        out: list[StepResult | Exception | None] = [None] * len(inputs)
+        first: list[int] = []
+        later: list[int] = []
+        seen: set[str] = set()
+        for i, inp in enumerate(inputs):
+            (later if inp.session_id in seen else first).append(i)
+            seen.add(inp.session_id)
+        async with self._work():
+            entered = []
+            try:
+                for sid in sorted({inputs[i].session_id for i in first}):
+                    hold = self._locks.hold((tenant, sid))
+                    await hold.__aenter__()
+                    entered.append(hold)
+                await self._step_many(tenant, inputs, first, out)
+            finally:
+                for hold in entered:
+                    await hold.__aexit__(None, None, None)
+        for i in later:
+            try:
+                out[i] = await self.step(tenant, inputs[i])
+            except Exception as e:
+                out[i] = e
+        return out  # type: ignore[return-value]
+
+    async def _step_many(self, tenant: str, inputs: list[StepInput], indices: list[int],
+                         out: list[StepResult | Exception | None]) -> None:
+        jobs = []
+        for i in indices:
+            try:
+                prepared = await self._prepare(tenant, inputs[i])
+            except Exception as e:
+                out[i] = e
+                continue
+            if isinstance(prepared, StepResult):
+                out[i] = prepared
+            else:
+                jobs.append((i, *prepared))
+        ran = await asyncio.gather(*(self.engine.submit(model.runtime, x[0], rec.state)
+                                     for _, model, rec, x, _ in jobs), return_exceptions=True)
+        writes, done = [], []
+        t = now()
+        for (i, model, rec, x, digest), result in zip(jobs, ran):
+            if isinstance(result, BaseException):
+                out[i] = result if isinstance(result, Exception) else RuntimeError("cancelled")
+                continue
+            logits, new_states = result
+            new = rec.copy(offset=rec.offset + x.shape[1], updated_at=t, state=new_states, last_digest=digest,
+                           last_start=rec.offset, last_logits=logits)
+            writes.append((new, rec.offset))
+            done.append((i, model, new))
+        errors = await self.store.put_many(writes)
+        for (i, model, new), err in zip(done, errors):
+            if err is None:
+                out[i] = self._result(model, new, inputs[i].options, replayed=False)
+            else:
+                out[i] = self._conflict(err, new.session_id) if isinstance(err, StoreConflict) else err
 
     # -- generation ----------------------------------------------------------
     def _check_generate(self, g: GenerateInput) -> None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from service.errors import RecurError
+
 DURABILITY_MODES = ("sync", "async", "none")
 
 
@@ -91,6 +93,17 @@ class Store(ABC):
 
     @abstractmethod
     async def put(self, record: SessionRecord, prev_offset: int) -> None: ...
+
+    async def put_many(self, writes: list[tuple[SessionRecord, int]]) -> list[Exception | None]:
+        """Several compare-and-set writes (record, prev_offset); one result per write."""
+        results: list[Exception | None] = []
+        for record, prev_offset in writes:
+            try:
+                await self.put(record, prev_offset)
+                results.append(None)
+            except RecurError as e:
+                results.append(e)
+        return results
 
     @abstractmethod
     async def delete(self, tenant: str, session_id: str) -> None: ...

@@ -119,6 +119,17 @@ class RedisStore(Store):
         if res != -2:
             raise StoreConflict(f"session {record.session_id!r} is at offset {res}", int(res))
 
+    async def put_many(self, writes: list[tuple[SessionRecord, int]]) -> list[Exception | None]:
+        """Concurrent scripts: one round trip's latency for the batch, not one per write."""
+        async def one(record: SessionRecord, prev_offset: int) -> Exception | None:
+            try:
+                await self.put(record, prev_offset)
+            except (StoreConflict, SessionNotFound, Unavailable) as e:
+                return e
+            return None
+
+        return list(await asyncio.gather(*(one(r, p) for r, p in writes)))
+
     async def delete(self, tenant: str, session_id: str) -> None:
         await self.get(tenant, session_id)  # NOT_FOUND / expired first
         try:

@@ -170,6 +170,36 @@ class SqliteStore(Store):
             self._remember(record)
             await self._submit(_Write("put", record, key, prev_offset), wait=False)
 
+    async def put_many(self, writes: list[tuple[SessionRecord, int]]) -> list[Exception | None]:
+        """All writes go into the queue at once, so they share one transaction (and one fsync)."""
+        if self.durability != "sync":
+            return await super().put_many(writes)
+        results: list[Exception | None] = [None] * len(writes)
+        waiting: list[tuple[int, asyncio.Future]] = []
+        loop = asyncio.get_running_loop()
+        for k, (record, prev_offset) in enumerate(writes):
+            key = (record.tenant, record.session_id)
+            cached = self._cache.get(key)
+            if cached is not None and cached.offset != prev_offset:
+                results[k] = StoreConflict(f"session {record.session_id!r} is at offset {cached.offset}", cached.offset)
+                continue
+            write = _Write("put", record, key, prev_offset, loop.create_future())
+            self._queue.append(write)
+            waiting.append((k, write.future))  # type: ignore[arg-type]
+        if waiting:
+            self._idle.clear()
+            self._wake.set()
+            settled = asyncio.gather(*(f for _, f in waiting), return_exceptions=True)
+            try:
+                outcomes = await asyncio.shield(settled)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):  # settle before the callers' locks are released
+                    await settled
+                raise
+            for (k, _), outcome in zip(waiting, outcomes):
+                results[k] = outcome if isinstance(outcome, Exception) else None
+        return results
+
     async def delete(self, tenant: str, session_id: str) -> None:
         key = (tenant, session_id)
         await self.get(tenant, session_id)  # NOT_FOUND / expired before anything changes

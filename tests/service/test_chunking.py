@@ -1,4 +1,5 @@
-"""Invariant 1: a sequence fed in any split, over Step and Stream, gives one pass's outputs and state."""
+"""Invariant 1: a sequence fed in any split, over Step, Stream and StreamBatch, gives one pass's outputs
+and state."""
 
 from __future__ import annotations
 
@@ -27,28 +28,34 @@ def shared(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 @st.composite
-def splits(draw: st.DrawFn) -> tuple[str, int, list[int], list[bool], int]:
+def splits(draw: st.DrawFn) -> tuple[str, int, list[int], list[str], int]:
     model = draw(st.sampled_from(MODELS))
     length = draw(st.integers(1, 120))
     cuts = sorted(draw(st.sets(st.integers(1, length - 1), max_size=12))) if length > 1 else []
-    via_stream = draw(st.lists(st.booleans(), min_size=len(cuts) + 1, max_size=len(cuts) + 1))
-    return model, length, cuts, via_stream, draw(st.integers(0, 2**31))
+    via = draw(st.lists(st.sampled_from(["Step", "Stream", "StreamBatch"]), min_size=len(cuts) + 1,
+                        max_size=len(cuts) + 1))
+    return model, length, cuts, via, draw(st.integers(0, 2**31))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=splits())
 def test_any_split_equals_one_pass(shared: RecurClient, reference, case) -> None:  # type: ignore[no-untyped-def]
-    model, length, cuts, via_stream, seed = case
+    model, length, cuts, via, seed = case
     ref = reference(model)
     rng = np.random.default_rng(seed)
     features = ref.manifest["input"]["kind"] == "features"
     x = rng.random((length, 8), dtype=np.float32) if features else rng.integers(0, 98, length)
     sid = shared.create(model).session_id
     parts = []
-    for (a, b), stream in zip(zip([0, *cuts], [*cuts, length]), via_stream):
+    for (a, b), api in zip(zip([0, *cuts], [*cuts, length]), via):
         body = {"features": x[a:b].astype("<f4").tobytes()} if features else {"tokens": [int(t) for t in x[a:b]]}
         req = pb.StepRequest(session_id=sid, expected_offset=a, return_logits=True, return_state=True, **body)
-        reply = next(shared.stub.Stream(iter([req]))) if stream else shared.stub.Step(req)
+        if api == "Step":
+            reply = shared.stub.Step(req)
+        elif api == "Stream":
+            reply = next(shared.stub.Stream(iter([req])))
+        else:
+            reply = next(shared.stub.StreamBatch(iter([pb.StepBatch(steps=[req])]))).steps[0]
         assert not reply.HasField("status") and reply.offset == b
         parts.append(logits_of(reply))
     want_logits, want_state = ref.run(x.astype(np.float32) if features else x.astype(np.int64))

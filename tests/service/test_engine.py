@@ -110,3 +110,32 @@ def test_one_sessions_chunks_apply_in_arrival_order(server: Server, reference) -
         assert np.abs(np.concatenate([logits_of(r) for r in mine]) - want_logits).max() <= TOL
         for x, y in zip(state_of(mine[-1]), want_state):
             assert np.abs(x - y).max() <= TOL
+
+
+def test_a_batch_message_with_repeats_and_refusals(server: Server, reference) -> None:  # type: ignore[no-untyped-def]
+    """StreamBatch: a session named twice in one message runs both chunks in order; a refused chunk
+    gets its own status and changes nothing; the rest of the message applies."""
+    rng = np.random.default_rng(4)
+    with server.client() as c:
+        a, b, d = (c.create(m).session_id for m in ("lstm-lm", "gru-lm", "lstm-lm"))
+        seq_a, seq_b = rng.integers(0, 98, 30), rng.integers(0, 98, 12)
+        msg = pb.StepBatch(steps=[
+            pb.StepRequest(session_id=a, tokens=seq_a[:10].tolist(), expected_offset=0, return_logits=True),
+            pb.StepRequest(session_id=b, tokens=seq_b.tolist(), return_logits=True, return_state=True),
+            pb.StepRequest(session_id=a, tokens=seq_a[10:].tolist(), expected_offset=10, return_logits=True,
+                           return_state=True),
+            pb.StepRequest(session_id=d, tokens=[1, 500]),
+            pb.StepRequest(session_id="ghost", tokens=[1]),
+            pb.StepRequest(session_id=d, tokens=[1], expected_offset=3),
+        ])
+        replies = next(c.stub.StreamBatch(iter([msg]))).steps
+        assert [r.status.code for r in replies] == [0, 0, 0, 3, 5, 9]
+        assert "out of range" in replies[3].status.message and "is at offset 0" in replies[5].status.message
+        assert c.get(d).offset == 0
+    got_a = np.concatenate([logits_of(replies[0]), logits_of(replies[2])])
+    want_a, state_a = reference("lstm-lm").run(seq_a)
+    assert np.abs(got_a - want_a).max() <= TOL
+    assert all(np.abs(x - y).max() <= TOL for x, y in zip(state_of(replies[2]), state_a))
+    want_b, state_b = reference("gru-lm").run(seq_b)
+    assert np.abs(logits_of(replies[1]) - want_b).max() <= TOL
+    assert np.abs(state_of(replies[1])[0] - state_b[0]).max() <= TOL
