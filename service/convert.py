@@ -9,7 +9,7 @@ from recur.v1 import recur_pb2 as pb
 from service.errors import InvalidInput
 from service.models import Model
 from service.outputs import OutputOptions
-from service.sessions import GeneratedToken, GenerateInput, NamedTensor, SessionView, StepInput, StepResult
+from service.types import GeneratedToken, GenerateInput, NamedTensor, SessionView, StepInput, StepResult
 
 
 def _ts(t: float) -> Timestamp:

@@ -14,7 +14,6 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,129 +21,16 @@ from service.config import Settings
 from service.engine import Engine
 from service.errors import (InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, StoreConflict,
                             Unavailable)
+from service.locks import SessionLocks
 from service.models import Model, ModelRepository
-from service.outputs import OutputOptions, StepOutput, sample, step_outputs
+from service.outputs import OutputOptions, sample, step_outputs
 from service.store import SessionRecord, Store
 from service.store.base import now
+from service.types import GeneratedToken, GenerateInput, NamedTensor, SessionView, StepInput, StepResult
 
 log = logging.getLogger(__name__)
 
 _ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
-
-
-@dataclass(frozen=True)
-class NamedTensor:
-    name: str
-    value: np.ndarray  # float32
-
-
-@dataclass(frozen=True)
-class SessionView:
-    session_id: str
-    tenant: str
-    model: str
-    version: int
-    offset: int
-    created_at: float
-    updated_at: float
-    expires_at: float
-    state: list[NamedTensor] | None = None
-
-
-@dataclass(frozen=True)
-class StepInput:
-    session_id: str
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    features: bytes = b""
-    expected_offset: int | None = None
-    options: OutputOptions = OutputOptions()
-
-
-@dataclass(frozen=True)
-class StepResult:
-    session_id: str
-    start_offset: int
-    offset: int
-    replayed: bool
-    argmax: list[int]
-    outputs: list[StepOutput]  # empty when compact output was asked for
-    text: str
-    logits: np.ndarray | None  # (steps, classes) when asked
-    state: list[NamedTensor] | None
-
-
-@dataclass(frozen=True)
-class GenerateInput:
-    session_id: str
-    prompt: str = ""
-    prompt_tokens: list[int] = field(default_factory=list)
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 0.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    expected_offset: int | None = None
-
-
-@dataclass(frozen=True)
-class GeneratedToken:
-    token: int
-    text: str
-    offset: int
-    done: bool
-    finish_reason: str = ""
-
-
-class _SessionLock:
-    """A FIFO lock for one session, counting its holders and waiters so it can be dropped."""
-
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
-
-
-class _Hold:
-    """`async with locks.hold(key)`: a class, not a generator context manager (hot path)."""
-
-    __slots__ = ("_locks", "_key", "_entry")
-
-    def __init__(self, locks: dict[tuple[str, str], _SessionLock], key: tuple[str, str]) -> None:
-        self._locks, self._key = locks, key
-        entry = locks.get(key)
-        if entry is None:
-            entry = locks[key] = _SessionLock()
-        entry.users += 1
-        self._entry = entry
-
-    async def __aenter__(self) -> None:
-        try:
-            await self._entry.lock.acquire()
-        except BaseException:
-            self._release_user()
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._entry.lock.release()
-        self._release_user()
-
-    def _release_user(self) -> None:
-        self._entry.users -= 1
-        if self._entry.users == 0:
-            del self._locks[self._key]
-
-
-class _Locks:
-    """One FIFO lock per session, dropped when nobody holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[tuple[str, str], _SessionLock] = {}
-
-    def hold(self, key: tuple[str, str]) -> _Hold:
-        return _Hold(self._locks, key)
 
 
 class _Work:
@@ -173,7 +59,7 @@ class SessionService:
 
     def __init__(self, settings: Settings, models: ModelRepository, store: Store, engine: Engine) -> None:
         self.settings, self.models, self.store, self.engine = settings, models, store, engine
-        self._locks = _Locks()
+        self._locks = SessionLocks()
         self.accepting = True
         self._inflight = 0
         self._idle = asyncio.Event()
