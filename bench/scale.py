@@ -56,7 +56,8 @@ def scaling(n: int, tmp: Path) -> dict:
 
 
 async def _first_and_second(port: int, sids: list[str]) -> tuple[list[float], list[float]]:
-    first, second = [], []
+    first: list[float] = []
+    second: list[float] = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = recur_pb2_grpc.RecurStub(ch)
         for sid in sids:

@@ -13,6 +13,7 @@ import logging
 import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 
@@ -86,18 +87,18 @@ class RecurClient:
         req = pb.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id, ttl_seconds=ttl_seconds)
         return self.stub.ForkSession(req, timeout=self.timeout, metadata=self._md(session_id))
 
-    def step(self, session_id: str, **fields: object) -> pb.StepResponse:
+    def step(self, session_id: str, **fields: Any) -> pb.StepResponse:
         """One chunk: tokens=[...], text="..." or features=bytes; expected_offset, top_k, ... as in StepRequest."""
         return self.stub.Step(pb.StepRequest(session_id=session_id, **fields), timeout=self.timeout,
                               metadata=self._md(session_id))
 
-    def generate(self, session_id: str, **fields: object) -> Iterator[pb.GenerateResponse]:
+    def generate(self, session_id: str, **fields: Any) -> Iterator[pb.GenerateResponse]:
         """Tokens as they are made: prompt=..., max_tokens, temperature, top_k, top_p, seed, stop."""
         return self.stub.Generate(pb.GenerateRequest(session_id=session_id, **fields), metadata=self._md(session_id))
 
     def stream_sequence(self, session_id: str, tokens: Sequence[int], chunk: int = 16, *,
                         retry_for: float = 60.0, on_reply: Callable[[pb.StepResponse], None] | None = None,
-                        **options: object) -> list[pb.StepResponse]:
+                        **options: Any) -> list[pb.StepResponse]:
         """Feed `tokens` from the session's current offset; returns one reply per chunk, in order.
 
         Survives dropped connections, server restarts and replica failover for up to `retry_for`

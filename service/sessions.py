@@ -13,7 +13,7 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import numpy as np
 
@@ -175,7 +175,7 @@ class SessionService:
             if len(inp.features) % row:
                 raise InvalidInput(f"features must be little-endian float32 [time, {model.feature_dim}]: "
                                    f"{len(inp.features)} bytes is not a multiple of {row}")
-            x = np.frombuffer(inp.features, dtype="<f4").reshape(1, -1, model.feature_dim).astype(np.float32)
+            x: np.ndarray = np.frombuffer(inp.features, dtype="<f4").reshape(1, -1, model.feature_dim).astype(np.float32)
             if not np.isfinite(x).all():
                 raise InvalidInput("features contain values that are not finite (NaN or infinity)")
         else:
@@ -319,7 +319,7 @@ class SessionService:
         if g.prompt and g.prompt_tokens:
             raise InvalidInput("give prompt or prompt_tokens, not both")
 
-    async def generate(self, tenant: str, g: GenerateInput) -> AsyncIterator[GeneratedToken]:
+    async def generate(self, tenant: str, g: GenerateInput) -> AsyncGenerator[GeneratedToken, None]:
         """Sample tokens; each is fed back and stored before it is yielded, so a cancel leaves
         the session at the offset of the last token sent."""
         self._check_generate(g)

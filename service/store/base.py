@@ -7,6 +7,7 @@ import struct
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ class SessionRecord:
     def expires_at(self) -> float:
         return self.updated_at + self.ttl
 
-    def copy(self, **changes: object) -> SessionRecord:
+    def copy(self, **changes: Any) -> SessionRecord:
         return replace(self, **changes)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -74,7 +75,7 @@ class RedisStore(Store):
     async def get(self, tenant: str, session_id: str) -> SessionRecord:
         key, tomb = self._keys(tenant, session_id)
         try:
-            h = await self._r.hgetall(key)
+            h = cast(dict[bytes, bytes], await self._r.hgetall(key))
             expired_at = None if h else await self._r.get(tomb)
         except RedisError as e:
             raise self._down(e) from e
