@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=os.environ.get("RECUR_LOG_LEVEL", "INFO"),
                         help="logging level [RECUR_LOG_LEVEL; default: INFO]")
     sub = parser.add_subparsers(dest="command", required=True)
-    from service.config import add_serve_arguments
     from recur.client_cli import add_client_arguments
+    from service.config import add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="serve the model repository over gRPC"))
     add_client_arguments(sub.add_parser("client", help="talk to a running server"))

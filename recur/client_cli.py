@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import grpc
 
@@ -86,13 +87,14 @@ def _run(client: RecurClient, args: argparse.Namespace) -> int:
             print(f"{shown}  {top}".rstrip())
         print(f"offset {r.offset}")
     elif a == "stream":
-        text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
+        text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
         model = client.get(args.session_id).model
         info = next(m for m in client.models() if m.name == model)
         ids = {t: i for i, t in enumerate(info.vocabulary)}
         tokens = [ids.get(ch, info.unk_id) for ch in text]
         replies = client.stream_sequence(args.session_id, tokens, args.chunk)
-        print(f"streamed {len(tokens)} tokens in {len(replies)} chunks; offset {replies[-1].offset if replies else '-'}")
+        offset = replies[-1].offset if replies else "-"
+        print(f"streamed {len(tokens)} tokens in {len(replies)} chunks; offset {offset}")
     elif a == "generate":
         fields: dict = dict(prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, stop=args.stop)

@@ -18,7 +18,7 @@ class _SessionLock:
 class Hold:
     """`async with locks.hold(key)`: a class, not a generator context manager (hot path)."""
 
-    __slots__ = ("_locks", "_key", "_entry")
+    __slots__ = ("_entry", "_key", "_locks")
 
     def __init__(self, locks: dict[tuple[str, str], _SessionLock], key: tuple[str, str]) -> None:
         self._locks, self._key = locks, key

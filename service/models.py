@@ -129,7 +129,8 @@ def load_model(directory: Path, options: RuntimeOptions) -> Model:
     vocab = manifest.get("vocabulary") or {}
     classes = int(head["shape"][2])
     if inp["kind"] == "tokens" and len(vocab.get("tokens", [])) != int(inp["vocab_size"]):
-        raise ModelInvalid(f"{where}: vocabulary has {len(vocab.get('tokens', []))} tokens, input says {inp['vocab_size']}")
+        n = len(vocab.get("tokens", []))
+        raise ModelInvalid(f"{where}: vocabulary has {n} tokens, input says {inp['vocab_size']}")
     labels = head.get("labels") or []
     if head["kind"] != "lm" and len(labels) != classes:
         raise ModelInvalid(f"{where}: head has {classes} outputs but {len(labels)} labels")

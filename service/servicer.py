@@ -54,7 +54,8 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         self.metadata = ((REPLICA_HEADER, replica_id),)  # which replica answered: for operators and tests
 
     @unary
-    async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[convert.model_to_pb(m) for m in self.core.models.all()])
 
     @unary

@@ -19,8 +19,7 @@ import numpy as np
 
 from service.config import Settings
 from service.engine import Engine
-from service.errors import (InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, StoreConflict,
-                            Unavailable)
+from service.errors import InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, StoreConflict, Unavailable
 from service.locks import SessionLocks
 from service.models import Model, ModelRepository
 from service.outputs import OutputOptions, sample, step_outputs
@@ -175,7 +174,8 @@ class SessionService:
             if len(inp.features) % row:
                 raise InvalidInput(f"features must be little-endian float32 [time, {model.feature_dim}]: "
                                    f"{len(inp.features)} bytes is not a multiple of {row}")
-            x: np.ndarray = np.frombuffer(inp.features, dtype="<f4").reshape(1, -1, model.feature_dim).astype(np.float32)
+            x: np.ndarray = np.frombuffer(inp.features, dtype="<f4").reshape(1, -1, model.feature_dim)
+            x = x.astype(np.float32)
             if not np.isfinite(x).all():
                 raise InvalidInput("features contain values that are not finite (NaN or infinity)")
         else:
@@ -219,7 +219,8 @@ class SessionService:
         return StepResult(rec.session_id, rec.last_start, rec.offset, replayed, argmax, outputs, text,
                           logits if options.return_logits else None, state)
 
-    async def _prepare(self, tenant: str, inp: StepInput) -> tuple[Model, SessionRecord, np.ndarray, bytes] | StepResult:
+    async def _prepare(self, tenant: str,
+                       inp: StepInput) -> tuple[Model, SessionRecord, np.ndarray, bytes] | StepResult:
         """Validate a chunk against its session (held locked): what to run, or the replayed reply."""
         if inp.options.top_k < 0:
             raise InvalidInput("top_k must be 0 or more")

@@ -146,6 +146,7 @@ def load_digits(split: str) -> DigitsSplit:
 
     d = sk_digits()
     x = (d.data / 16.0).astype(np.float32).reshape(-1, 8, 8)
-    buckets = np.array([int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:4], "big") % 10 for i in range(len(x))])
+    buckets = np.array([int.from_bytes(hashlib.sha256(str(i).encode()).digest()[:4], "big") % 10
+                        for i in range(len(x))])
     which = {"train": buckets < 8, "val": buckets == 8, "test": buckets == 9}[split]
     return DigitsSplit(features=x[which], labels=d.target[which].astype(np.int64))

@@ -77,9 +77,9 @@ def build_graph(model: SequenceModel) -> onnx.ModelProto:
             init_states.append(name)
         w = _reorder(sd[f"rnn.weight_ih_l{layer}"], cfg.cell, hidden)[None]
         r = _reorder(sd[f"rnn.weight_hh_l{layer}"], cfg.cell, hidden)[None]
-        b = np.concatenate(
-            [_reorder(sd[f"rnn.bias_ih_l{layer}"], cfg.cell, hidden), _reorder(sd[f"rnn.bias_hh_l{layer}"], cfg.cell, hidden)]
-        )[None]
+        b_ih = _reorder(sd[f"rnn.bias_ih_l{layer}"], cfg.cell, hidden)
+        b_hh = _reorder(sd[f"rnn.bias_hh_l{layer}"], cfg.cell, hidden)
+        b = np.concatenate([b_ih, b_hh])[None]
         ins = [x, const(f"l{layer}_W", w), const(f"l{layer}_R", r), const(f"l{layer}_B", b), "", *init_states]
         outs = [f"l{layer}_Y"] + [f"l{layer}_{s}" for s in state_names]
         attrs: dict = {"hidden_size": hidden}
@@ -99,9 +99,9 @@ def build_graph(model: SequenceModel) -> onnx.ModelProto:
     nodes.append(helper.make_node("MatMul", ["y", const("head_W", sd["head.weight"].T.copy())], ["head_mm"]))
     nodes.append(helper.make_node("Add", ["head_mm", const("head_b", sd["head.bias"])], ["logits"]))  # (B, T, C)
 
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "time", cfg.classes])] + [
-        helper.make_tensor_value_info(f"new_state_{s}", TensorProto.FLOAT, [layers, "batch", hidden]) for s in state_names
-    ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "time", cfg.classes])]
+    outputs += [helper.make_tensor_value_info(f"new_state_{s}", TensorProto.FLOAT, [layers, "batch", hidden])
+                for s in state_names]
     graph = helper.make_graph(nodes, f"recur_{cfg.cell}_{cfg.head}", [inp, *state_in], outputs, init)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="recur")
     proto.ir_version = 8
@@ -124,7 +124,8 @@ def manifest_for(
     cfg = model.config
     states = ["h", "c"] if cfg.cell == "lstm" else ["h"]
     if cfg.input_kind == "tokens":
-        inp = {"kind": "tokens", "name": "tokens", "dtype": "int64", "shape": ["batch", "time"], "vocab_size": cfg.vocab_size}
+        inp = {"kind": "tokens", "name": "tokens", "dtype": "int64", "shape": ["batch", "time"],
+               "vocab_size": cfg.vocab_size}
     else:
         inp = {"kind": "features", "name": "features", "dtype": "float32", "shape": ["batch", "time", cfg.feature_dim]}
     return {

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from training import data as datasets
-from training.evaluate import Batches, evaluate_sequences, evaluate_text, majority_baseline, text_rows
 from training.config import TrainConfig
+from training.evaluate import Batches, evaluate_sequences, evaluate_text, majority_baseline, text_rows
 from training.model import ModelConfig, SequenceModel, State, detach
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class Trainer:
         return {
             "source": "python stdlib .py files (no site-packages, no test suites)",
             "split": "sha256 of relative path, 90/5/5",
-            "train_chars": int(len(self.train_data.inputs)),
+            "train_chars": len(self.train_data.inputs),
         }
 
     # -- training ----------------------------------------------------------

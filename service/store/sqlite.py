@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS tombstones (
     tenant TEXT NOT NULL, id TEXT NOT NULL, at REAL NOT NULL, reason TEXT NOT NULL,
     PRIMARY KEY (tenant, id)) WITHOUT ROWID;
 """
-_COLUMNS = 'tenant, id, model, version, "offset", created, updated, ttl, expires, state, last_digest, last_start, last_logits'
+_COLUMNS = ('tenant, id, model, version, "offset", created, updated, ttl, expires, state, last_digest, '
+            "last_start, last_logits")
 
 
 def _row(r: SessionRecord) -> tuple:
@@ -291,7 +292,8 @@ class SqliteStore(Store):
         assert self._conn is not None
         c = self._conn
         c.execute("BEGIN IMMEDIATE")
-        c.execute("INSERT OR REPLACE INTO tombstones SELECT tenant, id, expires, 'expired' FROM sessions WHERE expires <= ?", (t,))
+        c.execute("INSERT OR REPLACE INTO tombstones SELECT tenant, id, expires, 'expired' FROM sessions "
+                  "WHERE expires <= ?", (t,))
         n = c.execute("DELETE FROM sessions WHERE expires <= ?", (t,)).rowcount
         c.execute("DELETE FROM tombstones WHERE at < ?", (t - self.tombstone_seconds,))
         c.execute("COMMIT")

@@ -27,8 +27,11 @@ def _stream_all(target: str, sids: list[str], seqs: list[np.ndarray], chunk: int
     clients = [RecurClient(target) for _ in sids]
 
     def run(i: int) -> None:
+        def stamp(_: pb.StepResponse) -> None:
+            times[i].append(time.monotonic())
+
         results[i] = clients[i].stream_sequence(sids[i], [int(t) for t in seqs[i]], chunk, retry_for=60,
-                                                return_logits=True, on_reply=lambda r: times[i].append(time.monotonic()))
+                                                return_logits=True, on_reply=stamp)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sids))]
     for t in threads:

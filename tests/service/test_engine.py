@@ -82,7 +82,7 @@ def test_a_failing_chunk_does_not_poison_its_batch(lstm: Model) -> None:
 
     async def go() -> list:
         engine = Engine(EngineOptions(threads=1))
-        jobs = [engine.run(lstm.runtime, x, s) for x, s in good[:3] + [bad] + good[3:]]
+        jobs = [engine.run(lstm.runtime, x, s) for x, s in [*good[:3], bad, *good[3:]]]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         await engine.close()
         return results

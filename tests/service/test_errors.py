@@ -71,7 +71,7 @@ def test_bad_chunks_are_invalid_argument_and_change_nothing(strict: Server) -> N
         ]
         for sid, fields, words in cases:
             before = _snapshot(c, sid)
-            _refused(lambda: c.step(sid, **fields), INVALID, words)
+            _refused(lambda sid=sid, fields=fields: c.step(sid, **fields), INVALID, words)
             assert _snapshot(c, sid) == before, fields
         unknown = c.create("lstm-lm").session_id
         assert _snapshot(c, unknown)[0] == 0
@@ -100,7 +100,8 @@ def test_not_found_already_exists_and_expired(strict: Server) -> None:
 
 def test_initial_state_of_the_wrong_shape_is_refused(strict: Server) -> None:
     with strict.client() as c:
-        good = [pb.Tensor(name=n, shape=[2, 16], data=np.zeros((2, 16), "<f4").tobytes()) for n in ("state_h", "state_c")]
+        zeros = np.zeros((2, 16), "<f4").tobytes()
+        good = [pb.Tensor(name=n, shape=[2, 16], data=zeros) for n in ("state_h", "state_c")]
         wrong = [good[0], pb.Tensor(name="state_c", shape=[2, 15], data=np.zeros((2, 15), "<f4").tobytes())]
         _refused(lambda: c.create("lstm-lm", initial_state=wrong), INVALID, "'state_c' must have shape [2, 16]")
         _refused(lambda: c.create("lstm-lm", initial_state=good[:1]), INVALID, "must name each of")

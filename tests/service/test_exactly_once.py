@@ -61,7 +61,7 @@ def test_two_clients_racing_on_one_session(server: Server, reference) -> None:  
     assert sorted(applied) == list(range(0, len(tokens), chunk))  # each offset once, none twice
     with server.client() as c:
         final = c.get(sid, include_state=True)
-    want_logits, want_state = reference("lstm-lm").run(np.array(tokens))
+    _, want_state = reference("lstm-lm").run(np.array(tokens))
     assert final.offset == len(tokens)
     for got, want in zip(state_of(final), want_state):
         assert np.abs(got - want).max() <= TOL

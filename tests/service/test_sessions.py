@@ -77,7 +77,7 @@ def test_outputs_of_each_head(client: RecurClient, reference) -> None:  # type: 
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     for o, row, p in zip(r.outputs, logits, probs):
-        assert o.argmax == int(row.argmax()) and list(o.top_ids)[0] == o.argmax and len(o.top_ids) == 3
+        assert o.argmax == int(row.argmax()) and o.top_ids[0] == o.argmax and len(o.top_ids) == 3
         assert abs(o.top_probs[0] - p.max()) < 1e-5 and o.top_probs[0] >= o.top_probs[1] >= o.top_probs[2]
     vocab = client.models()[[m.name for m in client.models()].index("lstm-lm")].vocabulary
     assert r.text == "".join(vocab[o.argmax] for o in r.outputs)

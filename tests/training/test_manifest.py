@@ -34,7 +34,8 @@ def test_a_valid_model_loads(model_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("change,expected", [
-    (lambda m: m["state"][0].update(shape=[3, "batch", 16]), "state 'state_h' has shape [3, batch, 16] in the manifest but [2, batch, 16]"),
+    (lambda m: m["state"][0].update(shape=[3, "batch", 16]),
+     "state 'state_h' has shape [3, batch, 16] in the manifest but [2, batch, 16]"),
     (lambda m: m["state"][1].update(name="state_x"), "manifest names state 'state_x'"),
     (lambda m: m["input"].update(name="ids"), "manifest names input 'ids'"),
     (lambda m: m["input"].update(dtype="int32"), "input 'tokens' is int32 in the manifest but int64 in the graph"),

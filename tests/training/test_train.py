@@ -26,7 +26,7 @@ def test_state_is_carried_between_windows(tmp_path: Path, reset: bool) -> None:
     trainer = Trainer(_cfg(tmp_path, lr=0.0, reset_state=reset))
     for i in range(3):
         trainer.train_step(i)
-    x, _ = trainer._batch(0)  # noqa: SLF001 - the window layout is what is under test
+    x, _ = trainer._batch(0)
     rows = torch.cat([trainer._batch(i)[0] for i in range(3)], dim=1)  # (B, 3T)
     trainer.model.eval()
     with torch.no_grad():
