@@ -45,6 +45,7 @@ models: $(VENV)/.dev
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.redis_store
 
 clean:
 	rm -rf $(VENV) var runs data

@@ -219,12 +219,13 @@ class SessionService:
         return StepResult(rec.session_id, rec.last_start, rec.offset, replayed, argmax, outputs, text,
                           logits if options.return_logits else None, state)
 
-    async def _prepare(self, tenant: str,
-                       inp: StepInput) -> tuple[Model, SessionRecord, np.ndarray, bytes] | StepResult:
+    async def _prepare(self, tenant: str, inp: StepInput, rec: SessionRecord | None = None
+                       ) -> tuple[Model, SessionRecord, np.ndarray, bytes] | StepResult:
         """Validate a chunk against its session (held locked): what to run, or the replayed reply."""
         if inp.options.top_k < 0:
             raise InvalidInput("top_k must be 0 or more")
-        rec = await self.store.get(tenant, inp.session_id)
+        if rec is None:
+            rec = await self.store.get(tenant, inp.session_id)
         model = self.models.get(rec.model, rec.version)
         x, digest = self._chunk(model, inp)
         if inp.expected_offset is not None and inp.expected_offset != rec.offset:
@@ -276,9 +277,13 @@ class SessionService:
     async def _step_many(self, tenant: str, inputs: list[StepInput], indices: list[int],
                          out: list[StepResult | Exception | None]) -> None:
         jobs = []
-        for i in indices:
+        records = await self.store.get_many(tenant, [inputs[i].session_id for i in indices])
+        for i, rec in zip(indices, records):
+            if isinstance(rec, Exception):
+                out[i] = rec
+                continue
             try:
-                prepared = await self._prepare(tenant, inputs[i])
+                prepared = await self._prepare(tenant, inputs[i], rec)
             except Exception as e:
                 out[i] = e
                 continue

@@ -89,6 +89,16 @@ class Store(ABC):
     @abstractmethod
     async def get(self, tenant: str, session_id: str) -> SessionRecord: ...
 
+    async def get_many(self, tenant: str, session_ids: list[str]) -> list[SessionRecord | Exception]:
+        """Several records at once (one round trip where the store allows); an error per missing one."""
+        results: list[SessionRecord | Exception] = []
+        for session_id in session_ids:
+            try:
+                results.append(await self.get(tenant, session_id))
+            except RecurError as e:
+                results.append(e)
+        return results
+
     @abstractmethod
     async def create(self, record: SessionRecord) -> None: ...
 

@@ -21,7 +21,7 @@ from typing import cast
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from service.errors import AlreadyExists, SessionExpired, SessionNotFound, StoreConflict, Unavailable
+from service.errors import AlreadyExists, RecurError, SessionExpired, SessionNotFound, StoreConflict, Unavailable
 from service.store.base import SessionRecord, Store, fmt_time, now, pack_arrays, unpack_arrays
 
 log = logging.getLogger(__name__)
@@ -73,13 +73,35 @@ class RedisStore(Store):
         return ttl_ms, ttl_ms + int(self.tombstone_seconds * 1000)
 
     async def get(self, tenant: str, session_id: str) -> SessionRecord:
-        key, tomb = self._keys(tenant, session_id)
         try:
-            h = cast(dict[bytes, bytes], await self._r.hgetall(key))
-            expired_at = None if h else await self._r.get(tomb)
+            h = cast(dict[bytes, bytes], await self._r.hgetall(self._keys(tenant, session_id)[0]))
         except RedisError as e:
             raise self._down(e) from e
+        return await self._record(tenant, session_id, h)
+
+    async def get_many(self, tenant: str, session_ids: list[str]) -> list[SessionRecord | Exception]:
+        """One pipelined round trip for the whole batch."""
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for session_id in session_ids:
+                    pipe.hgetall(self._keys(tenant, session_id)[0])
+                hashes = await pipe.execute()
+        except RedisError as e:
+            return [self._down(e)] * len(session_ids)
+        results: list[SessionRecord | Exception] = []
+        for session_id, h in zip(session_ids, hashes):
+            try:
+                results.append(await self._record(tenant, session_id, h))
+            except RecurError as e:
+                results.append(e)
+        return results
+
+    async def _record(self, tenant: str, session_id: str, h: dict[bytes, bytes]) -> SessionRecord:
         if not h:
+            try:
+                expired_at = await self._r.get(self._keys(tenant, session_id)[1])
+            except RedisError as e:
+                raise self._down(e) from e
             if expired_at is not None and float(expired_at) <= now():
                 raise SessionExpired(f"session {session_id!r} expired at {fmt_time(float(expired_at))} "
                                      "after its idle TTL")
@@ -121,15 +143,37 @@ class RedisStore(Store):
             raise StoreConflict(f"session {record.session_id!r} is at offset {res}", int(res))
 
     async def put_many(self, writes: list[tuple[SessionRecord, int]]) -> list[Exception | None]:
-        """Concurrent scripts: one round trip's latency for the batch, not one per write."""
-        async def one(record: SessionRecord, prev_offset: int) -> Exception | None:
-            try:
-                await self.put(record, prev_offset)
-            except (StoreConflict, SessionNotFound, Unavailable) as e:
-                return e
-            return None
-
-        return list(await asyncio.gather(*(one(r, p) for r, p in writes)))
+        """All the scripts in one pipelined round trip; each still atomic and compare-and-set."""
+        if not writes:
+            return []
+        pipe = self._r.pipeline(transaction=False)
+        for record, prev_offset in writes:
+            ttl_ms, tomb_ms = self._ms(record)
+            await self._put(keys=self._keys(record.tenant, record.session_id),
+                            args=[ttl_ms, tomb_ms, prev_offset, repr(record.expires_at), *self._fields(record)],
+                            client=pipe)
+        sent = asyncio.ensure_future(pipe.execute(raise_on_error=False))
+        try:
+            outcomes = await asyncio.shield(sent)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # settle before the sessions' locks are released
+                await sent
+            raise
+        except RedisError as e:
+            return [self._down(e)] * len(writes)
+        finally:
+            await pipe.reset()
+        results: list[Exception | None] = []
+        for (record, _), res in zip(writes, outcomes):
+            if isinstance(res, Exception):
+                results.append(self._down(res))
+            elif res == -1:
+                results.append(SessionNotFound(f"session {record.session_id!r} does not exist"))
+            elif res != -2:
+                results.append(StoreConflict(f"session {record.session_id!r} is at offset {res}", int(res)))
+            else:
+                results.append(None)
+        return results
 
     async def delete(self, tenant: str, session_id: str) -> None:
         await self.get(tenant, session_id)  # NOT_FOUND / expired first

@@ -130,3 +130,32 @@ def test_a_redis_restart_mid_stream(topology: Topology, reference, caplog: pytes
     assert sum(c.reconnects for c in clients) >= 1
     for c in clients:
         c.close()
+
+
+def test_batched_messages_on_the_redis_store(topology: Topology, reference) -> None:  # type: ignore[no-untyped-def]
+    """StreamBatch reads and writes a message's sessions in one pipelined round trip each; a stale
+    offset, an unknown id and a session advanced by the other replica are refused one by one."""
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(0, 98, 40) for _ in range(6)]
+    with RecurClient(topology.replicas[0].target) as c:
+        sids = [c.create("lstm-lm").session_id for _ in seqs]
+        with RecurClient(topology.replicas[1].target) as other:
+            other.step(sids[5], tokens=[1, 2, 3], expected_offset=0)  # advanced behind replica 1's back
+        replies = []
+        for start in (0, 20):
+            msg = pb.StepBatch(steps=[pb.StepRequest(session_id=s, tokens=q[start : start + 20].tolist(),
+                                                     expected_offset=start, return_logits=True, return_state=True)
+                                      for s, q in zip(sids[:5], seqs[:5])]
+                               + [pb.StepRequest(session_id="ghost", tokens=[1]),
+                                  pb.StepRequest(session_id=sids[5], tokens=[4], expected_offset=0)])
+            replies.append(next(c.stub.StreamBatch(iter([msg]))).steps)
+        for batch in replies:
+            assert [r.status.code for r in batch[5:]] == [grpc.StatusCode.NOT_FOUND.value[0],
+                                                         grpc.StatusCode.FAILED_PRECONDITION.value[0]]
+            assert "is at offset 3" in batch[6].status.message
+        for k, seq in enumerate(seqs[:5]):
+            want, state = reference("lstm-lm").run(seq)
+            got = np.concatenate([logits_of(replies[0][k]), logits_of(replies[1][k])])
+            assert np.abs(got - want).max() <= TOL
+            assert all(np.abs(a - b).max() <= TOL for a, b in zip(state_of(replies[1][k]), state))
+        assert c.get(sids[5]).offset == 3

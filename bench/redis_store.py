@@ -1,0 +1,54 @@
+"""What the shared Redis store costs against the in-process memory store, in one run: one replica,
+a local redis-server with the compose file's persistence (append-only, fsync every second), 64
+sessions, StreamBatch. Needs redis-server (`make test` installs it).
+
+    python -m bench.redis_store
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+import time
+
+from bench.run import ROOT, _drive, _sequences, machine, recur_server, write_section
+
+
+def main() -> None:
+    redis_server = shutil.which("redis-server")
+    if redis_server is None:
+        raise SystemExit("redis-server is not installed (make test installs it)")
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        port = 6391
+        redis = subprocess.Popen([redis_server, "--port", str(port), "--dir", tmp, "--appendonly", "yes",
+                                  "--appendfsync", "everysec", "--save", ""], stdout=subprocess.DEVNULL)
+        time.sleep(0.5)
+        servers = {"memory": recur_server("memory:"), "redis": recur_server(f"redis://127.0.0.1:{port}/0")}
+        try:
+            for chunk in (1, 16):
+                seqs = _sequences(64, 512, seed=chunk)
+                for name, server in servers.items():
+                    r = asyncio.run(_drive(server.port, seqs, chunk, "batch", check=1, budget=60))
+                    rows.append((chunk, name, r.rate, r.p(50), r.p(99)))
+                    print(rows[-1], flush=True)
+        finally:
+            for s in servers.values():
+                s.stop()
+            redis.terminate()
+    memory = {c: rate for c, name, rate, _, _ in rows if name == "memory"}
+    table = ["| C | store | tokens/s | p50 chunk ms | p99 chunk ms | ratio to memory |", "|---:|---|---:|---:|---:|---:|"]
+    table += [f"| {c} | {name} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {rate / memory[c]:.2f} |"
+              for c, name, rate, p50, p99 in rows]
+    write_section(ROOT / "BENCHMARKS.md", "## Redis store", (
+        f"## Redis store\n\nMeasured {started} on {machine()}. Command: `python -m bench.redis_store`. One replica, "
+        "64 sessions streaming 512 tokens over StreamBatch; Redis on the same machine with an append-only file "
+        "(fsync every second). Each StreamBatch message reads its sessions in one pipelined round trip and "
+        "writes them in another (one compare-and-set script per session).\n\n" + "\n".join(table) + "\n"))
+
+
+if __name__ == "__main__":
+    main()
