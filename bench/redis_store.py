@@ -40,7 +40,8 @@ def main() -> None:
                 s.stop()
             redis.terminate()
     memory = {c: rate for c, name, rate, _, _ in rows if name == "memory"}
-    table = ["| C | store | tokens/s | p50 chunk ms | p99 chunk ms | ratio to memory |", "|---:|---|---:|---:|---:|---:|"]
+    table = ["| C | store | tokens/s | p50 chunk ms | p99 chunk ms | ratio to memory |",
+             "|---:|---|---:|---:|---:|---:|"]
     table += [f"| {c} | {name} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {rate / memory[c]:.2f} |"
               for c, name, rate, p50, p99 in rows]
     write_section(ROOT / "BENCHMARKS.md", "## Redis store", (
