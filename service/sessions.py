@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 _ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 
 
+def _advanced(rec: SessionRecord, x: np.ndarray, digest: bytes, logits: np.ndarray, states: list[np.ndarray],
+              t: float) -> SessionRecord:
+    """The record after chunk `x` (1, T[, D]) ran from its state, remembering the chunk for a replay."""
+    return rec.copy(offset=rec.offset + x.shape[1], updated_at=t, state=states, last_digest=digest,
+                    last_start=rec.offset, last_logits=logits)
+
+
 class _Work:
     """Counts a call in flight, so draining can wait for it; refuses new calls while draining."""
 
@@ -194,8 +201,7 @@ class SessionService:
     async def _advance(self, model: Model, rec: SessionRecord, x: np.ndarray, digest: bytes) -> SessionRecord:
         """Run one chunk from the record's state and store the result (compare-and-set)."""
         logits, new_states = await self.engine.run(model.runtime, x[0], rec.state)  # batched with other sessions
-        new = rec.copy(offset=rec.offset + x.shape[1], updated_at=now(), state=new_states,
-                       last_digest=digest, last_start=rec.offset, last_logits=logits)
+        new = _advanced(rec, x, digest, logits, new_states, now())
         try:
             await self.store.put(new, prev_offset=rec.offset)  # settles even if this call is cancelled
         except StoreConflict as e:
@@ -300,8 +306,7 @@ class SessionService:
                 out[i] = result if isinstance(result, Exception) else RuntimeError("cancelled")
                 continue
             logits, new_states = result
-            new = rec.copy(offset=rec.offset + x.shape[1], updated_at=t, state=new_states, last_digest=digest,
-                           last_start=rec.offset, last_logits=logits)
+            new = _advanced(rec, x, digest, logits, new_states, t)
             writes.append((new, rec.offset))
             done.append((i, model, new))
         errors = await self.store.put_many(writes)

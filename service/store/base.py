@@ -3,17 +3,22 @@ memory, SQLite (the embedded durable default) and Redis (many replicas)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import struct
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from service.errors import RecurError
 
 DURABILITY_MODES = ("sync", "async", "none")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -131,6 +136,19 @@ class Store(ABC):
 
     async def close(self) -> None:
         await self.flush()
+
+
+async def settled(write: Awaitable[T]) -> T:
+    """Await a write that must not be abandoned halfway: if the caller is cancelled, wait for the
+    write to finish (applied or not) before the cancellation propagates, so that the session's lock
+    is released only over a settled store and the next reader sees one state or the other."""
+    future = asyncio.ensure_future(write)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await future
+        raise
 
 
 def now() -> float:

@@ -13,8 +13,6 @@ persistence setting (the compose file runs it with appendonly yes, appendfsync e
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from typing import cast
 
@@ -22,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.errors import AlreadyExists, RecurError, SessionExpired, SessionNotFound, StoreConflict, Unavailable
-from service.store.base import SessionRecord, Store, fmt_time, now, pack_arrays, unpack_arrays
+from service.store.base import SessionRecord, Store, fmt_time, now, pack_arrays, settled, unpack_arrays
 
 log = logging.getLogger(__name__)
 
@@ -124,23 +122,28 @@ class RedisStore(Store):
         if not ok:
             raise AlreadyExists(f"session {record.session_id!r} already exists")
 
-    async def put(self, record: SessionRecord, prev_offset: int) -> None:
+    def _args(self, record: SessionRecord, prev_offset: int) -> list:
         ttl_ms, tomb_ms = self._ms(record)
-        sent = asyncio.ensure_future(self._put(keys=self._keys(record.tenant, record.session_id),
-                                               args=[ttl_ms, tomb_ms, prev_offset, repr(record.expires_at),
-                                                     *self._fields(record)]))
+        return [ttl_ms, tomb_ms, prev_offset, repr(record.expires_at), *self._fields(record)]
+
+    @staticmethod
+    def _outcome(record: SessionRecord, res: object) -> RecurError | None:
+        """What the put script's answer means: -2 applied, -1 no such session, else the actual offset."""
+        if res == -2:
+            return None
+        if res == -1:
+            return SessionNotFound(f"session {record.session_id!r} does not exist")
+        return StoreConflict(f"session {record.session_id!r} is at offset {res}", int(res))  # type: ignore[call-overload]
+
+    async def put(self, record: SessionRecord, prev_offset: int) -> None:
+        keys = self._keys(record.tenant, record.session_id)
         try:
-            res = await asyncio.shield(sent)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):  # settle the script before the session's lock is released
-                await sent
-            raise
+            res = await settled(self._put(keys=keys, args=self._args(record, prev_offset)))
         except RedisError as e:
             raise self._down(e) from e
-        if res == -1:
-            raise SessionNotFound(f"session {record.session_id!r} does not exist")
-        if res != -2:
-            raise StoreConflict(f"session {record.session_id!r} is at offset {res}", int(res))
+        error = self._outcome(record, res)
+        if error is not None:
+            raise error
 
     async def put_many(self, writes: list[tuple[SessionRecord, int]]) -> list[Exception | None]:
         """All the scripts in one pipelined round trip; each still atomic and compare-and-set."""
@@ -148,32 +151,16 @@ class RedisStore(Store):
             return []
         pipe = self._r.pipeline(transaction=False)
         for record, prev_offset in writes:
-            ttl_ms, tomb_ms = self._ms(record)
-            await self._put(keys=self._keys(record.tenant, record.session_id),
-                            args=[ttl_ms, tomb_ms, prev_offset, repr(record.expires_at), *self._fields(record)],
+            await self._put(keys=self._keys(record.tenant, record.session_id), args=self._args(record, prev_offset),
                             client=pipe)
-        sent = asyncio.ensure_future(pipe.execute(raise_on_error=False))
         try:
-            outcomes = await asyncio.shield(sent)
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):  # settle before the sessions' locks are released
-                await sent
-            raise
+            outcomes = await settled(pipe.execute(raise_on_error=False))
         except RedisError as e:
             return [self._down(e)] * len(writes)
         finally:
             await pipe.reset()
-        results: list[Exception | None] = []
-        for (record, _), res in zip(writes, outcomes):
-            if isinstance(res, Exception):
-                results.append(self._down(res))
-            elif res == -1:
-                results.append(SessionNotFound(f"session {record.session_id!r} does not exist"))
-            elif res != -2:
-                results.append(StoreConflict(f"session {record.session_id!r} is at offset {res}", int(res)))
-            else:
-                results.append(None)
-        return results
+        return [self._down(res) if isinstance(res, Exception) else self._outcome(record, res)
+                for (record, _), res in zip(writes, outcomes)]
 
     async def delete(self, tenant: str, session_id: str) -> None:
         await self.get(tenant, session_id)  # NOT_FOUND / expired first

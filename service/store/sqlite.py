@@ -13,7 +13,6 @@ within `async_window` seconds (write-behind; a crash loses at most that window).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 from collections import OrderedDict
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import AlreadyExists, SessionExpired, SessionNotFound, StoreConflict, Unavailable
-from service.store.base import SessionRecord, Store, fmt_time, now, pack_arrays, unpack_arrays
+from service.store.base import SessionRecord, Store, fmt_time, now, pack_arrays, settled, unpack_arrays
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +143,7 @@ class SqliteStore(Store):
         self._idle.clear()
         self._wake.set()
         if write.future is not None:
-            try:
-                await asyncio.shield(write.future)
-            except asyncio.CancelledError:
-                # The caller went away, but the write may already be on its way to disk: settle it
-                # before the caller's session lock is released, so the next reader sees one state.
-                with contextlib.suppress(Exception):
-                    await write.future
-                raise
+            await settled(write.future)
 
     async def create(self, record: SessionRecord) -> None:
         key = (record.tenant, record.session_id)
@@ -190,13 +182,7 @@ class SqliteStore(Store):
         if waiting:
             self._idle.clear()
             self._wake.set()
-            settled = asyncio.gather(*(f for _, f in waiting), return_exceptions=True)
-            try:
-                outcomes = await asyncio.shield(settled)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):  # settle before the callers' locks are released
-                    await settled
-                raise
+            outcomes = await settled(asyncio.gather(*(f for _, f in waiting), return_exceptions=True))
             for (k, _), outcome in zip(waiting, outcomes):
                 results[k] = outcome if isinstance(outcome, Exception) else None
         return results
