@@ -9,11 +9,32 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
 
-from bench.run import ROOT, _drive, _sequences, machine, recur_server, write_section
+from bench.run import ROOT, Process, _drive, _sequences, machine, recur_server, write_section
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """Until `port` accepts connections; fails if `proc` exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if proc.poll() is not None:
+            raise SystemExit(f"redis-server exited with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"redis-server does not accept connections on port {port} after {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 def main() -> None:
@@ -23,12 +44,15 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        port = 6391
-        redis = subprocess.Popen([redis_server, "--port", str(port), "--dir", tmp, "--appendonly", "yes",
-                                  "--appendfsync", "everysec", "--save", ""], stdout=subprocess.DEVNULL)
-        time.sleep(0.5)
-        servers = {"memory": recur_server("memory:"), "redis": recur_server(f"redis://127.0.0.1:{port}/0")}
+        port = _free_port()
+        redis = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp,
+                                  "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+                                 stdout=subprocess.DEVNULL)
+        servers: dict[str, Process] = {}
         try:
+            _wait_port(port, redis)
+            servers["memory"] = recur_server("memory:")
+            servers["redis"] = recur_server(f"redis://127.0.0.1:{port}/0")
             for chunk in (1, 16):
                 seqs = _sequences(64, 512, seed=chunk)
                 for name, server in servers.items():

@@ -25,7 +25,7 @@ from bench.run import ROOT, _drive, _sequences, machine, recur_server, write_sec
 from recur.v1 import recur_pb2 as pb
 from recur.v1 import recur_pb2_grpc
 from service.store import SqliteStore
-from service.store.base import SessionRecord, now
+from service.store.base import SessionRecord
 
 
 async def fill(path: Path, n: int) -> float:
@@ -35,7 +35,7 @@ async def fill(path: Path, n: int) -> float:
     zeros = [np.zeros((2, 256), np.float32), np.zeros((2, 256), np.float32)]
     batch = 5000
     for start in range(0, n, batch):
-        t = now()
+        t = time.time()
         await asyncio.gather(*(store.create(SessionRecord("default", f"idle-{i}", "pylm", 1, 0, t, t, 30 * 86400,
                                                           zeros)) for i in range(start, min(n, start + batch))))
     await store.close()

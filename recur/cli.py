@@ -11,35 +11,9 @@ import logging
 import os
 import shlex
 import sys
-from dataclasses import fields
 from pathlib import Path
 
-TRAIN_HELP = {
-    "task": "lm: next-character language model on stdlib text; tagger: Python token class of every "
-    "character; digits: sklearn's 8x8 digits read as 8 steps of 8 features, one label per sequence",
-    "out": "run directory: checkpoints (ckpt.pt, best.pt), metrics.jsonl, curves.png, summary.json",
-    "cell": "recurrent cell: rnn (vanilla tanh), lstm or gru",
-    "layers": "stacked recurrent layers",
-    "hidden": "hidden state size",
-    "embed": "character embedding size (text tasks)",
-    "dropout": "dropout between stacked layers",
-    "batch": "rows walked in parallel (text) or sequences per step (digits)",
-    "bptt": "truncated-BPTT window: steps back-propagated through before the state is detached",
-    "reset_state": "start every window from zeros instead of the previous window's final state",
-    "epochs": "passes over the training data (validation after each)",
-    "max_steps": "stop after this many optimiser steps (0: no limit)",
-    "lr": "peak learning rate (AdamW)",
-    "min_lr_ratio": "the cosine schedule decays to lr times this",
-    "warmup": "linear warm-up steps",
-    "weight_decay": "AdamW weight decay",
-    "clip": "clip the gradient norm to this (0: off); tames exploding gradients",
-    "train_chars": "train on only the first N characters (0: all)",
-    "val_chars": "validate on only the first N characters (0: all)",
-    "test_chars": "report test metrics on only the first N characters (0: all)",
-    "seed": "random seed",
-    "threads": "torch threads (0: all cores)",
-    "log_every": "steps between lines of metrics.jsonl",
-}
+from recur.flags import add_dataclass_arguments, from_args
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -53,13 +27,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         "then: recur export runs/pylm/best.pt --name pylm --version 1",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    for f in fields(TrainConfig):
-        name, default = f.name, f.default
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            p.add_argument(flag, action="store_true", help=TRAIN_HELP[name])
-        else:
-            p.add_argument(flag, type=type(default), default=default, help=f"{TRAIN_HELP[name]} (default: {default})")
+    add_dataclass_arguments(p, TrainConfig)
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -68,7 +36,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
     from training.train import Trainer
 
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    cfg = from_args(TrainConfig, args)
     trainer = Trainer(cfg, command=shlex.join(["recur", *sys.argv[1:]]), resume=args.resume)
     metrics = trainer.run(progress=not args.quiet)
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
@@ -86,7 +54,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 def _run_export(args: argparse.Namespace) -> int:
     from training.export import export
 
-    out = export(args.checkpoint, name=args.name, version=args.version, models_dir=args.models_dir)
+    out = export(args.checkpoint, name=args.name, version=args.version, models_dir=args.models_dir,
+                 command=shlex.join(["recur", *sys.argv[1:]]))
     print(out)
     return 0
 
@@ -107,7 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+    except ValueError as e:  # a malformed RECUR_* variable: say which, without a traceback
+        print(f"recur: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "train":
         return _run_train(args)

@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EngineOptions:
+    """The engine's settings; their defaults are the server's (service.config.Settings reads them)."""
+
     max_batch: int = 256  # most jobs in one call
     slice_steps: int = 64  # most steps of one job in one call (fairness for long chunks)
     window: float = 0.0  # seconds to wait for more jobs when a thread is idle
-    threads: int = 2  # concurrent ONNX Runtime calls
+    threads: int = 1  # concurrent ONNX Runtime calls
 
 
 @dataclass
@@ -46,7 +48,7 @@ class _Job:
 @dataclass
 class EngineStats:
     calls: int = 0
-    jobs: int = 0  # slices run
+    slices: int = 0  # job slices run (a chunk longer than slice_steps counts once per slice)
     steps: int = 0
 
 
@@ -151,7 +153,7 @@ class Engine:
     def _scatter(self, q: _ModelQueue, group: list[_Job], steps: int, logits: np.ndarray,
                  new_states: list[np.ndarray]) -> None:
         self.stats.calls += 1
-        self.stats.jobs += len(group)
+        self.stats.slices += len(group)
         self.stats.steps += steps * len(group)
         for i, job in enumerate(group):
             job.outputs.append(logits[i].copy())  # copies: a view would keep the whole batch alive

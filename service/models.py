@@ -21,6 +21,50 @@ from service.runtime import ModelRuntime, RuntimeOptions
 log = logging.getLogger(__name__)
 
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+MANIFEST_FORMATS = (1,)  # manifest layouts this server reads
+INITIAL_STATES = ("zeros",)  # how a new session's state may start
+
+
+def _varint(blob: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = blob[pos]
+        value |= (b & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if not b & 0x80:
+            return value, pos
+
+
+def _fields(blob: bytes) -> list[tuple[int, int | bytes]]:
+    """The top-level fields of a protobuf message (number, value); enough to read an ONNX header."""
+    out: list[tuple[int, int | bytes]] = []
+    pos = 0
+    while pos < len(blob):
+        key, pos = _varint(blob, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(blob, pos)
+            out.append((number, value))
+        elif wire == 2:
+            size, pos = _varint(blob, pos)
+            out.append((number, blob[pos : pos + size]))
+            pos += size
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+    return out
+
+
+def graph_opset(blob: bytes) -> int | None:
+    """The default-domain opset an ONNX ModelProto imports (its field 8: domain 1, version 2)."""
+    for number, value in _fields(blob):
+        if number == 8 and isinstance(value, bytes):
+            entry = dict(_fields(value))
+            if entry.get(1, b"") in (b"", b"ai.onnx"):
+                version = entry.get(2)
+                return version if isinstance(version, int) else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -40,7 +84,6 @@ class Model:
     cell: str
     head: str  # lm, tagger, classifier
     input_kind: str  # tokens, features
-    input_name: str
     feature_dim: int  # features only
     vocab: list[str]  # tokens only
     unk_id: int | None
@@ -53,20 +96,28 @@ class Model:
 
     def __post_init__(self) -> None:
         self._char_ids = {t: i for i, t in enumerate(self.vocab) if i != self.unk_id}
+        # code point -> token id (-1: none), so text is encoded without a Python loop per character
+        singles = {t: i for t, i in self._char_ids.items() if len(t) == 1}
+        table = np.full(max((ord(t) for t in singles), default=-1) + 1, -1, dtype=np.int64)
+        for t, i in singles.items():
+            table[ord(t)] = i
+        self._code_ids = table
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, one per character; unknown characters map to unk_id."""
-        out = []
-        for pos, ch in enumerate(text):
-            i = self._char_ids.get(ch)
-            if i is None:
-                if self.unk_id is None:
-                    raise InvalidInput(
-                        f"text has character {ch!r} at position {pos} that model {self.name} cannot encode"
-                    )
-                i = self.unk_id
-            out.append(i)
-        return out
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids (int64) of `text`, one per character; unknown characters map to unk_id."""
+        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4").astype(np.int64)
+        table = self._code_ids
+        ids = np.where(codes < len(table), table[np.minimum(codes, max(len(table) - 1, 0))], -1) if len(table) else \
+            np.full(len(codes), -1, dtype=np.int64)
+        unknown = ids < 0
+        if unknown.any():
+            if self.unk_id is None:
+                pos = int(np.argmax(unknown))
+                raise InvalidInput(
+                    f"text has character {text[pos]!r} at position {pos} that model {self.name} cannot encode"
+                )
+            ids[unknown] = self.unk_id
+        return ids
 
     def decode_token(self, token: int) -> str:
         if token == self.unk_id:
@@ -110,6 +161,17 @@ def load_model(directory: Path, options: RuntimeOptions) -> Model:
     digest = hashlib.sha256(blob).hexdigest()
     if manifest.get("sha256") != digest:
         raise ModelInvalid(f"{where}: model.onnx has sha256 {digest} but the manifest says {manifest.get('sha256')}")
+    if not isinstance(manifest, dict):
+        raise ModelInvalid(f"{where}: manifest.json is not a JSON object")
+    if manifest.get("format") not in MANIFEST_FORMATS:
+        raise ModelInvalid(f"{where}: manifest format {manifest.get('format')!r} is not one this server reads "
+                           f"{list(MANIFEST_FORMATS)}")
+    try:
+        opset = graph_opset(blob)
+    except (IndexError, ValueError) as e:
+        raise ModelInvalid(f"{where}: model.onnx is not an ONNX model ({e.__class__.__name__})") from e
+    if manifest.get("opset") != opset:
+        raise ModelInvalid(f"{where}: the manifest says opset {manifest.get('opset')!r} but the graph imports {opset}")
     try:
         inp, head, states = manifest["input"], manifest["head"], manifest["state"]
         runtime = ModelRuntime(blob, options, input_name=inp["name"], output_name=head["output"],
@@ -120,6 +182,9 @@ def load_model(directory: Path, options: RuntimeOptions) -> Model:
     _check_io(where, "output", head["output"], "float32", head["shape"], runtime.graph_outputs)
     specs = []
     for s in states:
+        if s.get("initial") not in INITIAL_STATES:
+            raise ModelInvalid(f"{where}: state {s['name']!r} starts at {s.get('initial')!r}; "
+                               f"this server starts states at {list(INITIAL_STATES)}")
         _check_io(where, "state", s["name"], s["dtype"], s["shape"], runtime.graph_inputs)
         _check_io(where, "state", s["output"], s["dtype"], s["shape"], runtime.graph_outputs)
         specs.append(StateSpec(s["name"], s["output"], int(s["shape"][0]), int(s["shape"][2])))
@@ -138,7 +203,7 @@ def load_model(directory: Path, options: RuntimeOptions) -> Model:
                if isinstance(v, (int, float))}
     return Model(
         name=manifest["name"], version=int(manifest["version"]), cell=manifest["cell"], head=head["kind"],
-        input_kind=inp["kind"], input_name=inp["name"],
+        input_kind=inp["kind"],
         feature_dim=int(inp["shape"][2]) if inp["kind"] == "features" else 0,
         vocab=list(vocab.get("tokens", [])), unk_id=vocab.get("unk_id"), labels=list(labels), classes=classes,
         states=specs, metrics=metrics, runtime=runtime,

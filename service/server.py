@@ -23,7 +23,7 @@ from service.config import Settings
 from service.engine import Engine, EngineOptions
 from service.models import ModelRepository
 from service.runtime import RuntimeOptions
-from service.servicer import REPLICA_HEADER, RecurServicer
+from service.servicer import RecurServicer
 from service.sessions import SessionService
 from service.store import Store, open_store
 
@@ -77,17 +77,17 @@ async def create_server(settings: Settings) -> Running:
     core = SessionService(settings, models, store, engine)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
                                       ("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    servicer = RecurServicer(core, settings.max_stream_inflight, "")
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise SystemExit(f"cannot bind {settings.host}:{settings.port}")
+    replica_id = settings.replica_id or f"{socket.gethostname()}:{port}"
+    servicer = RecurServicer(core, settings.max_stream_inflight, replica_id)
     recur_pb2_grpc.add_RecurServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
-    if port == 0:
-        raise SystemExit(f"cannot bind {settings.host}:{settings.port}")
-    servicer.metadata = ((REPLICA_HEADER, settings.replica_id or f"{socket.gethostname()}:{port}"),)
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -1,6 +1,6 @@
 """The transport-free core: sessions and their rules.
 
-Invariants (DESIGN.md): chunking is invisible; a chunk with expected_offset applies
+Invariants (docs/architecture.md, "A session"): chunking is invisible; a chunk with expected_offset applies
 only at that offset and a retry of the last applied chunk is replayed; one chunk at a
 time per session, in arrival order; a reply only after the state is as durable as the
 store promises; a refused request changes nothing.
@@ -9,6 +9,7 @@ store promises; a refused request changes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
@@ -19,17 +20,16 @@ import numpy as np
 
 from service.config import Settings
 from service.engine import Engine
-from service.errors import InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, StoreConflict, Unavailable
-from service.locks import SessionLocks
+from service.errors import InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, StoreConflict
+from service.locks import CallGate, SessionLocks
 from service.models import Model, ModelRepository
 from service.outputs import OutputOptions, sample, step_outputs
 from service.store import SessionRecord, Store
-from service.store.base import now
 from service.types import GeneratedToken, GenerateInput, NamedTensor, SessionView, StepInput, StepResult
 
 log = logging.getLogger(__name__)
 
-_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
 def _advanced(rec: SessionRecord, x: np.ndarray, digest: bytes, logits: np.ndarray, states: list[np.ndarray],
@@ -39,55 +39,22 @@ def _advanced(rec: SessionRecord, x: np.ndarray, digest: bytes, logits: np.ndarr
                     last_start=rec.offset, last_logits=logits)
 
 
-class _Work:
-    """Counts a call in flight, so draining can wait for it; refuses new calls while draining."""
-
-    __slots__ = ("_service",)
-
-    def __init__(self, service: SessionService) -> None:
-        service._check_open()
-        self._service = service
-
-    async def __aenter__(self) -> None:
-        s = self._service
-        s._inflight += 1
-        s._idle.clear()
-
-    async def __aexit__(self, *exc: object) -> None:
-        s = self._service
-        s._inflight -= 1
-        if s._inflight == 0:
-            s._idle.set()
-
-
 class SessionService:
-    """Owns sessions: creates, steps, generates, forks and deletes them over a Store."""
+    """Owns sessions: creates, steps, generates, forks and deletes them over a Store.
+    Records are stamped with the store's clock, which also decides their expiry."""
 
     def __init__(self, settings: Settings, models: ModelRepository, store: Store, engine: Engine) -> None:
         self.settings, self.models, self.store, self.engine = settings, models, store, engine
         self._locks = SessionLocks()
-        self.accepting = True
-        self._inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._calls = CallGate()
 
     async def close(self) -> None:
         await self.engine.close()
 
-    def _check_open(self) -> None:
-        if not self.accepting:
-            raise Unavailable("the server is shutting down; retry on another replica")
-
-    def _work(self) -> _Work:
-        return _Work(self)
-
     async def drain(self, timeout: float) -> None:
         """Refuse new work and wait up to `timeout` seconds for calls in flight."""
-        self.accepting = False
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            log.warning("%d calls still in flight after %.0f s", self._inflight, timeout)
+        if not await self._calls.close(timeout):
+            log.warning("%d calls still in flight after %.0f s", self._calls.in_flight, timeout)
 
     # -- sessions ------------------------------------------------------------
     def _view(self, rec: SessionRecord, model: Model | None = None, with_state: bool = False) -> SessionView:
@@ -106,7 +73,7 @@ class SessionService:
     def _new_id(self, requested: str) -> str:
         if not requested:
             return uuid.uuid4().hex
-        if not _ID.match(requested):
+        if not _ID.fullmatch(requested):
             raise InvalidInput("session_id must be 1-128 characters of letters, digits and . _ : @ -")
         return requested
 
@@ -121,9 +88,9 @@ class SessionService:
         sid, ttl = self._new_id(session_id), self._ttl(ttl)
         state = self._initial_state(model, initial_state) if initial_state else model.zero_state()
         await self._check_capacity()
-        t = now()
+        t = self.store.clock()
         rec = SessionRecord(tenant, sid, model.name, model.version, 0, t, t, ttl, state)
-        async with self._work():
+        async with self._calls:
             await self.store.create(rec)
         log.info("session %s created on %s v%d", sid, model.name, model.version)
         return self._view(rec)
@@ -151,15 +118,15 @@ class SessionService:
         return self._view(rec, model, include_state)
 
     async def delete(self, tenant: str, session_id: str) -> None:
-        async with self._work(), self._locks.hold((tenant, session_id)):
+        async with self._calls, self._locks.hold((tenant, session_id)):
             await self.store.delete(tenant, session_id)
 
     async def fork(self, tenant: str, session_id: str, new_id: str = "", ttl: float = 0) -> SessionView:
         sid, ttl = self._new_id(new_id), self._ttl(ttl)
         await self._check_capacity()
-        async with self._work(), self._locks.hold((tenant, session_id)):
+        async with self._calls, self._locks.hold((tenant, session_id)):
             src = await self.store.get(tenant, session_id)
-            t = now()
+            t = self.store.clock()
             rec = src.copy(session_id=sid, created_at=t, updated_at=t, ttl=ttl,
                            state=[s.copy() for s in src.state])
             await self.store.create(rec)
@@ -201,7 +168,7 @@ class SessionService:
     async def _advance(self, model: Model, rec: SessionRecord, x: np.ndarray, digest: bytes) -> SessionRecord:
         """Run one chunk from the record's state and store the result (compare-and-set)."""
         logits, new_states = await self.engine.run(model.runtime, x[0], rec.state)  # batched with other sessions
-        new = _advanced(rec, x, digest, logits, new_states, now())
+        new = _advanced(rec, x, digest, logits, new_states, self.store.clock())
         try:
             await self.store.put(new, prev_offset=rec.offset)  # settles even if this call is cancelled
         except StoreConflict as e:
@@ -242,7 +209,7 @@ class SessionService:
         return model, rec, x, digest
 
     async def step(self, tenant: str, inp: StepInput) -> StepResult:
-        async with self._work(), self._locks.hold((tenant, inp.session_id)):
+        async with self._calls, self._locks.hold((tenant, inp.session_id)):
             prepared = await self._prepare(tenant, inp)
             if isinstance(prepared, StepResult):
                 return prepared
@@ -255,33 +222,26 @@ class SessionService:
         batches cannot deadlock), one engine submission, one store write batch. A session named
         again later in the batch runs those chunks afterwards, in order. Each chunk succeeds or
         fails alone: the result list holds a StepResult or the error for each input."""
-        out: list[StepResult | Exception | None] = [None] * len(inputs)
+        out: dict[int, StepResult | Exception] = {}
         first: list[int] = []
         later: list[int] = []
         seen: set[str] = set()
         for i, inp in enumerate(inputs):
             (later if inp.session_id in seen else first).append(i)
             seen.add(inp.session_id)
-        async with self._work():
-            entered = []
-            try:
-                for sid in sorted({inputs[i].session_id for i in first}):
-                    hold = self._locks.hold((tenant, sid))
-                    await hold.__aenter__()
-                    entered.append(hold)
-                await self._step_many(tenant, inputs, first, out)
-            finally:
-                for hold in entered:
-                    await hold.__aexit__(None, None, None)
+        async with self._calls, contextlib.AsyncExitStack() as held:
+            for sid in sorted({inputs[i].session_id for i in first}):
+                await held.enter_async_context(self._locks.hold((tenant, sid)))
+            await self._step_many(tenant, inputs, first, out)
         for i in later:
             try:
                 out[i] = await self.step(tenant, inputs[i])
             except Exception as e:
                 out[i] = e
-        return out  # type: ignore[return-value]
+        return [out[i] for i in range(len(inputs))]
 
     async def _step_many(self, tenant: str, inputs: list[StepInput], indices: list[int],
-                         out: list[StepResult | Exception | None]) -> None:
+                         out: dict[int, StepResult | Exception]) -> None:
         jobs = []
         records = await self.store.get_many(tenant, [inputs[i].session_id for i in indices])
         for i, rec in zip(indices, records):
@@ -300,7 +260,7 @@ class SessionService:
         ran = await asyncio.gather(*(self.engine.submit(model.runtime, x[0], rec.state)
                                      for _, model, rec, x, _ in jobs), return_exceptions=True)
         writes, done = [], []
-        t = now()
+        t = self.store.clock()
         for (i, model, rec, x, digest), result in zip(jobs, ran):
             if isinstance(result, BaseException):
                 out[i] = result if isinstance(result, Exception) else RuntimeError("cancelled")
@@ -334,7 +294,7 @@ class SessionService:
         """Sample tokens; each is fed back and stored before it is yielded, so a cancel leaves
         the session at the offset of the last token sent."""
         self._check_generate(g)
-        async with self._work(), self._locks.hold((tenant, g.session_id)):
+        async with self._calls, self._locks.hold((tenant, g.session_id)):
             rec = await self.store.get(tenant, g.session_id)
             model = self.models.get(rec.model, rec.version)
             if model.head != "lm":

@@ -1,15 +1,16 @@
-"""Fixtures shared by every test folder: tiny models trained for a few steps and exported
-once per test run, for every cell and head."""
+"""Fixtures shared by every test folder: tiny models trained for a few steps and exported once per
+test run, for every cell and head, and the one-pass reference for each of them."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-CELLS = ("rnn", "lstm", "gru")
-HEADS = ("lm", "tagger", "classifier")
+from tests.helpers import CELLS, HEADS, Reference  # tests/training imports CELLS and HEADS from here too
+
 _TASK = {"lm": "lm", "tagger": "tagger", "classifier": "digits"}
 
 
@@ -35,3 +36,16 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for head in HEADS:
             _train_and_export(root / "runs" / f"{cell}-{head}", models, cell, head)
     return models
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_models: Path) -> Callable[[str], Reference]:
+    """reference(name) -> the one-pass Reference of tiny model `name`, loaded once per test run."""
+    cache: dict[str, Reference] = {}
+
+    def get(name: str) -> Reference:
+        if name not in cache:
+            cache[name] = Reference(tiny_models / name / "1")
+        return cache[name]
+
+    return get

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.service.conftest import Server
+from tests.helpers import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 

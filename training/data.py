@@ -42,10 +42,6 @@ def encode(text: str) -> np.ndarray:
     return np.fromiter((_CHAR_TO_ID.get(ch, UNK_ID) for ch in text), dtype=np.int64, count=len(text))
 
 
-def decode(ids: np.ndarray | list[int]) -> str:
-    return "".join(VOCAB[int(i)] if int(i) != UNK_ID else "\ufffd" for i in ids)
-
-
 def split_of(key: str) -> str:
     """Stable ~90/5/5 assignment by a hash of `key`."""
     bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % 100

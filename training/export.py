@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -120,7 +118,7 @@ def manifest_for(
     training: dict,
     sha256: str,
 ) -> dict:
-    """The contract between training and serving (see DESIGN.md, "The model repository")."""
+    """The contract between training and serving (see docs/architecture.md, 'The model repository')."""
     cfg = model.config
     states = ["h", "c"] if cfg.cell == "lstm" else ["h"]
     if cfg.input_kind == "tokens":
@@ -161,8 +159,9 @@ def manifest_for(
     }
 
 
-def export(checkpoint: Path, *, name: str, version: int, models_dir: Path) -> Path:
-    """Write models_dir/name/version/ from a training checkpoint; returns that directory."""
+def export(checkpoint: Path, *, name: str, version: int, models_dir: Path, command: str | None = None) -> Path:
+    """Write models_dir/name/version/ from a training checkpoint; returns that directory.
+    `command` (the export command line, if any) is recorded in the manifest beside the training one."""
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = SequenceModel(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
@@ -174,7 +173,7 @@ def export(checkpoint: Path, *, name: str, version: int, models_dir: Path) -> Pa
     (out / "model.onnx").write_bytes(blob)
     training = {
         "command": ckpt.get("command"),
-        "export_command": shlex.join(["recur", "export", *sys.argv[2:]]) if sys.argv[1:2] == ["export"] else None,
+        "export_command": command,
         "metrics": ckpt.get("metrics", {}),
         "steps": ckpt.get("step"),
         "seconds": ckpt.get("seconds"),

@@ -87,6 +87,7 @@ class Trainer:
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.step, self.epoch, self.seconds = 0, 0, 0.0
         self.state: State | None = None  # carried across windows
+        self._order, self._order_epoch = torch.empty(0, dtype=torch.long), -1  # digits: see _epoch_order
         self.best = math.inf
         self.history: list[dict] = []
         if resume:
@@ -140,12 +141,19 @@ class Trainer:
     # -- training ----------------------------------------------------------
     def _batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.task == "digits":
-            if i == 0:
-                self.order = torch.randperm(len(self.train_data.inputs))
-            idx = self.order[i * self.cfg.batch : (i + 1) * self.cfg.batch]
+            idx = self._epoch_order()[i * self.cfg.batch : (i + 1) * self.cfg.batch]
             return torch.from_numpy(self.train_data.inputs)[idx], torch.from_numpy(self.train_data.targets)[idx]
         span = slice(i * self.cfg.bptt, (i + 1) * self.cfg.bptt)
         return self.x[:, span], self.y[:, span]  # (B, T)
+
+    def _epoch_order(self) -> torch.Tensor:
+        """This epoch's shuffle of the digits: a function of seed and epoch alone (not of the global
+        RNG), so a run resumed mid-epoch walks the rest of the same order."""
+        if self._order_epoch != self.epoch:
+            rng = np.random.default_rng([self.cfg.seed, self.epoch])
+            self._order = torch.from_numpy(rng.permutation(len(self.train_data.inputs)))
+            self._order_epoch = self.epoch
+        return self._order
 
     def train_step(self, i: int) -> float:
         self.model.train()

@@ -8,7 +8,7 @@ import contextlib
 import struct
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -17,6 +17,11 @@ import numpy as np
 from service.errors import RecurError
 
 DURABILITY_MODES = ("sync", "async", "none")
+# The one source of these defaults: the stores and the server's settings both read them.
+DEFAULT_CAPACITY = 100_000  # sessions a memory store keeps, or records a store caches in process
+DEFAULT_TOMBSTONE_SECONDS = 2 * 86400.0  # how long an expired id is answered "expired at ..."
+
+Clock = Callable[[], float]  # seconds since the epoch; injected so tests can move time
 
 T = TypeVar("T")
 
@@ -89,7 +94,10 @@ class Store(ABC):
     raises SessionNotFound or SessionExpired. Returning from `put` means the record
     is as durable as the store's durability mode promises; a cancelled `put` still
     waits for its write to settle (applied or not) before the cancellation propagates.
+    `clock` is the store's time, which decides expiry; the core stamps records with it too.
     """
+
+    clock: Clock = time.time
 
     @abstractmethod
     async def get(self, tenant: str, session_id: str) -> SessionRecord: ...
@@ -128,8 +136,8 @@ class Store(ABC):
     async def count(self) -> int: ...
 
     @abstractmethod
-    async def sweep(self, now: float | None = None) -> int:
-        """Remove sessions idle past their TTL (leaving tombstones); returns how many."""
+    async def sweep(self) -> int:
+        """Remove sessions idle past their TTL at `clock()` (leaving tombstones); returns how many."""
 
     async def flush(self) -> None:  # noqa: B027 - stores that write through have nothing to flush
         """Wait until every accepted write is stored."""
@@ -149,10 +157,6 @@ async def settled(write: Awaitable[T]) -> T:
         with contextlib.suppress(Exception):
             await future
         raise
-
-
-def now() -> float:
-    return time.time()
 
 
 def fmt_time(t: float) -> str:

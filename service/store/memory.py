@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 from service.errors import AlreadyExists, SessionExpired, SessionNotFound, StoreConflict
-from service.store.base import SessionRecord, Store, Tombstone, fmt_time, now
+from service.store.base import (
+    DEFAULT_CAPACITY,
+    DEFAULT_TOMBSTONE_SECONDS,
+    Clock,
+    SessionRecord,
+    Store,
+    Tombstone,
+    fmt_time,
+)
 
 
 class MemoryStore(Store):
     """Holds at most `capacity` sessions; the least recently used beyond that are evicted."""
 
-    def __init__(self, capacity: int = 100_000, tombstone_seconds: float = 2 * 86400) -> None:
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, tombstone_seconds: float = DEFAULT_TOMBSTONE_SECONDS,
+                 clock: Clock = time.time) -> None:
         self.capacity = capacity
         self.tombstone_seconds = tombstone_seconds
+        self.clock = clock
         self._records: OrderedDict[tuple[str, str], SessionRecord] = OrderedDict()
         self._tombstones: dict[tuple[str, str], Tombstone] = {}
 
@@ -30,7 +41,7 @@ class MemoryStore(Store):
     async def get(self, tenant: str, session_id: str) -> SessionRecord:
         key = (tenant, session_id)
         rec = self._records.get(key)
-        if rec is not None and rec.expires_at <= now():
+        if rec is not None and rec.expires_at <= self.clock():
             self._expire(key, rec)
             rec = None
         if rec is None:
@@ -45,13 +56,13 @@ class MemoryStore(Store):
     async def create(self, record: SessionRecord) -> None:
         key = (record.tenant, record.session_id)
         existing = self._records.get(key)
-        if existing is not None and existing.expires_at > now():
+        if existing is not None and existing.expires_at > self.clock():
             raise AlreadyExists(f"session {record.session_id!r} already exists")
         self._tombstones.pop(key, None)
         self._records[key] = record
         while len(self._records) > self.capacity:
             old_key, _ = self._records.popitem(last=False)
-            self._tombstones[old_key] = Tombstone(old_key[0], old_key[1], now(), "evicted")
+            self._tombstones[old_key] = Tombstone(old_key[0], old_key[1], self.clock(), "evicted")
 
     async def put(self, record: SessionRecord, prev_offset: int) -> None:
         key = (record.tenant, record.session_id)
@@ -70,8 +81,8 @@ class MemoryStore(Store):
     async def count(self) -> int:
         return len(self._records)
 
-    async def sweep(self, now_: float | None = None) -> int:
-        t = now() if now_ is None else now_
+    async def sweep(self) -> int:
+        t = self.clock()
         expired = [(k, r) for k, r in self._records.items() if r.expires_at <= t]
         for k, r in expired:
             self._expire(k, r)

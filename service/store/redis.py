@@ -14,13 +14,23 @@ persistence setting (the compose file runs it with appendonly yes, appendfsync e
 from __future__ import annotations
 
 import logging
+import time
 from typing import cast
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from service.errors import AlreadyExists, RecurError, SessionExpired, SessionNotFound, StoreConflict, Unavailable
-from service.store.base import SessionRecord, Store, fmt_time, now, pack_arrays, settled, unpack_arrays
+from service.store.base import (
+    DEFAULT_TOMBSTONE_SECONDS,
+    Clock,
+    SessionRecord,
+    Store,
+    fmt_time,
+    pack_arrays,
+    settled,
+    unpack_arrays,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +55,9 @@ return -2
 
 
 class RedisStore(Store):
-    def __init__(self, url: str, *, tombstone_seconds: float = 2 * 86400, timeout: float = 2.0) -> None:
-        self.url = url
+    def __init__(self, url: str, *, tombstone_seconds: float = DEFAULT_TOMBSTONE_SECONDS, timeout: float = 2.0,
+                 clock: Clock = time.time) -> None:
+        self.url, self.clock = url, clock
         self.tombstone_seconds = tombstone_seconds
         self._r = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._create = self._r.register_script(_CREATE)
@@ -100,7 +111,7 @@ class RedisStore(Store):
                 expired_at = await self._r.get(self._keys(tenant, session_id)[1])
             except RedisError as e:
                 raise self._down(e) from e
-            if expired_at is not None and float(expired_at) <= now():
+            if expired_at is not None and float(expired_at) <= self.clock():
                 raise SessionExpired(f"session {session_id!r} expired at {fmt_time(float(expired_at))} "
                                      "after its idle TTL")
             raise SessionNotFound(f"session {session_id!r} does not exist")
@@ -175,7 +186,7 @@ class RedisStore(Store):
         except RedisError as e:
             raise self._down(e) from e
 
-    async def sweep(self, now_: float | None = None) -> int:
+    async def sweep(self) -> int:
         return 0  # Redis expires idle sessions itself
 
     async def close(self) -> None:

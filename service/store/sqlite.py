@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,52 +24,80 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import AlreadyExists, SessionExpired, SessionNotFound, StoreConflict, Unavailable
-from service.store.base import SessionRecord, Store, fmt_time, now, pack_arrays, settled, unpack_arrays
+from service.store.base import (
+    DEFAULT_CAPACITY,
+    DEFAULT_TOMBSTONE_SECONDS,
+    Clock,
+    SessionRecord,
+    Store,
+    fmt_time,
+    pack_arrays,
+    settled,
+    unpack_arrays,
+)
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = """
+# One column list drives the schema, the statements and the mapping to records.
+_SESSION_COLUMNS = (
+    ("tenant", "TEXT NOT NULL"), ("id", "TEXT NOT NULL"), ("model", "TEXT NOT NULL"), ("version", "INTEGER NOT NULL"),
+    ("offset", "INTEGER NOT NULL"), ("created", "REAL NOT NULL"), ("updated", "REAL NOT NULL"),
+    ("ttl", "REAL NOT NULL"), ("expires", "REAL NOT NULL"), ("state", "BLOB NOT NULL"),
+    ("last_digest", "BLOB NOT NULL"), ("last_start", "INTEGER NOT NULL"), ("last_logits", "BLOB"),
+)
+_NAMES = [name for name, _ in _SESSION_COLUMNS]
+_FIXED = ("tenant", "id", "model", "version", "created")  # never change after creation
+_SELECT = f"SELECT {', '.join(f'[{n}]' for n in _NAMES)} FROM sessions WHERE tenant=:tenant AND id=:id"
+_INSERT = (f"INSERT OR REPLACE INTO sessions ({', '.join(f'[{n}]' for n in _NAMES)}) "
+           f"VALUES ({', '.join(f':{n}' for n in _NAMES)})")
+_UPDATE = (f"UPDATE sessions SET {', '.join(f'[{n}]=:{n}' for n in _NAMES if n not in _FIXED)} "
+           "WHERE tenant=:tenant AND id=:id AND [offset]=:prev_offset")
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS sessions (
-    tenant TEXT NOT NULL, id TEXT NOT NULL, model TEXT NOT NULL, version INTEGER NOT NULL,
-    "offset" INTEGER NOT NULL, created REAL NOT NULL, updated REAL NOT NULL, ttl REAL NOT NULL,
-    expires REAL NOT NULL, state BLOB NOT NULL, last_digest BLOB NOT NULL, last_start INTEGER NOT NULL,
-    last_logits BLOB, PRIMARY KEY (tenant, id)) WITHOUT ROWID;
+    {", ".join(f"[{n}] {t}" for n, t in _SESSION_COLUMNS)}, PRIMARY KEY (tenant, id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires);
 CREATE TABLE IF NOT EXISTS tombstones (
     tenant TEXT NOT NULL, id TEXT NOT NULL, at REAL NOT NULL, reason TEXT NOT NULL,
     PRIMARY KEY (tenant, id)) WITHOUT ROWID;
 """
-_COLUMNS = ('tenant, id, model, version, "offset", created, updated, ttl, expires, state, last_digest, '
-            "last_start, last_logits")
 
 
-def _row(r: SessionRecord) -> tuple:
+def _row(r: SessionRecord) -> dict[str, object]:
     logits = None if r.last_logits is None else pack_arrays([r.last_logits])
-    return (r.tenant, r.session_id, r.model, r.version, r.offset, r.created_at, r.updated_at, r.ttl, r.expires_at,
-            pack_arrays(r.state), r.last_digest, r.last_start, logits)
+    return {"tenant": r.tenant, "id": r.session_id, "model": r.model, "version": r.version, "offset": r.offset,
+            "created": r.created_at, "updated": r.updated_at, "ttl": r.ttl, "expires": r.expires_at,
+            "state": pack_arrays(r.state), "last_digest": r.last_digest, "last_start": r.last_start,
+            "last_logits": logits}
 
 
-def _record(row: tuple) -> SessionRecord:
-    logits: np.ndarray | None = None if row[12] is None else unpack_arrays(row[12])[0]
-    return SessionRecord(tenant=row[0], session_id=row[1], model=row[2], version=row[3], offset=row[4],
-                         created_at=row[5], updated_at=row[6], ttl=row[7], state=unpack_arrays(row[9]),
-                         last_digest=row[10], last_start=row[11], last_logits=logits)
+def _record(row: sqlite3.Row) -> SessionRecord:
+    logits: np.ndarray | None = None if row["last_logits"] is None else unpack_arrays(row["last_logits"])[0]
+    return SessionRecord(tenant=row["tenant"], session_id=row["id"], model=row["model"], version=row["version"],
+                         offset=row["offset"], created_at=row["created"], updated_at=row["updated"], ttl=row["ttl"],
+                         state=unpack_arrays(row["state"]), last_digest=row["last_digest"],
+                         last_start=row["last_start"], last_logits=logits)
+
+
+def _key(key: tuple[str, str]) -> dict[str, str]:
+    return {"tenant": key[0], "id": key[1]}
 
 
 @dataclass
 class _Write:
-    kind: str  # "create", "put", "delete"
+    kind: str  # "create", "put", "delete", "expire"
     record: SessionRecord | None
     key: tuple[str, str]
     prev_offset: int = -1
     future: asyncio.Future | None = field(default=None)
+    at: float = 0.0  # "expire": the time it expired at
 
 
 class SqliteStore(Store):
-    def __init__(self, path: Path, *, durability: str = "sync", cache_size: int = 100_000,
-                 async_window: float = 0.05, tombstone_seconds: float = 2 * 86400) -> None:
+    def __init__(self, path: Path, *, durability: str = "sync", cache_size: int = DEFAULT_CAPACITY,
+                 async_window: float = 0.05, tombstone_seconds: float = DEFAULT_TOMBSTONE_SECONDS,
+                 clock: Clock = time.time) -> None:
         self.path, self.durability, self.async_window = path, durability, async_window
-        self.tombstone_seconds = tombstone_seconds
+        self.tombstone_seconds, self.clock = tombstone_seconds, clock
         self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
         self._conn: sqlite3.Connection | None = None
         self._cache: OrderedDict[tuple[str, str], SessionRecord] = OrderedDict()
@@ -88,6 +117,7 @@ class SqliteStore(Store):
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'sync' else 'NORMAL'}")
         conn.executescript(_SCHEMA)
@@ -101,12 +131,12 @@ class SqliteStore(Store):
             raise Unavailable(f"the session store ({self.path}) failed: {e.__class__.__name__}") from e
 
     # -- reads ---------------------------------------------------------------
-    def _select(self, key: tuple[str, str]) -> tuple[tuple | None, tuple | None]:
+    def _select(self, key: tuple[str, str]) -> tuple[sqlite3.Row | None, sqlite3.Row | None]:
         assert self._conn is not None
-        row = self._conn.execute(f"SELECT {_COLUMNS} FROM sessions WHERE tenant=? AND id=?", key).fetchone()
+        row = self._conn.execute(_SELECT, _key(key)).fetchone()
         tomb = None
         if row is None:
-            tomb = self._conn.execute("SELECT at, reason FROM tombstones WHERE tenant=? AND id=?", key).fetchone()
+            tomb = self._conn.execute("SELECT at FROM tombstones WHERE tenant=:tenant AND id=:id", _key(key)).fetchone()
         return row, tomb
 
     def _remember(self, rec: SessionRecord) -> None:
@@ -123,15 +153,17 @@ class SqliteStore(Store):
             row, tomb = await self._run(self._select, key)
             if row is None:
                 if tomb is not None:
-                    raise SessionExpired(f"session {session_id!r} expired at {fmt_time(tomb[0])} after its idle TTL")
+                    raise SessionExpired(
+                        f"session {session_id!r} expired at {fmt_time(tomb['at'])} after its idle TTL")
                 raise SessionNotFound(f"session {session_id!r} does not exist")
             rec = _record(row)
             self._remember(rec)
         else:
             self._cache.move_to_end(key)
-        if rec.expires_at <= now():
+        if rec.expires_at <= self.clock():
+            # Expire this one record (behind any write queued for it); sweeping the rest is the sweeper's job.
             self._cache.pop(key, None)
-            await self.sweep()
+            await self._submit(_Write("expire", None, key, at=rec.expires_at), wait=False)
             raise SessionExpired(f"session {session_id!r} expired at {fmt_time(rec.expires_at)} after its idle TTL")
         return rec
 
@@ -148,7 +180,7 @@ class SqliteStore(Store):
     async def create(self, record: SessionRecord) -> None:
         key = (record.tenant, record.session_id)
         cached = self._cache.get(key)
-        if cached is not None and cached.expires_at > now():
+        if cached is not None and cached.expires_at > self.clock():
             raise AlreadyExists(f"session {record.session_id!r} already exists")
         await self._submit(_Write("create", record, key), wait=True)  # creation is always durable
 
@@ -176,9 +208,9 @@ class SqliteStore(Store):
             if cached is not None and cached.offset != prev_offset:
                 results[k] = StoreConflict(f"session {record.session_id!r} is at offset {cached.offset}", cached.offset)
                 continue
-            write = _Write("put", record, key, prev_offset, loop.create_future())
-            self._queue.append(write)
-            waiting.append((k, write.future))  # type: ignore[arg-type]
+            future = loop.create_future()
+            self._queue.append(_Write("put", record, key, prev_offset, future))
+            waiting.append((k, future))
         if waiting:
             self._idle.clear()
             self._wake.set()
@@ -193,40 +225,36 @@ class SqliteStore(Store):
         self._cache.pop(key, None)
         await self._submit(_Write("delete", None, key), wait=True)
 
+    def _apply_one(self, c: sqlite3.Connection, w: _Write, t: float) -> Exception | None:
+        key = _key(w.key)
+        if w.kind == "create":
+            assert w.record is not None
+            existing = c.execute("SELECT expires FROM sessions WHERE tenant=:tenant AND id=:id", key).fetchone()
+            if existing is not None and existing["expires"] > t:
+                return AlreadyExists(f"session {w.key[1]!r} already exists")
+            c.execute("DELETE FROM tombstones WHERE tenant=:tenant AND id=:id", key)
+            c.execute(_INSERT, _row(w.record))
+        elif w.kind == "put":
+            assert w.record is not None
+            if c.execute(_UPDATE, {**_row(w.record), "prev_offset": w.prev_offset}).rowcount != 1:
+                row = c.execute("SELECT [offset] FROM sessions WHERE tenant=:tenant AND id=:id", key).fetchone()
+                actual = None if row is None else row["offset"]
+                return StoreConflict(f"session {w.key[1]!r} is at offset {actual}", actual)
+        elif w.kind == "expire":  # only if no later write has renewed it
+            at = {**key, "at": w.at}
+            if c.execute("DELETE FROM sessions WHERE tenant=:tenant AND id=:id AND expires <= :at", at).rowcount:
+                c.execute("INSERT OR REPLACE INTO tombstones VALUES (:tenant, :id, :at, 'expired')", at)
+        else:
+            c.execute("DELETE FROM sessions WHERE tenant=:tenant AND id=:id", key)
+        return None
+
     def _apply(self, batch: list[_Write]) -> list[Exception | None]:
         """One transaction for the whole batch; one result per write."""
         assert self._conn is not None
-        c = self._conn
-        results: list[Exception | None] = []
+        c, t = self._conn, self.clock()
         c.execute("BEGIN IMMEDIATE")
         try:
-            for w in batch:
-                if w.kind == "create":
-                    existing = c.execute("SELECT expires FROM sessions WHERE tenant=? AND id=?", w.key).fetchone()
-                    if existing is not None and existing[0] > now():
-                        results.append(AlreadyExists(f"session {w.key[1]!r} already exists"))
-                        continue
-                    c.execute("DELETE FROM tombstones WHERE tenant=? AND id=?", w.key)
-                    c.execute(f"INSERT OR REPLACE INTO sessions ({_COLUMNS}) VALUES ({','.join('?' * 13)})",
-                              _row(w.record))  # type: ignore[arg-type]
-                    results.append(None)
-                elif w.kind == "put":
-                    assert w.record is not None
-                    row = _row(w.record)
-                    cur = c.execute(
-                        'UPDATE sessions SET "offset"=?, updated=?, ttl=?, expires=?, state=?, last_digest=?, '
-                        'last_start=?, last_logits=? WHERE tenant=? AND id=? AND "offset"=?',
-                        (*row[4:5], *row[6:13], *w.key, w.prev_offset),
-                    )
-                    if cur.rowcount == 1:
-                        results.append(None)
-                    else:
-                        row = c.execute('SELECT "offset" FROM sessions WHERE tenant=? AND id=?', w.key).fetchone()
-                        actual = None if row is None else row[0]
-                        results.append(StoreConflict(f"session {w.key[1]!r} is at offset {actual}", actual))
-                else:
-                    c.execute("DELETE FROM sessions WHERE tenant=? AND id=?", w.key)
-                    results.append(None)
+            results = [self._apply_one(c, w, t) for w in batch]
             c.execute("COMMIT")
         except BaseException:
             c.execute("ROLLBACK")
@@ -285,8 +313,8 @@ class SqliteStore(Store):
         c.execute("COMMIT")
         return n
 
-    async def sweep(self, now_: float | None = None) -> int:
-        t = now() if now_ is None else now_
+    async def sweep(self) -> int:
+        t = self.clock()
         await self.flush()
         for key in [k for k, r in self._cache.items() if r.expires_at <= t]:
             del self._cache[key]

@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 
 from recur.client import RecurClient
 from recur.v1 import recur_pb2 as pb
-from tests.service.conftest import Server, logits_of, state_of
+from tests.helpers import TOL, Server, logits_of, state_of
 
-TOL = 1e-5
 MODELS = ["lstm-lm", "gru-tagger", "rnn-lm", "lstm-classifier", "gru-classifier"]
 
 

@@ -8,9 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from recur.v1 import recur_pb2 as pb
-from tests.service.conftest import Server, logits_of, state_of
-
-TOL = 1e-5
+from tests.helpers import TOL, Server, logits_of, state_of
 
 
 def test_a_hundred_sessions_multiplexed_on_one_stream(server: Server, reference) -> None:  # type: ignore[no-untyped-def]

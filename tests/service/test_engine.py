@@ -12,10 +12,8 @@ import pytest
 from recur.v1 import recur_pb2 as pb
 from service.engine import Engine, EngineOptions
 from service.models import Model, load_model
-from service.runtime import RuntimeOptions
-from tests.service.conftest import Server, logits_of, state_of
-
-TOL = 1e-5
+from service.runtime import ModelRuntime, RuntimeOptions
+from tests.helpers import TOL, Server, logits_of, state_of
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +48,7 @@ def test_mixed_lengths_batch_together_and_stay_exact(lstm: Model) -> None:
         for a, b in zip(states, want_states):
             assert np.abs(a - b).max() <= TOL
     slices = sum(-(-len(x) // 16) for x, _ in jobs)
-    assert engine.stats.jobs == slices and engine.stats.calls < slices / 3  # really batched
+    assert engine.stats.slices == slices and engine.stats.calls < slices / 3  # really batched
 
 
 def test_a_long_chunk_does_not_starve_short_ones(lstm: Model) -> None:
@@ -75,19 +73,33 @@ def test_a_long_chunk_does_not_starve_short_ones(lstm: Model) -> None:
     assert finished[-1] == "long" and len(finished) == 6
 
 
+class _Recording:
+    """The model's real runtime, recording the batch size of every call made to it."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self.runtime = runtime
+        self.batches: list[int] = []
+
+    def run(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        self.batches.append(x.shape[0])
+        return self.runtime.run(x, states)
+
+
 def test_a_failing_chunk_does_not_poison_its_batch(lstm: Model) -> None:
     rng = np.random.default_rng(2)
     good = [(rng.integers(0, 98, 8), _random_state(rng)) for _ in range(6)]
     bad = (np.array([1, 2, 10_000, 3, 4, 5, 6, 7]), _random_state(rng))  # out of the embedding's range
+    runtime = _Recording(lstm.runtime)
 
     async def go() -> list:
         engine = Engine(EngineOptions(threads=1))
-        jobs = [engine.run(lstm.runtime, x, s) for x, s in [*good[:3], bad, *good[3:]]]
+        jobs = [engine.run(runtime, x, s) for x, s in [*good[:3], bad, *good[3:]]]  # type: ignore[arg-type]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         await engine.close()
         return results
 
     results = asyncio.run(go())
+    assert runtime.batches == [7] + [1] * 7  # one call for all seven, which failed; then each alone
     assert isinstance(results[3], Exception)
     for (x, s), r in zip(good, results[:3] + results[4:]):
         assert np.abs(r[0] - _one_pass(lstm, x, s)[0]).max() <= TOL

@@ -7,16 +7,7 @@ import numpy as np
 import pytest
 
 from recur.client import RecurClient
-from tests.service.conftest import Server, logits_of, race, state_of
-
-TOL = 1e-5
-
-
-def _refused(call, code: grpc.StatusCode) -> str:  # type: ignore[no-untyped-def]
-    with pytest.raises(grpc.RpcError) as e:
-        call()
-    assert e.value.code() == code, e.value.details()
-    return e.value.details()
+from tests.helpers import TOL, Server, logits_of, race, refused, state_of
 
 
 def test_a_retried_chunk_is_replayed_not_applied_again(client: RecurClient) -> None:
@@ -38,7 +29,7 @@ def test_stale_and_future_offsets_are_refused_with_the_actual_offset(client: Rec
     client.step(s, text="abcde", expected_offset=0)
     client.step(s, text="fgh", expected_offset=5)  # offset 8; its retry (at 5, "fgh") would replay
     before = client.get(s, include_state=True)
-    message = _refused(lambda: client.step(s, text="zz", expected_offset=offset), grpc.StatusCode.FAILED_PRECONDITION)
+    message = refused(lambda: client.step(s, text="zz", expected_offset=offset), grpc.StatusCode.FAILED_PRECONDITION)
     assert "is at offset 8" in message
     after = client.get(s, include_state=True)
     assert after.offset == 8 and [t.data for t in after.state] == [t.data for t in before.state]
@@ -47,7 +38,7 @@ def test_stale_and_future_offsets_are_refused_with_the_actual_offset(client: Rec
 def test_same_offset_different_content_is_refused(client: RecurClient) -> None:
     s = client.create("gru-lm").session_id
     client.step(s, text="abc", expected_offset=0)
-    message = _refused(lambda: client.step(s, text="abd", expected_offset=0), grpc.StatusCode.FAILED_PRECONDITION)
+    message = refused(lambda: client.step(s, text="abd", expected_offset=0), grpc.StatusCode.FAILED_PRECONDITION)
     assert "is at offset 3, not 0" in message
 
 

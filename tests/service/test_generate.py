@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from recur.client import RecurClient
-from tests.service.conftest import logits_of, state_of
+from tests.helpers import TOL, logits_of, state_of
 from training.data import encode
-
-TOL = 1e-5
 
 
 def _gen(c: RecurClient, sid: str, **kw: object) -> list:

@@ -3,21 +3,12 @@ reconnects by itself."""
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
 import numpy as np
 
-from tests.service.conftest import Server, logits_of, state_of
-
-TOL = 1e-5
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.helpers import TOL, Server, free_port, logits_of, state_of
 
 
 def test_sigkill_after_acknowledged_chunks_loses_nothing(start_server, reference) -> None:  # type: ignore[no-untyped-def]
@@ -42,7 +33,7 @@ def test_sigkill_after_acknowledged_chunks_loses_nothing(start_server, reference
 
 def test_the_client_resumes_across_a_server_restart(tiny_models, tmp_path, reference, caplog) -> None:  # type: ignore[no-untyped-def]
     """stream_sequence keeps going while the server is killed and restarted on the same port."""
-    port = _free_port()
+    port = free_port()
     server = Server(tiny_models, f"sqlite:{tmp_path / 'r.db'}", ["--port", str(port)]).start()
     tokens = [int(t) for t in np.random.default_rng(3).integers(0, 98, 12000)]
     try:

@@ -10,9 +10,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recur.client import RecurClient
 from recur.v1 import recur_pb2 as pb
-from tests.service.conftest import Server, logits_of, state_of
-
-TOL = 1e-5
+from tests.helpers import TOL, Server, logits_of, state_of
 
 
 def test_list_models_describes_every_model(client: RecurClient) -> None:

@@ -11,10 +11,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tests.conftest import CELLS, HEADS
+from tests.helpers import CELLS, HEADS, TOL
 from training.model import ModelConfig, SequenceModel
 
-TOL = 1e-5
 CASES = [(c, h) for c in CELLS for h in HEADS]
 
 

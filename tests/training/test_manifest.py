@@ -42,6 +42,10 @@ def test_a_valid_model_loads(model_dir: Path) -> None:
     (lambda m: m["head"].update(shape=["batch", "time", 50]), "output 'logits' has shape [batch, time, 50]"),
     (lambda m: m.update(state=m["state"][:1]), "inputs ['state_c'] that the manifest does not describe"),
     (lambda m: m["vocabulary"]["tokens"].pop(), "vocabulary has 97 tokens, input says 98"),
+    (lambda m: m.update(format=2), "manifest format 2 is not one this server reads [1]"),
+    (lambda m: m.pop("format"), "manifest format None is not one this server reads"),
+    (lambda m: m.update(opset=13), "the manifest says opset 13 but the graph imports 17"),
+    (lambda m: m["state"][1].update(initial="random"), "state 'state_c' starts at 'random'"),
 ])
 def test_a_mismatch_is_refused_naming_the_difference(model_dir: Path, change, expected: str) -> None:  # type: ignore[no-untyped-def]
     _edit(model_dir, change)
@@ -54,6 +58,14 @@ def test_a_changed_graph_fails_its_checksum(model_dir: Path) -> None:
     blob[-10] ^= 0xFF
     (model_dir / "model.onnx").write_bytes(bytes(blob))
     with pytest.raises(ModelInvalid, match=f"sha256 {hashlib.sha256(blob).hexdigest()} but the manifest says"):
+        load_model(model_dir, RuntimeOptions())
+
+
+def test_a_file_that_is_not_onnx_is_refused(model_dir: Path) -> None:
+    blob = b"\xff" * 64
+    (model_dir / "model.onnx").write_bytes(blob)
+    _edit(model_dir, lambda m: m.update(sha256=hashlib.sha256(blob).hexdigest()))
+    with pytest.raises(ModelInvalid, match=r"model\.onnx is not an ONNX model"):
         load_model(model_dir, RuntimeOptions())
 
 

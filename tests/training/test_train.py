@@ -61,3 +61,22 @@ def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
     resumed.run(progress=False)
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_digits_resume_mid_epoch(tmp_path: Path) -> None:
+    """A digits run stopped mid-epoch resumes where it stopped (the shuffle is a function of seed
+    and epoch), whether it finished a shorter run or was interrupted."""
+    short = Trainer(_cfg(tmp_path / "a", task="digits", batch=8, max_steps=4))
+    assert short.steps_per_epoch > 8  # so both runs end mid-epoch
+    short.run(progress=False)
+    longer = Trainer(_cfg(tmp_path / "a", task="digits", batch=8, max_steps=8), resume=True)
+    assert longer.step == 4 and longer.epoch == 0
+    assert "test_accuracy" in longer.run(progress=False) and longer.step == 8
+
+    straight = Trainer(_cfg(tmp_path / "b", task="digits", batch=8, max_steps=8))
+    straight.run(progress=False)
+    assert Trainer(_cfg(tmp_path / "c", task="digits", batch=8, max_steps=8)).run(progress=False, until=4) == {}
+    resumed = Trainer(_cfg(tmp_path / "c", task="digits", batch=8, max_steps=8), resume=True)
+    resumed.run(progress=False)
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), name

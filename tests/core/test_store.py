@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +12,18 @@ import pytest
 
 from service.errors import AlreadyExists, SessionExpired, SessionNotFound, StoreConflict
 from service.store import MemoryStore, SessionRecord, SqliteStore, Store
-from service.store.base import now, pack_arrays, unpack_arrays
+from service.store.base import pack_arrays, unpack_arrays
+from tests.helpers import ManualClock
 
 
-def _rec(sid: str, offset: int = 0, ttl: float = 3600) -> SessionRecord:
-    t = now()
+def _rec(sid: str, offset: int = 0, ttl: float = 3600, t: float | None = None) -> SessionRecord:
+    t = time.time() if t is None else t
     state = [np.full((2, 4), offset, np.float32), np.ones((2, 4), np.float32)]
     return SessionRecord("default", sid, "m", 1, offset, t, t, ttl, state)
 
 
-async def _sqlite(path: Path, durability: str = "sync") -> SqliteStore:
-    return await SqliteStore(path, durability=durability).open()
+async def _sqlite(path: Path, durability: str = "sync", clock: Callable[[], float] = time.time) -> SqliteStore:
+    return await SqliteStore(path, durability=durability, clock=clock).open()
 
 
 def test_pack_roundtrip() -> None:
@@ -85,15 +88,17 @@ def test_sqlite_async_durability_flushes_on_close(tmp_path: Path) -> None:
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
 def test_expiry_leaves_a_tombstone(kind: str, tmp_path: Path) -> None:
     async def go() -> None:
-        store: Store = MemoryStore() if kind == "memory" else await _sqlite(tmp_path / "e.db")
-        await store.create(_rec("old", ttl=0.05))
-        await store.create(_rec("young", ttl=3600))
-        await asyncio.sleep(0.1)
+        clock = ManualClock()
+        store: Store = MemoryStore(clock=clock) if kind == "memory" else await _sqlite(tmp_path / "e.db", clock=clock)
+        await store.create(_rec("old", ttl=0.05, t=clock()))
+        await store.create(_rec("young", ttl=3600, t=clock()))
+        clock.advance(0.1)
         assert await store.sweep() == 1
         assert await store.count() == 1
         with pytest.raises(SessionExpired, match="expired at"):
             await store.get("default", "old")
-        assert await store.sweep(now() + 3 * 86400) == 1  # the young one too, days later
+        clock.advance(3 * 86400)
+        assert await store.sweep() == 1  # the young one too, days later
         with pytest.raises(SessionNotFound) as e:
             await store.get("default", "old")  # tombstones are kept two days, then forgotten
         assert not isinstance(e.value, SessionExpired)

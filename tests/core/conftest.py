@@ -1,0 +1,62 @@
+"""Fixtures for the in-process core: a SessionService over the memory store or SQLite on a temp
+file, the tiny models loaded once, and a clock the tests move by hand."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.config import Settings
+from service.engine import Engine, EngineOptions
+from service.models import ModelRepository
+from service.runtime import RuntimeOptions
+from service.sessions import SessionService
+from service.store import MemoryStore, SqliteStore, Store
+from tests.helpers import ManualClock
+
+MakeCore = Callable[..., AbstractAsyncContextManager[SessionService]]
+
+
+@pytest.fixture(scope="session")
+def repository(tiny_models: Path) -> ModelRepository:
+    return ModelRepository.load(tiny_models, RuntimeOptions())
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def make_core(repository: ModelRepository, tmp_path: Path, store_kind: str, clock: ManualClock) -> MakeCore:
+    """`async with make_core(max_chunk=64) as core:` a started core; settings override the defaults.
+    `store=` shares one store between cores (two replicas)."""
+
+    @asynccontextmanager
+    async def make(store: Store | None = None, **settings: Any) -> AsyncIterator[SessionService]:
+        cfg = Settings(**settings)
+        own = store is None
+        if store is None:
+            if store_kind == "memory":
+                store = MemoryStore(cfg.memory_capacity, cfg.tombstone_seconds, clock=clock)
+            else:
+                store = await SqliteStore(tmp_path / "core.db", durability=cfg.durability, cache_size=cfg.cache_size,
+                                          tombstone_seconds=cfg.tombstone_seconds, clock=clock).open()
+        core = SessionService(cfg, repository, store, Engine(EngineOptions()))
+        try:
+            yield core
+        finally:
+            await core.close()
+            if own:
+                await store.close()
+
+    return make

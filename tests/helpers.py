@@ -1,0 +1,277 @@
+"""The one home of the tests' helpers: real `recur serve` processes, the compose topology's local
+processes (redis-server, nginx), the one-pass ONNX reference, and small assertions. The conftest
+files hold only fixtures built from these."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recur.client import RecurClient
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+
+CELLS = ("rnn", "lstm", "gru")
+HEADS = ("lm", "tagger", "classifier")
+TOL = 1e-5  # largest difference allowed between served and one-pass logits or states
+START_TIMEOUT = 60.0
+
+
+def refused(call: Callable[[], object], code: grpc.StatusCode, *words: str) -> str:
+    """Assert that `call` fails with status `code` and details holding each of `words`; returns the details."""
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    details = e.value.details()
+    assert e.value.code() == code, f"{e.value.code()}: {details}"
+    for w in words:
+        assert w in details, details
+    return details
+
+
+# -- the one-pass reference ------------------------------------------------------------------------
+
+
+class Reference:
+    """One pass over a whole sequence through ONNX Runtime in process."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.manifest = json.loads((model_dir / "manifest.json").read_text())
+        self.sess = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+
+    def run(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """x: (T,) tokens or (T, D) features -> logits (T, C) and states, each (L, H)."""
+        m = self.manifest
+        feed = {m["input"]["name"]: x[None]}
+        for s in m["state"]:
+            feed[s["name"]] = np.zeros((s["shape"][0], 1, s["shape"][2]), dtype=np.float32)
+        out = self.sess.run([m["head"]["output"]] + [s["output"] for s in m["state"]], feed)
+        return out[0][0], [s[:, 0] for s in out[1:]]
+
+
+def logits_of(reply) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.frombuffer(reply.logits, dtype="<f4").reshape(tuple(reply.logits_shape))
+
+
+def state_of(msg) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    return [np.frombuffer(t.data, dtype="<f4").reshape(tuple(t.shape)) for t in msg.state]
+
+
+# -- server processes ------------------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    """One server process; `start` again after `kill` to restart it on the same store."""
+
+    models_dir: Path
+    store: str
+    extra: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Server:
+        cmd = [sys.executable, "-m", "recur.cli", "--log-level", "WARNING", "serve", "--models-dir",
+               str(self.models_dir), "--store", self.store, "--host", "127.0.0.1", "--port", "0", *self.extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        ready = threading.Event()
+
+        def read() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.log.append(line)
+                if line.startswith("recur listening on port "):
+                    self.port = int(line.split()[-1])
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(START_TIMEOUT):
+            self.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.log))
+        with grpc.insecure_channel(self.target) as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=20,
+                                                          wait_for_ready=True).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def client(self) -> RecurClient:
+        return RecurClient(self.target)
+
+
+def race(targets: list[str], session_id: str, tokens: list[int], chunk: int) -> tuple[list[int], list[str]]:
+    """One client per target feeds the same sequence into one session at once, each chunk at the
+    offset it believes current. Returns the start offsets applied (not replayed) and the refusals."""
+    applied: list[int] = []
+    refusals: list[str] = []
+    lock = threading.Lock()
+
+    def feed(target: str) -> None:
+        with RecurClient(target) as c:
+            offset = 0
+            while offset < len(tokens):
+                try:
+                    r = c.step(session_id, tokens=tokens[offset : offset + chunk], expected_offset=offset)
+                except grpc.RpcError as e:
+                    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e.details()
+                    with lock:
+                        refusals.append(e.details())
+                    offset = int(re.search(r"is at offset (\d+)", e.details()).group(1))  # type: ignore[union-attr]
+                    continue
+                if not r.replayed:
+                    with lock:
+                        applied.append(r.start_offset)
+                offset = r.offset
+
+    threads = [threading.Thread(target=feed, args=(t,)) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return applied, refusals
+
+
+# -- the compose topology with local processes -----------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+    if path is None:
+        pytest.fail(f"{name} is not installed: `make test` installs it (deploy/ensure-packages)")
+    return path
+
+
+@dataclass
+class Redis:
+    directory: Path
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> Redis:
+        self.port = self.port or free_port()
+        self.proc = subprocess.Popen([_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync",
+                                      "everysec", "--save", ""], stdout=subprocess.DEVNULL)
+        wait_port(self.port)
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@dataclass
+class Nginx:
+    directory: Path
+    upstreams: list[int]
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> Nginx:
+        """Render deploy/nginx/recur.conf.template with the compose file's nginx environment, its
+        replica addresses pointed at the local processes."""
+        env = yaml.safe_load(COMPOSE.read_text())["services"]["nginx"]["environment"]
+        self.port = free_port()
+        servers = env["RECUR_UPSTREAM_SERVERS"]
+        for i, port in enumerate(self.upstreams, 1):
+            servers = servers.replace(f"replica{i}:50051", f"127.0.0.1:{port}")
+        values = {"RECUR_UPSTREAM_SERVERS": servers, "RECUR_LB_PORT": str(self.port)}
+        template = (ROOT / "deploy" / "nginx" / "recur.conf.template").read_text()
+        for name, value in values.items():  # what the nginx image's envsubst does with defined names
+            template = template.replace("${" + name + "}", value)
+        assert "${" not in template
+        d = self.directory
+        (d / "recur.conf").write_text(template)
+        (d / "nginx.conf").write_text(
+            f"daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
+            "events { worker_connections 1024; }\n"
+            f"http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n"
+            f"  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n"
+            f"  include {d}/recur.conf;\n}}\n")
+        self.proc = subprocess.Popen([_binary("nginx"), "-c", str(d / "nginx.conf"), "-p", str(d)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@dataclass
+class Topology:
+    redis: Redis
+    replicas: list[Server]
+    nginx: Nginx
+
+
+class ManualClock:
+    """A clock the test moves by hand, for the stores' and the core's injected time."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.t = time.time() if start is None else start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
