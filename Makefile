@@ -46,6 +46,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.redis_store
+	$(BIN)/python -m bench.soak
 
 clean:
 	rm -rf $(VENV) var runs data

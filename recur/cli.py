@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(sub.add_parser("serve", help="serve the model repository over gRPC"))
     add_client_arguments(sub.add_parser("client", help="talk to a running server"))
+    from service.auth import add_keys_arguments
+
+    add_keys_arguments(sub.add_parser("keys", help="manage the API key file of --auth-keys"))
     _add_train(sub)
     _add_export(sub)
     return parser
@@ -87,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run_train(args)
     if args.command == "export":
         return _run_export(args)
+    if args.command == "keys":
+        from service.auth import run_keys
+
+        return run_keys(args)
     if args.command == "serve":
         from service.server import run
 

@@ -5,11 +5,21 @@ naming the offset it expects. When the connection drops it reconnects and re-sen
 the one unacknowledged chunk at that offset: if the server had applied it, the
 recorded reply comes back (`replayed`); if not, it applies now. No step is lost or
 applied twice.
+
+Authentication and TLS: `api_key` (default: the RECUR_API_KEY variable) is sent as
+`authorization: Bearer KEY` metadata on every call. `tls_ca` (a PEM CA bundle) or `tls=True`
+(the system's roots) dials TLS; `tls_cert` and `tls_key` add a client certificate (mutual TLS).
+
+Retries: `stream_sequence` retries UNAVAILABLE, ABORTED and DEADLINE_EXCEEDED (a server or
+replica away, the store unreachable) for up to `retry_for` seconds without progress, and a stream
+reset in transit (see `lost_in_transit`); any other status (a refused chunk, a bad key, an internal
+error the server reported) is raised at once.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,8 +34,27 @@ log = logging.getLogger(__name__)
 
 # nginx hashes on this header, so a session keeps landing on the same replica.
 SESSION_HEADER = "x-session-id"
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
-             grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+AUTH_HEADER = "authorization"
+API_KEY_ENV = "RECUR_API_KEY"
+# Codes that mean "not now" rather than "no": the same chunk may succeed later.
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.DEADLINE_EXCEEDED})
+_RETRYABLE_VALUES = frozenset(c.value[0] for c in RETRYABLE)
+# Short reconnect backoff: after a replica restarts or fails over, resume within a second or two.
+CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
+
+
+def lost_in_transit(e: grpc.RpcError) -> bool:
+    """A stream the transport reset, not a status the server sent: when nginx loses the replica
+    behind a stream it resets the client's HTTP/2 stream, which gRPC reports as INTERNAL "Stream
+    removed (RST_STREAM ...)". A server's own INTERNAL ("internal error ...") is not this."""
+    code, details = e.code(), e.details() or ""
+    return code == grpc.StatusCode.INTERNAL and "RST_STREAM" in details
+
+
+def retryable(e: grpc.RpcError) -> bool:
+    """Whether `stream_sequence` resumes after this error (see the module's docstring)."""
+    return e.code() in RETRYABLE or lost_in_transit(e)
 
 
 class ChunkRefused(Exception):
@@ -43,15 +72,54 @@ def _code_tuple(code: int) -> tuple | None:
     return None
 
 
+def _read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot read it ({e.strerror or type(e).__name__})") from None
+
+
+def channel_credentials(tls_ca: str | os.PathLike[str] | None = None, tls_cert: str | os.PathLike[str] | None = None,
+                        tls_key: str | os.PathLike[str] | None = None) -> grpc.ChannelCredentials:
+    """TLS credentials from PEM files: `tls_ca` to verify the server (None: the system's roots),
+    `tls_cert` and `tls_key` (both or neither) for a client certificate."""
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("a client certificate needs both tls_cert and tls_key")
+    return grpc.ssl_channel_credentials(root_certificates=_read(tls_ca, "TLS CA"),
+                                        private_key=_read(tls_key, "TLS key"),
+                                        certificate_chain=_read(tls_cert, "TLS certificate"))
+
+
+def open_channel(target: str, *, tls: bool = False, tls_ca: str | os.PathLike[str] | None = None,
+                 tls_cert: str | os.PathLike[str] | None = None, tls_key: str | os.PathLike[str] | None = None,
+                 tls_server_name: str | None = None,
+                 options: Sequence[tuple[str, Any]] = CHANNEL_OPTIONS) -> grpc.Channel:
+    """A plaintext channel, or TLS when `tls` or any tls_* file is given."""
+    opts = list(options)
+    if not (tls or tls_ca or tls_cert or tls_key):
+        return grpc.insecure_channel(target, options=opts)
+    if tls_server_name:  # the name the server's certificate is checked against, when not the target's host
+        opts.append(("grpc.ssl_target_name_override", tls_server_name))
+    return grpc.secure_channel(target, channel_credentials(tls_ca, tls_cert, tls_key), options=opts)
+
+
 class RecurClient:
-    def __init__(self, target: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, target: str, *, api_key: str | None = None, tls: bool = False,
+                 tls_ca: str | os.PathLike[str] | None = None, tls_cert: str | os.PathLike[str] | None = None,
+                 tls_key: str | os.PathLike[str] | None = None, tls_server_name: str | None = None,
+                 timeout: float = 30.0) -> None:
+        """api_key: sent as `authorization: Bearer KEY` (None: the RECUR_API_KEY variable, if set).
+        tls / tls_ca / tls_cert / tls_key: see `open_channel`."""
         self.target, self.timeout = target, timeout
-        # Short reconnect backoff: after a replica restarts or fails over, resume within a second or two.
-        self.channel = grpc.insecure_channel(target, options=[("grpc.initial_reconnect_backoff_ms", 200),
-                                                              ("grpc.min_reconnect_backoff_ms", 100),
-                                                              ("grpc.max_reconnect_backoff_ms", 2000)])
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+        self._auth: list[tuple[str, str]] = [(AUTH_HEADER, f"Bearer {self.api_key}")] if self.api_key else []
+        self.channel = open_channel(target, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                                    tls_server_name=tls_server_name)
         self.stub = recur_pb2_grpc.RecurStub(self.channel)
-        self.reconnects = 0  # times stream_sequence lost its stream and resumed
+        self.reconnects = 0  # times stream_sequence lost its stream and resumed on a new one
 
     def close(self) -> None:
         self.channel.close()
@@ -62,39 +130,42 @@ class RecurClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @staticmethod
-    def _md(session_id: str) -> list[tuple[str, str]]:
-        return [(SESSION_HEADER, session_id)] if session_id else []
+    def metadata(self, session_id: str = "") -> list[tuple[str, str]]:
+        """Every call's metadata: the API key, and the session id that nginx routes on (only an id
+        the server could accept: a huge one would overflow the metadata before the server refuses it)."""
+        routable = session_id and len(session_id) <= 128 and session_id.isprintable()
+        return [*self._auth, (SESSION_HEADER, session_id)] if routable else list(self._auth)
 
     def models(self) -> list[pb.ModelInfo]:
-        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout).models)
+        return list(self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata()).models)
 
     def create(self, model: str, version: int = 0, session_id: str = "", ttl_seconds: int = 0,
                initial_state: Sequence[pb.Tensor] = ()) -> pb.Session:
         req = pb.CreateSessionRequest(model=model, version=version, session_id=session_id, ttl_seconds=ttl_seconds,
                                       initial_state=list(initial_state))
-        return self.stub.CreateSession(req, timeout=self.timeout, metadata=self._md(session_id))
+        return self.stub.CreateSession(req, timeout=self.timeout, metadata=self.metadata(session_id))
 
     def get(self, session_id: str, include_state: bool = False) -> pb.Session:
         return self.stub.GetSession(pb.GetSessionRequest(session_id=session_id, include_state=include_state),
-                                    timeout=self.timeout, metadata=self._md(session_id))
+                                    timeout=self.timeout, metadata=self.metadata(session_id))
 
     def delete(self, session_id: str) -> None:
         self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), timeout=self.timeout,
-                                metadata=self._md(session_id))
+                                metadata=self.metadata(session_id))
 
     def fork(self, session_id: str, new_session_id: str = "", ttl_seconds: int = 0) -> pb.Session:
         req = pb.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id, ttl_seconds=ttl_seconds)
-        return self.stub.ForkSession(req, timeout=self.timeout, metadata=self._md(session_id))
+        return self.stub.ForkSession(req, timeout=self.timeout, metadata=self.metadata(session_id))
 
     def step(self, session_id: str, **fields: Any) -> pb.StepResponse:
         """One chunk: tokens=[...], text="..." or features=bytes; expected_offset, top_k, ... as in StepRequest."""
         return self.stub.Step(pb.StepRequest(session_id=session_id, **fields), timeout=self.timeout,
-                              metadata=self._md(session_id))
+                              metadata=self.metadata(session_id))
 
     def generate(self, session_id: str, **fields: Any) -> Iterator[pb.GenerateResponse]:
         """Tokens as they are made: prompt=..., max_tokens, temperature, top_k, top_p, seed, stop."""
-        return self.stub.Generate(pb.GenerateRequest(session_id=session_id, **fields), metadata=self._md(session_id))
+        return self.stub.Generate(pb.GenerateRequest(session_id=session_id, **fields),
+                                  metadata=self.metadata(session_id))
 
     def stream_sequence(self, session_id: str, tokens: Sequence[int], chunk: int = 16, *,
                         retry_for: float = 60.0, on_reply: Callable[[pb.StepResponse], None] | None = None,
@@ -110,18 +181,22 @@ class RecurClient:
         offset = start
         failing_since: float | None = None  # retry_for counts from the first failure without progress
         progress_at, backoff = 0, 0.05
+        lost = False  # a stream was lost: the next one that answers is a reconnect
         while len(replies) < len(chunks):
             requests: queue.Queue[pb.StepRequest | None] = queue.Queue()
-            call = self.stub.Stream(iter(requests.get, None), metadata=self._md(session_id))
+            call = self.stub.Stream(iter(requests.get, None), metadata=self.metadata(session_id))
             try:
                 while len(replies) < len(chunks):
                     body = chunks[len(replies)]
                     requests.put(pb.StepRequest(session_id=session_id, tokens=body, expected_offset=offset,
                                                 request_id=str(len(replies)), **options))
                     reply = next(call)
+                    if lost:  # the new stream reached a server: counted once per reconnection, not per attempt
+                        self.reconnects += 1
+                        lost = False
                     if reply.HasField("status"):
-                        if _code_tuple(reply.status.code) in {c.value for c in RETRYABLE}:
-                            raise _Retry(reply.status.message)
+                        if reply.status.code in _RETRYABLE_VALUES:
+                            raise _Retry(reply.status.code, reply.status.message)
                         raise ChunkRefused(reply.status.code, reply.status.message)
                     replies.append(reply)
                     offset = reply.offset
@@ -129,15 +204,17 @@ class RecurClient:
                         on_reply(reply)
                 requests.put(None)
             except (grpc.RpcError, _Retry) as e:
-                code = e.code() if isinstance(e, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
-                self.reconnects += 1
+                code = e.code()
                 requests.put(None)
                 call.cancel()
-                if code not in RETRYABLE:
+                if isinstance(e, grpc.RpcError) and not retryable(e):
                     raise
+                lost = True
                 if failing_since is None or progress_at != len(replies):
                     failing_since, progress_at, backoff = time.monotonic(), len(replies), 0.05
                 if time.monotonic() - failing_since > retry_for:
+                    if isinstance(e, _Retry):
+                        raise ChunkRefused(e.code().value[0], str(e)) from None
                     raise
                 log.warning("stream to %s dropped (%s); resuming at offset %d", self.target, code.name, offset)
                 time.sleep(backoff)
@@ -150,4 +227,11 @@ class RecurClient:
 
 
 class _Retry(Exception):
-    pass
+    """A chunk answered with a retryable status inside a healthy stream."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return next(c for c in grpc.StatusCode if c.value[0] == self._code)

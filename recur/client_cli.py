@@ -9,12 +9,43 @@ from pathlib import Path
 
 import grpc
 
-from recur.client import RecurClient
+from recur.client import API_KEY_ENV, ChunkRefused, RecurClient
+
+# The client's TLS variables. The server's own are RECUR_TLS_CERT/RECUR_TLS_KEY/RECUR_TLS_CLIENT_CA,
+# so a client (or health check) running beside a server never mistakes the server's files for its own.
+TLS_ENV = {"tls_ca": "RECUR_TLS_CA", "tls_cert": "RECUR_TLS_CLIENT_CERT", "tls_key": "RECUR_TLS_CLIENT_KEY",
+           "tls_server_name": "RECUR_TLS_SERVER_NAME"}
+
+
+def add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    """--tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name, each defaulting to its variable."""
+    env = os.environ
+    p.add_argument("--tls", action="store_true", default=env.get("RECUR_TLS", "") not in ("", "0", "false", "no"),
+                   help="dial TLS, verifying the server with the system's roots (implied by --tls-ca) [RECUR_TLS]")
+    p.add_argument("--tls-ca", default=env.get(TLS_ENV["tls_ca"], ""),
+                   help=f"PEM CA bundle that signed the server's certificate; dials TLS [{TLS_ENV['tls_ca']}]")
+    p.add_argument("--tls-cert", default=env.get(TLS_ENV["tls_cert"], ""),
+                   help=f"PEM client certificate, for servers that require one (mutual TLS) [{TLS_ENV['tls_cert']}]")
+    p.add_argument("--tls-key", default=env.get(TLS_ENV["tls_key"], ""),
+                   help=f"PEM private key of --tls-cert [{TLS_ENV['tls_key']}]")
+    p.add_argument("--tls-server-name", default=env.get(TLS_ENV["tls_server_name"], ""),
+                   help="the name to check the server's certificate against, when not the target's host "
+                   f"[{TLS_ENV['tls_server_name']}]")
+
+
+def tls_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of RecurClient/open_channel that add_tls_arguments filled."""
+    return {"tls": args.tls, "tls_ca": args.tls_ca or None, "tls_cert": args.tls_cert or None,
+            "tls_key": args.tls_key or None, "tls_server_name": args.tls_server_name or None}
 
 
 def add_client_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=os.environ.get("RECUR_TARGET", "localhost:50051"),
                    help="server address [RECUR_TARGET; default localhost:50051]")
+    p.add_argument("--api-key", default=os.environ.get(API_KEY_ENV, ""),
+                   help=f"API key, sent as 'authorization: Bearer KEY' [{API_KEY_ENV}; prefer the variable: "
+                   "a flag shows in the process list]")
+    add_tls_arguments(p)
     sub = p.add_subparsers(dest="action", required=True)
     sub.add_parser("models", help="list the models the server has loaded")
     c = sub.add_parser("create", help="create a session and print its id")
@@ -56,10 +87,13 @@ def _session_line(s: object) -> str:
 
 def run_client(args: argparse.Namespace) -> int:
     try:
-        with RecurClient(args.target) as client:
+        with RecurClient(args.target, api_key=args.api_key or None, **tls_options(args)) as client:
             return _run(client, args)
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    except (ChunkRefused, ValueError) as e:  # a refused chunk; an unreadable TLS file
+        print(f"error: {e}", file=sys.stderr)
         return 1
 
 

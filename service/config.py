@@ -13,7 +13,15 @@ from pathlib import Path
 
 from recur.flags import add_dataclass_arguments, from_args
 from service.engine import EngineOptions
-from service.store.base import DEFAULT_CAPACITY, DEFAULT_TOMBSTONE_SECONDS
+from service.store.base import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_CAPACITY,
+    DEFAULT_MAX_PENDING_WRITES,
+    DEFAULT_MAX_REPLAY_BYTES,
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_MEMORY_BYTES,
+    DEFAULT_TOMBSTONE_SECONDS,
+)
 
 _ENGINE = EngineOptions()  # the engine's defaults are the server's
 
@@ -38,11 +46,20 @@ class Settings:
     sweep_interval: float = field(default=60.0, metadata={
         "help": "Seconds between sweeps that remove expired sessions."})
     max_chunk: int = field(default=4096, metadata={"help": "Most steps in one chunk."})
-    max_sessions: int = field(default=0, metadata={
-        "help": "Most live sessions (0: no limit); creating more is RESOURCE_EXHAUSTED."})
+    max_sessions: int = field(default=DEFAULT_MAX_SESSIONS, metadata={
+        "help": "Most live sessions (0: no limit); creating more is RESOURCE_EXHAUSTED (checked atomically)."})
     memory_capacity: int = field(default=DEFAULT_CAPACITY, metadata={
-        "help": "memory store: sessions kept; the least recently used beyond this are evicted."})
+        "help": "memory store: most sessions held; creating more is RESOURCE_EXHAUSTED (none is evicted)."})
+    memory_bytes: int = field(default=DEFAULT_MEMORY_BYTES, metadata={
+        "help": "memory store: most bytes of session records held; a create beyond is RESOURCE_EXHAUSTED."})
     cache_size: int = field(default=DEFAULT_CAPACITY, metadata={"help": "sqlite store: records cached in process."})
+    cache_bytes: int = field(default=DEFAULT_CACHE_BYTES, metadata={
+        "help": "sqlite store: most bytes of committed records cached in process."})
+    max_pending_writes: int = field(default=DEFAULT_MAX_PENDING_WRITES, metadata={
+        "help": "sqlite store, async durability: most sessions with an acknowledged write not yet committed; "
+        "beyond, replies wait for the commit (backpressure, never loss)."})
+    health_interval: float = field(default=2.0, metadata={
+        "help": "Seconds between pings of the session store; health is NOT_SERVING while it fails."})
     max_generate_tokens: int = field(default=4096, metadata={"help": "Most tokens one Generate call may ask for."})
     max_stream_inflight: int = field(default=256, metadata={
         "help": "Most chunks of one Stream being processed at once; more wait (flow control)."})
@@ -58,6 +75,30 @@ class Settings:
     replica_id: str = field(default="", metadata={
         "help": "This replica's name, sent as x-recur-replica metadata on every reply (default: host:port)."})
     grace: float = field(default=10.0, metadata={"help": "Seconds in-flight calls get to finish on SIGTERM."})
+    max_replay_bytes: int = field(default=DEFAULT_MAX_REPLAY_BYTES, metadata={
+        "help": "Largest per-step outputs kept with a session for replaying its last chunk; a larger chunk's "
+        "replay recomputes them from the stored state before it."})
+    max_queue: int = field(default=_ENGINE.max_queue, metadata={
+        "help": "Most chunks queued or running in the engine; past it a chunk is shed with RESOURCE_EXHAUSTED."})
+    max_concurrent_rpcs: int = field(default=10_000, metadata={
+        "help": "Most calls the server runs at once (all connections); more are refused with RESOURCE_EXHAUSTED."})
+    max_streams_per_connection: int = field(default=100, metadata={
+        "help": "Most concurrent calls on one HTTP/2 connection (grpc.max_concurrent_streams)."})
+    connection_idle_timeout: float = field(default=300.0, metadata={
+        "help": "Seconds a connection with no call in progress is kept open (0: for ever)."})
+    stream_idle_timeout: float = field(default=300.0, metadata={
+        "help": "Seconds a Stream or StreamBatch may go without a message from its client before the server "
+        "ends it with DEADLINE_EXCEEDED (0: for ever)."})
+    keepalive_min_interval: float = field(default=60.0, metadata={
+        "help": "Fewest seconds between a client's keepalive pings; a client pinging more often is disconnected."})
+    auth_keys: str = field(default="", metadata={
+        "help": "API key file (JSON: sha256 of each key -> tenant, per-tenant limits; `recur keys add` writes it). "
+        "Empty: open server, every call is tenant 'default'."})
+    tls_cert: str = field(default="", metadata={
+        "help": "PEM certificate (chain) to serve TLS with; needs --tls-key (empty: plaintext)."})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert."})
+    tls_client_ca: str = field(default="", metadata={
+        "help": "PEM CA bundle: require client certificates signed by it (mutual TLS; needs --tls-cert)."})
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:

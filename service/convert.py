@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -18,11 +20,17 @@ def _ts(t: float) -> Timestamp:
     return ts
 
 
+MAX_TENSOR_RANK = 8
+
+
 def tensor_from_pb(t: pb.Tensor) -> NamedTensor:
+    if len(t.shape) > MAX_TENSOR_RANK:
+        raise InvalidInput(f"tensor {t.name[:64]!r} has {len(t.shape)} dimensions; at most {MAX_TENSOR_RANK}")
     shape = tuple(int(d) for d in t.shape)
-    n = int(np.prod(shape)) if shape else 1
+    n = math.prod(shape)  # Python integers: a huge declared shape cannot overflow
     if any(d < 0 for d in shape) or len(t.data) != 4 * n:
-        raise InvalidInput(f"tensor {t.name!r}: {len(t.data)} bytes do not hold float32 of shape {list(shape)}")
+        raise InvalidInput(f"tensor {t.name[:64]!r}: {len(t.data)} bytes do not hold float32 of shape "
+                           f"{list(shape)}")
     return NamedTensor(t.name, np.frombuffer(t.data, dtype="<f4").reshape(shape).astype(np.float32))
 
 
@@ -48,12 +56,13 @@ def session_to_pb(v: SessionView) -> pb.Session:
     )
 
 
-def step_from_pb(r: pb.StepRequest) -> StepInput:
+def step_from_pb(r: pb.StepRequest, deadline: float | None = None) -> StepInput:
     return StepInput(
-        session_id=r.session_id, tokens=list(r.tokens), text=r.text, features=r.features,
+        session_id=r.session_id, tokens=r.tokens, text=r.text, features=r.features,
         expected_offset=r.expected_offset if r.HasField("expected_offset") else None,
         options=OutputOptions(top_k=r.top_k, return_logits=r.return_logits, final_only=r.final_only,
                               return_state=r.return_state, compact=r.compact),
+        deadline=deadline,
     )
 
 

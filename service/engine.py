@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.errors import DeadlineExceeded, LimitExceeded
 from service.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class EngineOptions:
     slice_steps: int = 64  # most steps of one job in one call (fairness for long chunks)
     window: float = 0.0  # seconds to wait for more jobs when a thread is idle
     threads: int = 1  # concurrent ONNX Runtime calls
+    max_queue: int = 4096  # most chunks admitted (queued or running); more are refused
 
 
 @dataclass
@@ -41,6 +43,7 @@ class _Job:
     x: np.ndarray  # (T,) int64 or (T, D) float32
     states: list[np.ndarray]  # each (L, H)
     future: asyncio.Future
+    deadline: float | None  # on the loop's clock; a job past it is not run
     done_steps: int = 0
     outputs: list[np.ndarray] = field(default_factory=list)  # (t, C) per slice
 
@@ -69,18 +72,30 @@ class Engine:
         self._busy = 0  # calls in flight
         self._calls: set[asyncio.Task] = set()
         self._dispatch_pending = False
+        self.admitted = 0  # chunks queued or running
 
-    async def run(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray]
-                  ) -> tuple[np.ndarray, list[np.ndarray]]:
-        return await self.submit(runtime, x, states)
+    async def run(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray],
+                  deadline: float | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        return await self.submit(runtime, x, states, deadline)
 
-    def submit(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray]) -> asyncio.Future:
-        """Queue one chunk; the future gives (logits (T, C), new states each (L, H))."""
+    def submit(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray],
+               deadline: float | None = None) -> asyncio.Future:
+        """Queue one chunk; the future gives (logits (T, C), new states each (L, H)). Over the
+        queue bound the chunk is refused at once (shed), never queued."""
+        if self.admitted >= self.options.max_queue:
+            raise LimitExceeded(f"the server is overloaded: {self.admitted} chunks are queued, its limit "
+                                f"(--max-queue {self.options.max_queue}); retry shortly")
+        loop = asyncio.get_running_loop()
         q = self._queues.setdefault(id(runtime), _ModelQueue(runtime))
-        job = _Job(x, states, asyncio.get_running_loop().create_future())
+        job = _Job(x, states, loop.create_future(), deadline)
+        self.admitted += 1
+        job.future.add_done_callback(self._release)
         q.jobs.append(job)
         self._schedule()
         return job.future
+
+    def _release(self, _: asyncio.Future) -> None:
+        self.admitted -= 1
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -121,8 +136,13 @@ class Engine:
     async def _run_batch(self, q: _ModelQueue, jobs: list[_Job]) -> None:
         try:
             groups: dict[int, list[_Job]] = {}
+            now = asyncio.get_running_loop().time()
             for job in jobs:
-                if job.future.cancelled():
+                if job.future.done():  # cancelled
+                    continue
+                if job.deadline is not None and job.deadline <= now:  # nothing is stored yet: safe to drop
+                    job.future.set_exception(DeadlineExceeded("the call's deadline passed before its chunk ran; "
+                                                              "nothing was applied"))
                     continue
                 steps = min(self.options.slice_steps, len(job.x) - job.done_steps)
                 groups.setdefault(steps, []).append(job)

@@ -55,6 +55,12 @@ class Unavailable(RecurError):
     code = "UNAVAILABLE"
 
 
+class Unauthenticated(RecurError):
+    """No API key, or one the server does not know (service/auth.py)."""
+
+    code = "UNAUTHENTICATED"
+
+
 class ModelInvalid(RecurError):
     """A model directory whose manifest and graph disagree (raised at load)."""
 
@@ -69,3 +75,9 @@ class StoreConflict(RecurError):
     def __init__(self, message: str, actual: int | None) -> None:
         super().__init__(message)
         self.actual = actual
+
+
+class DeadlineExceeded(RecurError):
+    """The call's deadline passed before its chunk ran; the chunk was not applied."""
+
+    code = "DEADLINE_EXCEEDED"

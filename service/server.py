@@ -15,17 +15,21 @@ import socket
 from dataclasses import dataclass
 
 import grpc
+import onnxruntime as ort
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recur.v1 import recur_pb2, recur_pb2_grpc
+from service import tls
+from service.auth import DEFAULT_TENANT, Authenticator
 from service.config import Settings
 from service.engine import Engine, EngineOptions
+from service.health import watch_store
 from service.models import ModelRepository
 from service.runtime import RuntimeOptions
-from service.servicer import RecurServicer
+from service.servicer import MalformedRequests, RecurServicer
 from service.sessions import SessionService
-from service.store import Store, open_store
+from service.store import Store, open_store, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +45,14 @@ class Running:
     core: SessionService
     store: Store
     health: health.aio.HealthServicer
-    sweeper: asyncio.Task
+    background: list[asyncio.Task]  # the sweeper and the store's health watcher
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
+        for task in self.background:
+            task.cancel()  # the watcher must not turn health back to SERVING while draining
         await self.core.drain(grace)  # new calls get UNAVAILABLE with a clear message meanwhile
         await self.server.stop(1.0)
-        self.sweeper.cancel()
         await self.store.close()
         await self.core.close()
         log.info("stopped; store flushed")
@@ -64,24 +69,68 @@ async def _sweep(store: Store, interval: float) -> None:
             log.exception("sweep failed")
 
 
+def max_message_bytes(settings: Settings, models: ModelRepository) -> int:
+    """The largest message a valid call can need: a StepBatch of --max-batch chunks of --max-chunk
+    steps of the widest model input (a token as a 10-byte varint, a character as 4 UTF-8 bytes, a
+    feature row as 4 bytes a value), plus room for ids and options. gRPC refuses anything larger
+    before it is parsed (RESOURCE_EXHAUSTED), so no oversized message reaches Python."""
+    widest = max([10, *(4 * m.feature_dim for m in models.all())])
+    state = max([sum(4 * s.layers * s.hidden for s in m.states) for m in models.all()] + [0])
+    per_chunk = settings.max_chunk * widest + 1024
+    return max(settings.max_batch * per_chunk, state + 64 * 1024)
+
+
+def server_options(settings: Settings, models: ModelRepository) -> list[tuple[str, int]]:
+    """Message bounds and connection hygiene (documented in the README's "Security and limits")."""
+    ms = 1000
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes(settings, models)),
+        ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        # keepalive enforcement: a client pinging more often than this is sent GOAWAY
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(settings.keepalive_min_interval * ms)),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+    if settings.connection_idle_timeout > 0:
+        options.append(("grpc.max_connection_idle_ms", int(settings.connection_idle_timeout * ms)))
+    return options
+
+
 async def create_server(settings: Settings) -> Running:
     """Load models, open the store and start serving; returns the bound port too."""
+    # Checked first: a bad key file or TLS flag stops the start before anything is loaded.
+    credentials = tls.server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    auth = Authenticator.from_setting(settings.auth_keys)
+    if auth.is_open:
+        log.warning("no --auth-keys: this server is open; every call is served as tenant %r without an API key",
+                    DEFAULT_TENANT)
+    else:
+        log.info("API keys from %s: tenants %s", auth.source, ", ".join(auth.tenants))
+    ort.disable_telemetry_events()  # no device ids or model names written anywhere
     models = ModelRepository.load(settings.models_dir, RuntimeOptions(intra_op_threads=settings.ort_threads))
     if not models.all():
         raise SystemExit(f"no valid model under {settings.models_dir}; see the errors above")
     store = await open_store(settings.store, durability=settings.durability,
                              memory_capacity=settings.memory_capacity, cache_size=settings.cache_size,
-                             async_window=settings.async_window, tombstone_seconds=settings.tombstone_seconds)
+                             async_window=settings.async_window, tombstone_seconds=settings.tombstone_seconds,
+                             cache_bytes=settings.cache_bytes, memory_bytes=settings.memory_bytes,
+                             max_pending_writes=settings.max_pending_writes)
     engine = Engine(EngineOptions(max_batch=settings.max_batch, slice_steps=settings.slice_steps,
-                                  window=settings.batch_window, threads=settings.inference_threads))
-    core = SessionService(settings, models, store, engine)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                                      ("grpc.max_send_message_length", 64 * 1024 * 1024)])
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+                                  window=settings.batch_window, threads=settings.inference_threads,
+                                  max_queue=settings.max_queue))
+    core = SessionService(settings, models, store, engine, auth.limits)
+    server = grpc.aio.server(interceptors=[MalformedRequests()], options=server_options(settings, models),
+                             maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc raises where it once returned 0
+        port = 0
     if port == 0:
-        raise SystemExit(f"cannot bind {settings.host}:{settings.port}")
+        raise SystemExit(f"cannot bind {address} (in use, or not an address of this machine)")
     replica_id = settings.replica_id or f"{socket.gethostname()}:{port}"
-    servicer = RecurServicer(core, settings.max_stream_inflight, replica_id)
+    servicer = RecurServicer(core, auth, settings, replica_id)
     recur_pb2_grpc.add_RecurServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -91,14 +140,16 @@ async def create_server(settings: Settings) -> Running:
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    sweeper = asyncio.create_task(_sweep(store, settings.sweep_interval), name="sweeper")
-    return Running(server, port, core, store, health_servicer, sweeper)
+    background = [asyncio.create_task(_sweep(store, settings.sweep_interval), name="sweeper"),
+                  asyncio.create_task(watch_store(store, health_servicer, [SERVICE_NAME], settings.health_interval),
+                                      name="store-health")]
+    return Running(server, port, core, store, health_servicer, background)
 
 
 async def serve(settings: Settings) -> None:
     running = await create_server(settings)
-    log.info("recur listening on port %d (store %s, durability %s)", running.port, settings.store,
-             settings.durability)
+    log.info("recur listening on port %d (%s; store %s, durability %s)", running.port,
+             tls.describe(settings.tls_cert, settings.tls_client_ca), redact_url(settings.store), settings.durability)
     print(f"recur listening on port {running.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,4 +1,9 @@
-"""gRPC servicer for recur.v1.Recur: parse, call the core, reply. Errors map to status codes here."""
+"""gRPC servicer for recur.v1.Recur: parse, call the core, reply. Errors map to status codes here.
+
+Every method first finds the caller's tenant from its API key (`Authenticator.tenant_of`), so
+a session is reachable only through its own tenant's keys. Streams are flow-controlled: a chunk's
+slot is released only after its reply was handed to gRPC, so a client that does not read stops
+being read from, and the server's memory for one call is bounded by --max-stream-inflight."""
 
 from __future__ import annotations
 
@@ -14,13 +19,16 @@ import grpc
 from recur.v1 import recur_pb2 as pb
 from recur.v1 import recur_pb2_grpc
 from service import convert
-from service.errors import RecurError
+from service.auth import Authenticator
+from service.config import Settings
+from service.errors import InvalidInput, LimitExceeded, RecurError
 from service.sessions import SessionService
 
 log = logging.getLogger(__name__)
 
+SERVICE = pb.DESCRIPTOR.services_by_name["Recur"].full_name
+
 REPLICA_HEADER = "x-recur-replica"
-TENANT = "default"  # until authentication exists, every request belongs to one tenant
 
 T = TypeVar("T")
 
@@ -33,12 +41,48 @@ def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
 
 
+class Malformed:
+    """What a request that does not parse (invalid UTF-8, bad wire bytes) becomes, so that it is
+    answered INVALID_ARGUMENT by the method rather than UNKNOWN by the framework."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as e:  # DecodeError and friends
+            return Malformed(e)
+
+    return parse
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Parses recur.v1 requests tolerantly (see Malformed)."""
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE}/") or handler.request_deserializer is None:
+            return handler
+        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+
+
+def parsed(request: T | Malformed) -> T:
+    if isinstance(request, Malformed):
+        raise InvalidInput(f"the request message does not parse ({request.error.__class__.__name__}): "
+                           "strings must be valid UTF-8")
+    return request
+
+
 def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         try:
             await context.send_initial_metadata(self.metadata)
-            return await fn(self, request, context)
+            return await fn(self, parsed(request), context)
         except Exception as e:
             code, message = status_of(e)
             await context.abort(code, message)
@@ -48,62 +92,75 @@ def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 
 
 class RecurServicer(recur_pb2_grpc.RecurServicer):
-    def __init__(self, core: SessionService, max_stream_inflight: int, replica_id: str) -> None:
-        self.core = core
-        self.max_stream_inflight = max_stream_inflight
+    def __init__(self, core: SessionService, auth: Authenticator, settings: Settings, replica_id: str) -> None:
+        self.core, self.auth = core, auth
+        self.max_stream_inflight, self.max_batch = settings.max_stream_inflight, settings.max_batch
+        self.idle_timeout = settings.stream_idle_timeout or None
         self.metadata = ((REPLICA_HEADER, replica_id),)  # which replica answered: for operators and tests
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        return self.auth.tenant_of(context.invocation_metadata() or ())
 
     @unary
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        self._tenant(context)
         return pb.ListModelsResponse(models=[convert.model_to_pb(m) for m in self.core.models.all()])
 
     @unary
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.Session:
+        tenant = self._tenant(context)
         state = [convert.tensor_from_pb(t) for t in request.initial_state]
-        view = await self.core.create(TENANT, request.model, request.version, request.session_id,
+        view = await self.core.create(tenant, request.model, request.version, request.session_id,
                                       request.ttl_seconds, state)
         return convert.session_to_pb(view)
 
     @unary
     async def GetSession(self, request: pb.GetSessionRequest, context: grpc.aio.ServicerContext) -> pb.Session:
-        return convert.session_to_pb(await self.core.get(TENANT, request.session_id, request.include_state))
+        view = await self.core.get(self._tenant(context), request.session_id, request.include_state)
+        return convert.session_to_pb(view)
 
     @unary
     async def DeleteSession(self, request: pb.DeleteSessionRequest,
                             context: grpc.aio.ServicerContext) -> pb.DeleteSessionResponse:
-        await self.core.delete(TENANT, request.session_id)
+        await self.core.delete(self._tenant(context), request.session_id)
         return pb.DeleteSessionResponse()
 
     @unary
     async def ForkSession(self, request: pb.ForkSessionRequest, context: grpc.aio.ServicerContext) -> pb.Session:
-        view = await self.core.fork(TENANT, request.session_id, request.new_session_id, request.ttl_seconds)
+        view = await self.core.fork(self._tenant(context), request.session_id, request.new_session_id,
+                                    request.ttl_seconds)
         return convert.session_to_pb(view)
 
     @unary
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
-        result = await self.core.step(TENANT, convert.step_from_pb(request))
+        result = await self.core.step(self._tenant(context), convert.step_from_pb(request, _deadline(context)))
         return convert.step_to_pb(result, request.request_id)
 
-    async def Stream(self, request_iterator: AsyncIterator[pb.StepRequest],
+    async def Stream(self, request_iterator: AsyncIterator[pb.StepRequest | Malformed],
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
         """Chunks of different sessions run concurrently, each session's in arrival order
         (the core's per-session locks are FIFO). A refused chunk gets its own status."""
+        try:
+            tenant = self._tenant(context)
+        except RecurError as e:
+            await context.abort(*status_of(e))
         await context.send_initial_metadata(self.metadata)
         replies: asyncio.Queue[pb.StepResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.max_stream_inflight)
+        slots = asyncio.Semaphore(self.max_stream_inflight)  # chunks running or replies not yet sent
 
-        async def one(request: pb.StepRequest) -> None:
+        async def one(request: pb.StepRequest | Malformed) -> None:
             try:
-                reply = await self._step_or_status(request)
-            finally:
+                reply = await self._step_or_status(tenant, request, _deadline(context))
+            except BaseException:
                 slots.release()
-            await replies.put(reply)
+                raise
+            replies.put_nowait(reply)  # bounded by the slots
 
         async def read() -> None:
             tasks: set[asyncio.Task] = set()
             try:
-                async for request in request_iterator:
+                async for request in self._messages(request_iterator, idle):
                     await slots.acquire()
                     task = asyncio.create_task(one(request))
                     tasks.add(task)
@@ -111,66 +168,127 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
                 if tasks:
                     await asyncio.wait(tasks)  # unlike gather, a cancelled wait leaves the chunks running
             finally:
-                await replies.put(None)
+                replies.put_nowait(None)
 
+        idle = asyncio.Event()
         reader = asyncio.create_task(read())
         try:
             while (reply := await replies.get()) is not None:
                 yield reply
+                slots.release()  # only now: the reply has left this call's memory
         finally:
             reader.cancel()
+        await self._end_if_idle(idle, context)
 
-    async def _batch(self, batch: pb.StepBatch) -> list[pb.StepResponse]:
-        try:
-            results = await self.core.step_batch(TENANT, [convert.step_from_pb(r) for r in batch.steps])
-        except Exception as e:  # the whole message refused (shutting down)
-            code, message = status_of(e)
-            return [convert.step_error_to_pb(r, code.value[0], message) for r in batch.steps]
-        replies = []
-        for request, result in zip(batch.steps, results):
-            if isinstance(result, Exception):
-                code, message = status_of(result)
-                replies.append(convert.step_error_to_pb(request, code.value[0], message))
+    async def _messages(self, requests: AsyncIterator[T], idle: asyncio.Event) -> AsyncIterator[T]:
+        """The call's messages until its end; if none comes for --stream-idle-timeout, `idle` is set
+        and the reading task is cancelled. A timer, not a timeout per message: this is the hot path."""
+        if self.idle_timeout is None:
+            async for request in requests:
+                yield request
+            return
+        loop, reader, timeout = asyncio.get_running_loop(), asyncio.current_task(), self.idle_timeout
+        last = loop.time()
+        timer: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            nonlocal timer
+            quiet = loop.time() - last
+            if quiet >= timeout:
+                idle.set()
+                if reader is not None:
+                    reader.cancel()
             else:
-                replies.append(convert.step_to_pb(result, request.request_id))
-        return replies
+                timer = loop.call_later(timeout - quiet, check)
 
-    async def _step_or_status(self, request: pb.StepRequest) -> pb.StepResponse:
+        timer = loop.call_later(timeout, check)
         try:
-            return convert.step_to_pb(await self.core.step(TENANT, convert.step_from_pb(request)), request.request_id)
-        except Exception as e:
-            code, message = status_of(e)
-            return convert.step_error_to_pb(request, code.value[0], message)
+            async for request in requests:
+                last = loop.time()
+                yield request
+        finally:
+            if timer is not None:
+                timer.cancel()
 
-    async def StreamBatch(self, request_iterator: AsyncIterator[pb.StepBatch],
+    async def _end_if_idle(self, idle: asyncio.Event, context: grpc.aio.ServicerContext) -> None:
+        if idle.is_set():
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no message on this stream for {self.idle_timeout:g} s (--stream-idle-timeout); "
+                                "open a new stream to go on")
+
+    async def _batch(self, tenant: str, batch: pb.StepBatch | Malformed, deadline: float | None
+                     ) -> list[pb.StepResponse]:
+        if isinstance(batch, Malformed):
+            return [convert.step_error_to_pb(pb.StepRequest(), *_code(InvalidInput("the StepBatch message does "
+                                                                                     "not parse")))]
+        try:
+            if len(batch.steps) > self.max_batch:
+                raise LimitExceeded(f"a StepBatch holds at most {self.max_batch} steps (--max-batch); "
+                                    f"this one holds {len(batch.steps)}")
+            results = await self.core.step_batch(tenant, [convert.step_from_pb(r, deadline) for r in batch.steps])
+        except Exception as e:  # the whole message refused (too large, shutting down)
+            return [convert.step_error_to_pb(r, *_code(e)) for r in batch.steps]
+        return [convert.step_error_to_pb(request, *_code(result)) if isinstance(result, Exception)
+                else convert.step_to_pb(result, request.request_id) for request, result in zip(batch.steps, results)]
+
+    async def _step_or_status(self, tenant: str, request: pb.StepRequest | Malformed,
+                              deadline: float | None) -> pb.StepResponse:
+        try:
+            request = parsed(request)
+            return convert.step_to_pb(await self.core.step(tenant, convert.step_from_pb(request, deadline)),
+                                      request.request_id)
+        except Exception as e:
+            return convert.step_error_to_pb(request if isinstance(request, pb.StepRequest) else pb.StepRequest(),
+                                            *_code(e))
+
+    async def StreamBatch(self, request_iterator: AsyncIterator[pb.StepBatch | Malformed],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepBatchResponse]:
         """Each message's chunks run together; messages are answered in order, and a later message
-        may start while an earlier one runs (each session's chunks still apply in arrival order)."""
+        may start while an earlier one runs (each session's chunks still apply in arrival order).
+        At most max(1, --max-stream-inflight / 16) messages are read ahead of the replies sent."""
+        try:
+            tenant = self._tenant(context)
+        except RecurError as e:
+            await context.abort(*status_of(e))
         await context.send_initial_metadata(self.metadata)
         pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=max(1, self.max_stream_inflight // 16))
 
         async def read() -> None:
             try:
-                async for batch in request_iterator:
-                    await pending.put(asyncio.ensure_future(self._batch(batch)))
+                async for batch in self._messages(request_iterator, idle):
+                    await pending.put(asyncio.ensure_future(self._batch(tenant, batch, _deadline(context))))
             finally:
                 await pending.put(None)
 
+        idle = asyncio.Event()
         reader = asyncio.create_task(read())
         try:
             while (task := await pending.get()) is not None:
                 yield pb.StepBatchResponse(steps=await task)
         finally:
             reader.cancel()
+        await self._end_if_idle(idle, context)
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
             await context.send_initial_metadata(self.metadata)
             # aclosing: a cancelled call releases the session's lock now, not at garbage collection
-            async with contextlib.aclosing(self.core.generate(TENANT, convert.generate_from_pb(request))) as tokens:
+            tenant, request = self._tenant(context), parsed(request)
+            async with contextlib.aclosing(self.core.generate(tenant, convert.generate_from_pb(request))) as tokens:
                 async for token in tokens:
                     yield convert.generated_to_pb(token)
         except Exception as e:
             code, message = status_of(e)
             await context.abort(code, message)
+
+
+def _code(e: BaseException) -> tuple[int, str]:
+    code, message = status_of(e)
+    return code.value[0], message
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the event loop's clock, or None."""
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining

@@ -14,10 +14,11 @@ import hashlib
 import logging
 import re
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 import numpy as np
 
+from service.auth import TenantLimits
 from service.config import Settings
 from service.engine import Engine
 from service.errors import InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, StoreConflict
@@ -33,18 +34,32 @@ _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
 def _advanced(rec: SessionRecord, x: np.ndarray, digest: bytes, logits: np.ndarray, states: list[np.ndarray],
-              t: float) -> SessionRecord:
-    """The record after chunk `x` (1, T[, D]) ran from its state, remembering the chunk for a replay."""
+              t: float, max_replay_bytes: int) -> SessionRecord:
+    """The record after chunk `x` (1, T[, D]) ran from its state, remembering the chunk for a replay:
+    its outputs when they fit in `max_replay_bytes`, else the final step's and the state before it,
+    from which a replay recomputes them."""
+    if logits.nbytes <= max_replay_bytes:
+        return rec.copy(offset=rec.offset + x.shape[1], updated_at=t, state=states, last_digest=digest,
+                        last_start=rec.offset, last_logits=logits, last_prev_state=None)
     return rec.copy(offset=rec.offset + x.shape[1], updated_at=t, state=states, last_digest=digest,
-                    last_start=rec.offset, last_logits=logits)
+                    last_start=rec.offset, last_logits=logits[-1:].copy(), last_prev_state=rec.state)
+
+
+def _checked(session_id: str) -> str:
+    """A session id as given, if it is one (never echoed when it is not: it may be huge)."""
+    if not _ID.fullmatch(session_id):
+        raise InvalidInput("session_id must be 1-128 characters of letters, digits and . _ : @ -")
+    return session_id
 
 
 class SessionService:
     """Owns sessions: creates, steps, generates, forks and deletes them over a Store.
     Records are stamped with the store's clock, which also decides their expiry."""
 
-    def __init__(self, settings: Settings, models: ModelRepository, store: Store, engine: Engine) -> None:
+    def __init__(self, settings: Settings, models: ModelRepository, store: Store, engine: Engine,
+                 tenant_limits: Callable[[str], TenantLimits] | None = None) -> None:
         self.settings, self.models, self.store, self.engine = settings, models, store, engine
+        self.tenant_limits = tenant_limits
         self._locks = SessionLocks()
         self._calls = CallGate()
 
@@ -71,27 +86,29 @@ class SessionService:
         return ttl or self.settings.session_ttl
 
     def _new_id(self, requested: str) -> str:
-        if not requested:
-            return uuid.uuid4().hex
-        if not _ID.fullmatch(requested):
-            raise InvalidInput("session_id must be 1-128 characters of letters, digits and . _ : @ -")
-        return requested
+        return _checked(requested) if requested else uuid.uuid4().hex
 
-    async def _check_capacity(self) -> None:
-        if self.settings.max_sessions and await self.store.count() >= self.settings.max_sessions:
-            raise LimitExceeded(f"the server holds its limit of {self.settings.max_sessions} sessions; "
-                                "delete sessions or raise --max-sessions")
+    def _limits(self, tenant: str) -> TenantLimits:
+        return self.tenant_limits(tenant) if self.tenant_limits else TenantLimits()
+
+    def _max_chunk(self, tenant: str) -> int:
+        own = self._limits(tenant).max_chunk
+        return min(own, self.settings.max_chunk) if own else self.settings.max_chunk
+
+    async def _store_new(self, tenant: str, rec: SessionRecord) -> None:
+        """Create atomically within the server's and the tenant's session limits."""
+        await self.store.create(rec, max_sessions=self.settings.max_sessions,
+                                max_tenant_sessions=self._limits(tenant).max_sessions)
 
     async def create(self, tenant: str, model_name: str, version: int, session_id: str = "", ttl: float = 0,
                      initial_state: list[NamedTensor] | None = None) -> SessionView:
         model = self.models.get(model_name, version)
         sid, ttl = self._new_id(session_id), self._ttl(ttl)
         state = self._initial_state(model, initial_state) if initial_state else model.zero_state()
-        await self._check_capacity()
         t = self.store.clock()
         rec = SessionRecord(tenant, sid, model.name, model.version, 0, t, t, ttl, state)
         async with self._calls:
-            await self.store.create(rec)
+            await self._store_new(tenant, rec)
         log.info("session %s created on %s v%d", sid, model.name, model.version)
         return self._view(rec)
 
@@ -112,30 +129,30 @@ class SessionService:
         return out
 
     async def get(self, tenant: str, session_id: str, include_state: bool = False) -> SessionView:
-        async with self._locks.hold((tenant, session_id)):  # after the chunks in flight: a settled offset
+        async with self._locks.hold((tenant, _checked(session_id))):  # after the chunks in flight: settled
             rec = await self.store.get(tenant, session_id)
         model = self.models.get(rec.model, rec.version) if include_state else None
         return self._view(rec, model, include_state)
 
     async def delete(self, tenant: str, session_id: str) -> None:
-        async with self._calls, self._locks.hold((tenant, session_id)):
+        async with self._calls, self._locks.hold((tenant, _checked(session_id))):
             await self.store.delete(tenant, session_id)
 
     async def fork(self, tenant: str, session_id: str, new_id: str = "", ttl: float = 0) -> SessionView:
         sid, ttl = self._new_id(new_id), self._ttl(ttl)
-        await self._check_capacity()
-        async with self._calls, self._locks.hold((tenant, session_id)):
+        async with self._calls, self._locks.hold((tenant, _checked(session_id))):
             src = await self.store.get(tenant, session_id)
             t = self.store.clock()
             rec = src.copy(session_id=sid, created_at=t, updated_at=t, ttl=ttl,
                            state=[s.copy() for s in src.state])
-            await self.store.create(rec)
+            await self._store_new(tenant, rec)
         return self._view(rec)
 
     # -- steps ---------------------------------------------------------------
-    def _chunk(self, model: Model, inp: StepInput) -> tuple[np.ndarray, bytes]:
-        """The chunk as the graph's input (1, T[, D]) and a digest of its content."""
-        given = [n for n, v in (("tokens", inp.tokens), ("text", inp.text), ("features", inp.features)) if v]
+    def _chunk(self, model: Model, inp: StepInput, max_chunk: int) -> tuple[np.ndarray, bytes]:
+        """The chunk as the graph's input (1, T[, D]) and a digest of its content. Sizes are
+        checked before any per-element work; the rest is vectorised."""
+        given = [n for n, v in (("tokens", inp.tokens), ("text", inp.text), ("features", inp.features)) if len(v)]
         if len(given) != 1:
             raise InvalidInput(f"give exactly one non-empty input (tokens, text or features); got {given or 'none'}")
         kind = given[0]
@@ -143,8 +160,13 @@ class SessionService:
             raise InvalidInput(f"model {model.name} takes tokens or text, not features")
         if model.input_kind == "features" and kind != "features":
             raise InvalidInput(f"model {model.name} takes features (float32 [time, {model.feature_dim}]), not {kind}")
+        row = 4 * model.feature_dim
+        steps = len(inp.features) // row if kind == "features" else len(inp.tokens) if kind == "tokens" else \
+            len(inp.text)
+        if steps > max_chunk:
+            raise InvalidInput(f"chunk of {steps} steps is longer than the limit of {max_chunk}; "
+                               "split it into smaller chunks")
         if kind == "features":
-            row = 4 * model.feature_dim
             if len(inp.features) % row:
                 raise InvalidInput(f"features must be little-endian float32 [time, {model.feature_dim}]: "
                                    f"{len(inp.features)} bytes is not a multiple of {row}")
@@ -153,36 +175,34 @@ class SessionService:
             if not np.isfinite(x).all():
                 raise InvalidInput("features contain values that are not finite (NaN or infinity)")
         else:
-            ids = model.encode(inp.text) if kind == "text" else inp.tokens
-            if min(ids) < 0 or max(ids) >= len(model.vocab):
-                pos = next(i for i, t in enumerate(ids) if not 0 <= t < len(model.vocab))
+            ids = model.encode(inp.text) if kind == "text" else np.asarray(inp.tokens, dtype=np.int64)
+            bad = (ids < 0) | (ids >= len(model.vocab))
+            if bad.any():
+                pos = int(np.argmax(bad))
                 raise InvalidInput(f"token id {ids[pos]} at position {pos} is out of range "
                                    f"[0, {len(model.vocab)}) for model {model.name}")
-            x = np.array(ids, dtype=np.int64).reshape(1, -1)
-        steps = x.shape[1]
-        if steps > self.settings.max_chunk:
-            raise InvalidInput(f"chunk of {steps} steps is longer than the limit of {self.settings.max_chunk}; "
-                               "split it into smaller chunks")
+            x = ids.reshape(1, -1)
         return x, hashlib.sha256(x.tobytes()).digest()
 
-    async def _advance(self, model: Model, rec: SessionRecord, x: np.ndarray, digest: bytes) -> SessionRecord:
-        """Run one chunk from the record's state and store the result (compare-and-set)."""
-        logits, new_states = await self.engine.run(model.runtime, x[0], rec.state)  # batched with other sessions
-        new = _advanced(rec, x, digest, logits, new_states, self.store.clock())
+    async def _advance(self, model: Model, rec: SessionRecord, x: np.ndarray, digest: bytes,
+                       deadline: float | None = None) -> tuple[SessionRecord, np.ndarray]:
+        """Run one chunk from the record's state and store the result (compare-and-set); the new
+        record and the chunk's logits (T, C)."""
+        logits, new_states = await self.engine.run(model.runtime, x[0], rec.state, deadline)  # batched
+        new = _advanced(rec, x, digest, logits, new_states, self.store.clock(), self.settings.max_replay_bytes)
         try:
             await self.store.put(new, prev_offset=rec.offset)  # settles even if this call is cancelled
         except StoreConflict as e:
             raise self._conflict(e, rec.session_id) from e
-        return new
+        return new, logits
 
     @staticmethod
     def _conflict(e: StoreConflict, session_id: str) -> OffsetMismatch:
         return OffsetMismatch(f"session {session_id} was advanced elsewhere; it is at offset {e.actual}",
                               e.actual if e.actual is not None else -1)
 
-    def _result(self, model: Model, rec: SessionRecord, options: OutputOptions, replayed: bool) -> StepResult:
-        logits = rec.last_logits
-        assert logits is not None
+    def _result(self, model: Model, rec: SessionRecord, logits: np.ndarray, options: OutputOptions,
+                replayed: bool) -> StepResult:
         if options.final_only:
             logits = logits[-1:]
         argmax = logits.argmax(axis=-1).tolist()
@@ -198,15 +218,25 @@ class SessionService:
         if inp.options.top_k < 0:
             raise InvalidInput("top_k must be 0 or more")
         if rec is None:
-            rec = await self.store.get(tenant, inp.session_id)
+            rec = await self.store.get(tenant, _checked(inp.session_id))
         model = self.models.get(rec.model, rec.version)
-        x, digest = self._chunk(model, inp)
+        x, digest = self._chunk(model, inp, self._max_chunk(tenant))
         if inp.expected_offset is not None and inp.expected_offset != rec.offset:
             if inp.expected_offset == rec.last_start and digest == rec.last_digest:
-                return self._result(model, rec, inp.options, replayed=True)
+                return self._result(model, rec, await self._replayed_logits(model, rec, x, inp), inp.options,
+                                    replayed=True)
             raise OffsetMismatch(f"session {inp.session_id} is at offset {rec.offset}, "
                                  f"not {inp.expected_offset}; resend from offset {rec.offset}", rec.offset)
         return model, rec, x, digest
+
+    async def _replayed_logits(self, model: Model, rec: SessionRecord, x: np.ndarray, inp: StepInput) -> np.ndarray:
+        """The last chunk's outputs: as recorded, or recomputed from the state before it (the retry
+        carries the same chunk, checked by its digest); nothing is stored."""
+        if rec.last_prev_state is None:
+            assert rec.last_logits is not None
+            return rec.last_logits
+        logits, _ = await self.engine.run(model.runtime, x[0], rec.last_prev_state, inp.deadline)
+        return logits
 
     async def step(self, tenant: str, inp: StepInput) -> StepResult:
         async with self._calls, self._locks.hold((tenant, inp.session_id)):
@@ -214,8 +244,8 @@ class SessionService:
             if isinstance(prepared, StepResult):
                 return prepared
             model, rec, x, digest = prepared
-            rec = await self._advance(model, rec, x, digest)
-            return self._result(model, rec, inp.options, replayed=False)
+            rec, logits = await self._advance(model, rec, x, digest, inp.deadline)
+            return self._result(model, rec, logits, inp.options, replayed=False)
 
     async def step_batch(self, tenant: str, inputs: list[StepInput]) -> list[StepResult | Exception]:
         """Many sessions' chunks as one unit: each session locked once (in sorted order, so two
@@ -227,6 +257,11 @@ class SessionService:
         later: list[int] = []
         seen: set[str] = set()
         for i, inp in enumerate(inputs):
+            try:
+                _checked(inp.session_id)
+            except InvalidInput as e:
+                out[i] = e
+                continue
             (later if inp.session_id in seen else first).append(i)
             seen.add(inp.session_id)
         async with self._calls, contextlib.AsyncExitStack() as held:
@@ -257,8 +292,8 @@ class SessionService:
                 out[i] = prepared
             else:
                 jobs.append((i, *prepared))
-        ran = await asyncio.gather(*(self.engine.submit(model.runtime, x[0], rec.state)
-                                     for _, model, rec, x, _ in jobs), return_exceptions=True)
+        ran = await asyncio.gather(*(self._submit(model, rec, x, inputs[i].deadline)
+                                     for i, model, rec, x, _ in jobs), return_exceptions=True)
         writes, done = [], []
         t = self.store.clock()
         for (i, model, rec, x, digest), result in zip(jobs, ran):
@@ -266,15 +301,19 @@ class SessionService:
                 out[i] = result if isinstance(result, Exception) else RuntimeError("cancelled")
                 continue
             logits, new_states = result
-            new = _advanced(rec, x, digest, logits, new_states, t)
+            new = _advanced(rec, x, digest, logits, new_states, t, self.settings.max_replay_bytes)
             writes.append((new, rec.offset))
-            done.append((i, model, new))
+            done.append((i, model, new, logits))
         errors = await self.store.put_many(writes)
-        for (i, model, new), err in zip(done, errors):
+        for (i, model, new, logits), err in zip(done, errors):
             if err is None:
-                out[i] = self._result(model, new, inputs[i].options, replayed=False)
+                out[i] = self._result(model, new, logits, inputs[i].options, replayed=False)
             else:
                 out[i] = self._conflict(err, new.session_id) if isinstance(err, StoreConflict) else err
+
+    async def _submit(self, model: Model, rec: SessionRecord, x: np.ndarray, deadline: float | None
+                      ) -> tuple[np.ndarray, list[np.ndarray]]:
+        return await self.engine.submit(model.runtime, x[0], rec.state, deadline)
 
     # -- generation ----------------------------------------------------------
     def _check_generate(self, g: GenerateInput) -> None:
@@ -294,7 +333,7 @@ class SessionService:
         """Sample tokens; each is fed back and stored before it is yielded, so a cancel leaves
         the session at the offset of the last token sent."""
         self._check_generate(g)
-        async with self._calls, self._locks.hold((tenant, g.session_id)):
+        async with self._calls, self._locks.hold((tenant, _checked(g.session_id))):
             rec = await self.store.get(tenant, g.session_id)
             model = self.models.get(rec.model, rec.version)
             if model.head != "lm":
@@ -303,16 +342,17 @@ class SessionService:
                 raise OffsetMismatch(f"session {g.session_id} is at offset {rec.offset}, not {g.expected_offset}",
                                      rec.offset)
             if g.prompt or g.prompt_tokens:
-                x, digest = self._chunk(model, StepInput(g.session_id, tokens=g.prompt_tokens, text=g.prompt))
-                rec = await self._advance(model, rec, x, digest)
-            if rec.last_logits is None:
+                x, digest = self._chunk(model, StepInput(g.session_id, tokens=g.prompt_tokens, text=g.prompt),
+                                        self._max_chunk(tenant))
+                rec, _ = await self._advance(model, rec, x, digest)
+            if rec.last_logits is None:  # the last chunk's final step is always kept
                 raise NoOutputYet(f"session {g.session_id} has consumed no token yet: give a prompt")
             rng = np.random.default_rng(g.seed)
             made = ""
             for i in range(g.max_tokens):
                 token = sample(rec.last_logits[-1], rng, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
                 x = np.array([[token]], dtype=np.int64)
-                rec = await self._advance(model, rec, x, hashlib.sha256(x.tobytes()).digest())
+                rec, _ = await self._advance(model, rec, x, hashlib.sha256(x.tobytes()).digest())
                 piece = model.decode_token(token)
                 made += piece
                 stopped = any(made.endswith(s) for s in g.stop if s)

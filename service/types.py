@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,11 +32,12 @@ class SessionView:
 @dataclass(frozen=True)
 class StepInput:
     session_id: str
-    tokens: list[int] = field(default_factory=list)
+    tokens: Sequence[int] = ()  # a list, or the wire message's repeated field as it is
     text: str = ""
     features: bytes = b""
     expected_offset: int | None = None
     options: OutputOptions = OutputOptions()
+    deadline: float | None = None  # on the event loop's clock: past it, the chunk is not applied
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,8 @@ files hold only fixtures built from these."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import re
@@ -23,9 +25,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recur.client import RecurClient
+from recur.client import RecurClient, open_channel
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -88,6 +94,7 @@ class Server:
     proc: subprocess.Popen | None = None
     port: int = 0
     log: list[str] = field(default_factory=list)
+    tls: dict | None = None  # the client's TLS keyword arguments (open_channel / RecurClient) for a TLS port
 
     @property
     def target(self) -> str:
@@ -112,7 +119,7 @@ class Server:
         if not ready.wait(START_TIMEOUT):
             self.kill()
             raise RuntimeError("server did not start:\n" + "".join(self.log))
-        with grpc.insecure_channel(self.target) as ch:
+        with open_channel(self.target, **(self.tls or {})) as ch:
             status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=20,
                                                           wait_for_ready=True).status
             assert status == health_pb2.HealthCheckResponse.SERVING
@@ -128,8 +135,9 @@ class Server:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
-    def client(self) -> RecurClient:
-        return RecurClient(self.target)
+    def client(self, tls: dict | None = None) -> RecurClient:
+        """A client with these TLS options (default: the server's own, `self.tls`)."""
+        return RecurClient(self.target, **(self.tls or {} if tls is None else tls))
 
 
 def race(targets: list[str], session_id: str, tokens: list[int], chunk: int) -> tuple[list[int], list[str]]:
@@ -275,3 +283,59 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
+
+
+# -- a throwaway PKI for TLS tests ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    """PEM files: ca.pem (the CA), server.pem/.key (localhost, 127.0.0.1), client.pem/.key (signed by
+    the CA, for mutual TLS) and stranger.pem/.key (a client certificate from another CA)."""
+
+    directory: Path
+
+    def __getattr__(self, name: str) -> str:  # pki.ca -> ".../ca.pem", pki.server_key -> ".../server.key"
+        stem, _, kind = name.partition("_")
+        return str(self.directory / f"{stem}.{'key' if kind == 'key' else 'pem'}")
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: str, signer: ec.EllipticCurvePrivateKey, *,
+          ca: bool = False, sans: list[x509.GeneralName] | None = None,
+          usage: x509.ObjectIdentifier | None = None) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    if usage is not None:
+        b = b.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    return b.sign(signer, hashes.SHA256())
+
+
+def make_pki(directory: Path) -> Pki:
+    """A CA, a server certificate for localhost and 127.0.0.1, and client certificates (EC P-256)."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> None:
+        (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        (directory / f"{stem}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+
+    keys = {name: ec.generate_private_key(ec.SECP256R1())
+            for name in ("ca", "server", "client", "other-ca", "stranger")}
+    write("ca", _cert("recur test CA", keys["ca"], "recur test CA", keys["ca"], ca=True), keys["ca"])
+    write("server", _cert("localhost", keys["server"], "recur test CA", keys["ca"],
+                          sans=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+                          usage=ExtendedKeyUsageOID.SERVER_AUTH), keys["server"])
+    write("client", _cert("test client", keys["client"], "recur test CA", keys["ca"],
+                          usage=ExtendedKeyUsageOID.CLIENT_AUTH), keys["client"])
+    write("stranger", _cert("stranger", keys["stranger"], "another CA", keys["other-ca"],
+                            usage=ExtendedKeyUsageOID.CLIENT_AUTH), keys["stranger"])
+    return Pki(directory)

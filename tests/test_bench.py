@@ -20,3 +20,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "naive (unary, torch)"} <= modes
     grpc_cells = [r for r in results if r["mode"].startswith("recur")]
     assert all(r["tokens"] == r["sessions"] * 32 and r["checked"] >= 1 for r in grpc_cells)
+
+
+def test_soak_smoke() -> None:
+    """The soak itself asserts that nothing acknowledged was lost; here it runs for a few seconds."""
+    out = subprocess.run([sys.executable, "-m", "bench.soak", "--seconds", "3", "--sessions", "40", "--no-write"],
+                         cwd=ROOT, check=True, timeout=180, capture_output=True, text=True).stdout
+    assert "Lost: 0" in out and " OK " in out

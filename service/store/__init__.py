@@ -3,34 +3,59 @@
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from pathlib import Path
 
-from service.store.base import DURABILITY_MODES, SessionRecord, Store, Tombstone
+from service.store.base import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_MAX_PENDING_WRITES,
+    DEFAULT_MEMORY_BYTES,
+    DURABILITY_MODES,
+    SessionRecord,
+    Store,
+    Tombstone,
+    redact_url,
+)
 from service.store.memory import MemoryStore
 from service.store.sqlite import SqliteStore
 
-__all__ = ["DURABILITY_MODES", "MemoryStore", "SessionRecord", "SqliteStore", "Store", "Tombstone", "open_store"]
+__all__ = ["DURABILITY_MODES", "MemoryStore", "SessionRecord", "SqliteStore", "Store", "Tombstone", "open_store",
+           "redact_url"]
 
 log = logging.getLogger(__name__)
 
 
+def _sqlite_path(rest: str) -> tuple[Path, int]:
+    """`PATH` or `PATH?max_pages=N` (SQLite's PRAGMA max_page_count: a real size limit, for tests)."""
+    path, _, query = rest.partition("?")
+    params = urllib.parse.parse_qs(query, strict_parsing=bool(query))
+    unknown = set(params) - {"max_pages"}
+    if unknown:
+        raise ValueError(f"unknown sqlite store parameter(s) {sorted(unknown)}: expected max_pages")
+    return Path(path), int(params.get("max_pages", ["0"])[-1])
+
+
 async def open_store(url: str, *, durability: str, memory_capacity: int, cache_size: int,
-                     async_window: float, tombstone_seconds: float) -> Store:
+                     async_window: float, tombstone_seconds: float, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                     memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                     max_pending_writes: int = DEFAULT_MAX_PENDING_WRITES) -> Store:
     """`memory:`, `sqlite:PATH` or `redis://HOST:PORT/DB`. Durability `none` keeps state in memory only."""
     if durability not in DURABILITY_MODES:
         raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
     if url == "memory:" or durability == "none":
         if url != "memory:":
-            log.warning("durability none: sessions live in memory only; %s is not used", url)
-        return MemoryStore(capacity=memory_capacity, tombstone_seconds=tombstone_seconds)
+            log.warning("durability none: sessions live in memory only; %s is not used", redact_url(url))
+        return MemoryStore(capacity=memory_capacity, tombstone_seconds=tombstone_seconds, memory_bytes=memory_bytes)
     if url.startswith("sqlite:"):
-        store = SqliteStore(Path(url.removeprefix("sqlite:")), durability=durability, cache_size=cache_size,
-                            async_window=async_window, tombstone_seconds=tombstone_seconds)
+        path, max_pages = _sqlite_path(url.removeprefix("sqlite:"))
+        store = SqliteStore(path, durability=durability, cache_size=cache_size, cache_bytes=cache_bytes,
+                            max_pending_writes=max_pending_writes, async_window=async_window,
+                            tombstone_seconds=tombstone_seconds, max_pages=max_pages)
         return await store.open()
-    if url.startswith("redis://"):
+    if url.startswith(("redis://", "rediss://")):
         if durability != "sync":
             raise ValueError("the redis store replies after Redis acknowledged each write: use --durability sync")
         from service.store.redis import RedisStore
 
         return RedisStore(url, tombstone_seconds=tombstone_seconds)
-    raise ValueError(f"unknown store URL {url!r}: expected memory:, sqlite:PATH or redis://HOST:PORT/DB")
+    raise ValueError(f"unknown store URL {redact_url(url)!r}: expected memory:, sqlite:PATH or redis://HOST:PORT/DB")

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import struct
 import time
+import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -14,12 +15,18 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from service.errors import RecurError
+from service.errors import LimitExceeded, RecurError
 
 DURABILITY_MODES = ("sync", "async", "none")
 # The one source of these defaults: the stores and the server's settings both read them.
 DEFAULT_CAPACITY = 100_000  # sessions a memory store keeps, or records a store caches in process
 DEFAULT_TOMBSTONE_SECONDS = 2 * 86400.0  # how long an expired id is answered "expired at ..."
+DEFAULT_MAX_SESSIONS = 1_000_000  # live sessions a server holds (0: no limit)
+DEFAULT_MAX_PENDING_WRITES = 10_000  # sqlite, async: acknowledged records awaiting their commit
+DEFAULT_CACHE_BYTES = 256 * 1024 * 1024  # sqlite: bytes of clean records cached in process
+DEFAULT_MEMORY_BYTES = 1024 * 1024 * 1024  # memory store: bytes of session records held
+DEFAULT_MAX_REPLAY_BYTES = 64 * 1024  # largest last_logits kept for a replay; beyond, last_prev_state
+RECORD_OVERHEAD = 256  # bytes a record costs beyond its arrays (ids, numbers, dict slots), for byte bounds
 
 Clock = Callable[[], float]  # seconds since the epoch; injected so tests can move time
 
@@ -46,10 +53,21 @@ class SessionRecord:
     last_digest: bytes = b""
     last_start: int = -1
     last_logits: np.ndarray | None = None  # (T, C) of the last applied chunk
+    # The state before the last applied chunk, kept only when its logits were too large to keep
+    # (over --max-replay-bytes), so that a replay can recompute them.
+    last_prev_state: list[np.ndarray] | None = None
 
     @property
     def expires_at(self) -> float:
         return self.updated_at + self.ttl
+
+    @property
+    def nbytes(self) -> int:
+        """What holding this record in process costs, for the byte bounds of caches and the memory store."""
+        arrays = sum(a.nbytes for a in self.state) + sum(a.nbytes for a in self.last_prev_state or [])
+        if self.last_logits is not None:
+            arrays += self.last_logits.nbytes
+        return arrays + len(self.last_digest) + len(self.tenant) + len(self.session_id) + RECORD_OVERHEAD
 
     def copy(self, **changes: Any) -> SessionRecord:
         return replace(self, **changes)
@@ -113,7 +131,11 @@ class Store(ABC):
         return results
 
     @abstractmethod
-    async def create(self, record: SessionRecord) -> None: ...
+    async def create(self, record: SessionRecord, *, max_sessions: int = 0, max_tenant_sessions: int = 0) -> None:
+        """Store a new session. Raises AlreadyExists, or LimitExceeded when the store already holds
+        `max_sessions` live sessions, or `max_tenant_sessions` of the record's tenant (0: no limit).
+        The limits are checked and the record stored in one atomic step: concurrent creates never
+        overshoot them. Sessions expired but not yet swept do not count."""
 
     @abstractmethod
     async def put(self, record: SessionRecord, prev_offset: int) -> None: ...
@@ -133,7 +155,12 @@ class Store(ABC):
     async def delete(self, tenant: str, session_id: str) -> None: ...
 
     @abstractmethod
-    async def count(self) -> int: ...
+    async def count(self, tenant: str | None = None) -> int:
+        """Live sessions (of `tenant`, or of all tenants); expired ones do not count."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Return when the store can serve; raise Unavailable (saying why) when it cannot."""
 
     @abstractmethod
     async def sweep(self) -> int:
@@ -157,6 +184,33 @@ async def settled(write: Awaitable[T]) -> T:
         with contextlib.suppress(Exception):
             await future
         raise
+
+
+def server_limit(limit: int) -> LimitExceeded:
+    return LimitExceeded(f"the server holds its limit of {limit} sessions; delete sessions or raise --max-sessions")
+
+
+def tenant_limit(tenant: str, limit: int) -> LimitExceeded:
+    return LimitExceeded(f"tenant {tenant!r} holds its limit of {limit} sessions; delete some of its sessions "
+                         "or ask for a higher limit")
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password shown as `***` (in the userinfo or a `password=` query parameter): the
+    one way a store URL is formatted into a message or a log line."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable store URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, host = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{host}" if colon else f"***@{host}"  # a lone userinfo may be a token
+    items = [item.partition("=") for item in parts.query.split("&") if item]
+    query = "&".join(f"{k}=***" if eq and k.lower() in ("password", "pass", "pwd") else f"{k}{eq}{v}"
+                     for k, eq, v in items)
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def fmt_time(t: float) -> str:

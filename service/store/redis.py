@@ -9,6 +9,13 @@ the one the write started from (compare-and-set), so two replicas can never both
 session. There is no in-process cache: every chunk reads the record, and the script decides.
 A reply is sent after Redis acknowledged the write; how durable that is, is Redis's
 persistence setting (the compose file runs it with appendonly yes, appendfsync everysec).
+
+Session limits: two sorted sets map sessions to their expiry time (Redis's own clock, the one
+its key expiry uses), one per tenant (`recur-live:{tenant}`) and one for all (`recur-live`,
+members `{tenant}\\0{id}`). The create, put and delete scripts keep them; Redis expiry runs no
+script, so the create script first trims what has expired (ZREMRANGEBYSCORE) and then counts
+(ZCARD), all in the one atomic step that stores the session. Nothing ever SCANs. Sessions written
+before these sets existed are counted from their next write.
 """
 
 from __future__ import annotations
@@ -28,30 +35,62 @@ from service.store.base import (
     Store,
     fmt_time,
     pack_arrays,
+    redact_url,
+    server_limit,
     settled,
+    tenant_limit,
     unpack_arrays,
 )
 
 log = logging.getLogger(__name__)
 
-# ARGV: ttl_ms, tombstone_ms, expires, then field/value pairs
-_CREATE = """
+# Redis's time in milliseconds; a script sees one frozen time, the one its PEXPIREs count from.
+_NOW = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+"""
+# KEYS: session, tombstone, tenant set, global set
+# ARGV: ttl_ms, tombstone_ms, expires, max_sessions, max_tenant_sessions, id, member, then field/value pairs
+_CREATE = _NOW + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
+local max_tenant = tonumber(ARGV[5])
+if max_tenant > 0 and redis.call('ZCARD', KEYS[3]) >= max_tenant then return -2 end
+local max_all = tonumber(ARGV[4])
+if max_all > 0 and redis.call('ZCARD', KEYS[4]) >= max_all then return -1 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[1]), ARGV[6])
+redis.call('ZADD', KEYS[4], now + tonumber(ARGV[1]), ARGV[7])
 return 1
 """
-# ARGV: ttl_ms, tombstone_ms, prev_offset, expires, then field/value pairs
-_PUT = """
+# KEYS: as _CREATE; ARGV: ttl_ms, tombstone_ms, prev_offset, expires, id, member, then field/value pairs
+_PUT = _NOW + """
 local cur = redis.call('HGET', KEYS[1], 'offset')
 if not cur then return -1 end
 if tonumber(cur) ~= tonumber(ARGV[3]) then return tonumber(cur) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[1]), ARGV[5])
+redis.call('ZADD', KEYS[4], now + tonumber(ARGV[1]), ARGV[6])
 return -2
 """
+# KEYS: as _CREATE; ARGV: id, member
+_DELETE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[4], ARGV[2])
+return 1
+"""
+# KEYS: a set; live members only (what expired is still there until a create trims it)
+_COUNT = _NOW + """
+return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+"""
+_GLOBAL = "recur-live"  # not under "recur:", so no tenant or id can name it
 
 
 class RedisStore(Store):
@@ -62,20 +101,34 @@ class RedisStore(Store):
         self._r = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
         self._create = self._r.register_script(_CREATE)
         self._put = self._r.register_script(_PUT)
+        self._delete = self._r.register_script(_DELETE)
+        self._count = self._r.register_script(_COUNT)
 
-    def _keys(self, tenant: str, session_id: str) -> list[str]:
-        return [f"recur:{tenant}:s:{session_id}", f"recur:{tenant}:t:{session_id}"]
+    def __repr__(self) -> str:
+        return f"RedisStore({redact_url(self.url)!r})"
+
+    @staticmethod
+    def _keys(tenant: str, session_id: str) -> list[str]:
+        return [f"recur:{tenant}:s:{session_id}", f"recur:{tenant}:t:{session_id}", f"{_GLOBAL}:{tenant}", _GLOBAL]
+
+    @staticmethod
+    def _member(tenant: str, session_id: str) -> str:
+        return f"{tenant}\0{session_id}"
 
     def _down(self, e: Exception) -> Unavailable:
-        log.warning("redis %s: %s", self.url, e)
-        return Unavailable(f"the session store ({self.url}) is unreachable; nothing was applied, retry shortly")
+        # Neither the message nor the log line holds the URL's password: redact_url is the one formatter.
+        log.warning("redis %s: %s: %s", redact_url(self.url), e.__class__.__name__, e)
+        return Unavailable(f"the redis session store is unreachable ({e.__class__.__name__}); "
+                           "nothing was applied, retry shortly")
 
     @staticmethod
     def _fields(r: SessionRecord) -> list:
         logits = b"" if r.last_logits is None else pack_arrays([r.last_logits])
+        prev = b"" if r.last_prev_state is None else pack_arrays(r.last_prev_state)
         return ["model", r.model, "version", r.version, "offset", r.offset, "created", repr(r.created_at),
                 "updated", repr(r.updated_at), "ttl", repr(r.ttl), "state", pack_arrays(r.state),
-                "last_digest", r.last_digest, "last_start", r.last_start, "last_logits", logits]
+                "last_digest", r.last_digest, "last_start", r.last_start, "last_logits", logits,
+                "last_prev_state", prev]
 
     def _ms(self, r: SessionRecord) -> tuple[int, int]:
         ttl_ms = max(1, int(r.ttl * 1000))
@@ -116,26 +169,35 @@ class RedisStore(Store):
                                      "after its idle TTL")
             raise SessionNotFound(f"session {session_id!r} does not exist")
         logits = h[b"last_logits"]
+        prev = h.get(b"last_prev_state", b"")
         return SessionRecord(
             tenant=tenant, session_id=session_id, model=h[b"model"].decode(), version=int(h[b"version"]),
             offset=int(h[b"offset"]), created_at=float(h[b"created"]), updated_at=float(h[b"updated"]),
             ttl=float(h[b"ttl"]), state=unpack_arrays(h[b"state"]), last_digest=h[b"last_digest"],
             last_start=int(h[b"last_start"]), last_logits=unpack_arrays(logits)[0] if logits else None,
+            last_prev_state=unpack_arrays(prev) if prev else None,
         )
 
-    async def create(self, record: SessionRecord) -> None:
+    async def create(self, record: SessionRecord, *, max_sessions: int = 0, max_tenant_sessions: int = 0) -> None:
         ttl_ms, tomb_ms = self._ms(record)
         try:
-            ok = await self._create(keys=self._keys(record.tenant, record.session_id),
-                                    args=[ttl_ms, tomb_ms, repr(record.expires_at), *self._fields(record)])
+            res = await self._create(keys=self._keys(record.tenant, record.session_id),
+                                     args=[ttl_ms, tomb_ms, repr(record.expires_at), max_sessions,
+                                           max_tenant_sessions, record.session_id,
+                                           self._member(record.tenant, record.session_id), *self._fields(record)])
         except RedisError as e:
             raise self._down(e) from e
-        if not ok:
+        if res == 0:
             raise AlreadyExists(f"session {record.session_id!r} already exists")
+        if res == -1:
+            raise server_limit(max_sessions)
+        if res == -2:
+            raise tenant_limit(record.tenant, max_tenant_sessions)
 
     def _args(self, record: SessionRecord, prev_offset: int) -> list:
         ttl_ms, tomb_ms = self._ms(record)
-        return [ttl_ms, tomb_ms, prev_offset, repr(record.expires_at), *self._fields(record)]
+        return [ttl_ms, tomb_ms, prev_offset, repr(record.expires_at), record.session_id,
+                self._member(record.tenant, record.session_id), *self._fields(record)]
 
     @staticmethod
     def _outcome(record: SessionRecord, res: object) -> RecurError | None:
@@ -174,20 +236,32 @@ class RedisStore(Store):
                 for (record, _), res in zip(writes, outcomes)]
 
     async def delete(self, tenant: str, session_id: str) -> None:
-        await self.get(tenant, session_id)  # NOT_FOUND / expired first
+        for _ in range(2):
+            try:
+                deleted = await settled(self._delete(keys=self._keys(tenant, session_id),
+                                                     args=[session_id, self._member(tenant, session_id)]))
+            except RedisError as e:
+                raise self._down(e) from e
+            if deleted:
+                return
+            await self.get(tenant, session_id)  # NOT_FOUND or "expired at ..."; else it was created meanwhile
+        raise SessionNotFound(f"session {session_id!r} does not exist")
+
+    async def count(self, tenant: str | None = None) -> int:
+        key = _GLOBAL if tenant is None else f"{_GLOBAL}:{tenant}"
         try:
-            await self._r.delete(*self._keys(tenant, session_id))
+            return int(await self._count(keys=[key]))
         except RedisError as e:
             raise self._down(e) from e
 
-    async def count(self) -> int:
+    async def ping(self) -> None:
         try:
-            return sum([1 async for _ in self._r.scan_iter(match="recur:*:s:*", count=1000)])
-        except RedisError as e:
-            raise self._down(e) from e
+            await self._r.ping()
+        except RedisError as e:  # not logged here: the health watcher logs the transitions
+            raise Unavailable(f"the redis session store is unreachable ({e.__class__.__name__})") from e
 
     async def sweep(self) -> int:
-        return 0  # Redis expires idle sessions itself
+        return 0  # Redis expires idle sessions itself; the create script trims the live sets
 
     async def close(self) -> None:
         await self._r.aclose()

@@ -47,10 +47,13 @@ def make_core(repository: ModelRepository, tmp_path: Path, store_kind: str, cloc
         own = store is None
         if store is None:
             if store_kind == "memory":
-                store = MemoryStore(cfg.memory_capacity, cfg.tombstone_seconds, clock=clock)
+                store = MemoryStore(cfg.memory_capacity, cfg.tombstone_seconds, clock=clock,
+                                    memory_bytes=cfg.memory_bytes)
             else:
                 store = await SqliteStore(tmp_path / "core.db", durability=cfg.durability, cache_size=cfg.cache_size,
-                                          tombstone_seconds=cfg.tombstone_seconds, clock=clock).open()
+                                          tombstone_seconds=cfg.tombstone_seconds, clock=clock,
+                                          cache_bytes=cfg.cache_bytes, max_pending_writes=cfg.max_pending_writes
+                                          ).open()
         core = SessionService(cfg, repository, store, Engine(EngineOptions()))
         try:
             yield core

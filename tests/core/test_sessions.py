@@ -12,8 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.auth import TenantLimits
+from service.config import Settings
+from service.engine import Engine, EngineOptions
 from service.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     InvalidInput,
     LimitExceeded,
     ModelNotFound,
@@ -25,6 +29,7 @@ from service.errors import (
 )
 from service.outputs import OutputOptions
 from service.sessions import SessionService
+from service.store import MemoryStore
 from service.types import GenerateInput, NamedTensor, StepInput, StepResult
 from tests.core.conftest import MakeCore
 from tests.helpers import TOL, ManualClock, Reference
@@ -414,3 +419,83 @@ async def test_draining_refuses_new_work_and_waits_for_calls_in_flight(make_core
         await asyncio.wait_for(drained, 10)
         assert len(rest) == 29 and rest[-1].offset == first.offset + 29
         assert (await core.get("t", b)).offset == 0
+
+
+# -- bounds ----------------------------------------------------------------------
+async def test_a_large_chunks_replay_is_recomputed_not_kept(make_core: MakeCore, tiny_models: Path) -> None:
+    """Past --max-replay-bytes the record keeps the state before the chunk, not its outputs; a retry
+    recomputes them exactly and still does not advance the session."""
+    tokens = _seq(300, seed=5)
+    async with make_core(max_replay_bytes=1024) as core:
+        sid = (await core.create("t", "lstm-lm", 0)).session_id
+        await _step(core, sid, tokens[:100], 0)
+        first = await _step(core, sid, tokens[100:], 100)
+        rec = await core.store.get("t", sid)
+        assert rec.last_prev_state is not None and rec.last_logits is not None and rec.last_logits.shape[0] == 1
+        again = await _step(core, sid, tokens[100:], 100)
+        assert again.replayed and again.offset == 300 and again.logits is not None and first.logits is not None
+        assert np.array_equal(again.logits, first.logits)
+        want, _ = Reference(tiny_models / "lstm-lm" / "1").run(np.array(tokens))
+        assert _close(again.logits, want[100:])
+        assert (await core.get("t", sid)).offset == 300
+        small = await _step(core, sid, [1, 2], 300)  # small chunks keep their outputs
+        rec = await core.store.get("t", sid)
+        assert rec.last_prev_state is None and rec.last_logits is not None and rec.last_logits.shape[0] == 2
+        assert small.logits is not None
+        tokens_made = [t.token async for t in core.generate("t", GenerateInput(sid, max_tokens=2, temperature=0))]
+        assert len(tokens_made) == 2
+
+
+async def test_a_chunk_past_its_deadline_is_not_applied(make_core: MakeCore) -> None:
+    async with make_core() as core:
+        sid = (await core.create("t", "lstm-lm", 0)).session_id
+        past = asyncio.get_running_loop().time() - 1
+        with pytest.raises(DeadlineExceeded, match="nothing was applied"):
+            await core.step("t", StepInput(sid, tokens=[1, 2], expected_offset=0, deadline=past))
+        out = await core.step_batch("t", [StepInput(sid, tokens=[1, 2], expected_offset=0, deadline=past)])
+        assert isinstance(out[0], DeadlineExceeded)
+        assert (await core.get("t", sid)).offset == 0
+        assert (await _step(core, sid, [1, 2], 0)).offset == 2  # the retry applies once
+
+
+async def test_the_engine_queue_sheds_past_its_bound(repository, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store = MemoryStore()
+    core = SessionService(Settings(), repository, store, Engine(EngineOptions(max_queue=3)))
+    sids = [(await core.create("t", "lstm-lm", 0)).session_id for _ in range(10)]
+    out = await asyncio.gather(*(core.step("t", StepInput(s, tokens=[1] * 50)) for s in sids), return_exceptions=True)
+    shed = [r for r in out if isinstance(r, LimitExceeded)]
+    assert len(shed) == 7 and all("--max-queue 3" in str(e) for e in shed)
+    assert sorted([(await core.get("t", s)).offset for s in sids]) == [0] * 7 + [50] * 3
+    await core.close()
+
+
+async def test_ids_are_checked_on_every_call_and_never_echoed(make_core: MakeCore) -> None:
+    async with make_core() as core:
+        huge = "x" * 16_384
+        calls = [core.get("t", huge), core.delete("t", huge), core.fork("t", huge), _step(core, huge, [1]),
+                 core.get("t", "ok\n"), core.fork("t", "ghost", "bad id")]
+        for call in calls:
+            with pytest.raises(InvalidInput) as e:
+                await call
+            assert huge not in str(e.value) and "session_id must be 1-128 characters" in str(e.value)
+        out = await core.step_batch("t", [StepInput(huge, tokens=[1])])
+        assert isinstance(out[0], InvalidInput)
+
+
+async def test_tenant_limits(repository, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    limits = {"small": TenantLimits(max_sessions=2, max_chunk=8)}
+    core = SessionService(Settings(max_chunk=64), repository, MemoryStore(), Engine(EngineOptions()),
+                          lambda t: limits.get(t, TenantLimits()))
+    a = (await core.create("small", "lstm-lm", 0)).session_id
+    await core.create("small", "lstm-lm", 0)
+    with pytest.raises(LimitExceeded, match="tenant 'small' holds its limit of 2 sessions"):
+        await core.create("small", "lstm-lm", 0)
+    with pytest.raises(LimitExceeded, match="limit of 2 sessions"):
+        await core.fork("small", a)
+    assert (await core.create("big", "lstm-lm", 0)).tenant == "big"  # other tenants are not counted
+    with pytest.raises(InvalidInput, match="chunk of 9 steps is longer than the limit of 8"):
+        await core.step("small", StepInput(a, tokens=[1] * 9))
+    assert (await core.step("small", StepInput(a, tokens=[1] * 8))).offset == 8
+    b = (await core.create("big", "lstm-lm", 0)).session_id
+    assert (await core.step("big", StepInput(b, tokens=[1] * 64))).offset == 64
+    await core.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.errors import AlreadyExists, SessionExpired, SessionNotFound, StoreConflict
+from service.errors import AlreadyExists, LimitExceeded, SessionExpired, SessionNotFound, StoreConflict
 from service.store import MemoryStore, SessionRecord, SqliteStore, Store
 from service.store.base import pack_arrays, unpack_arrays
 from tests.helpers import ManualClock
@@ -107,15 +107,18 @@ def test_expiry_leaves_a_tombstone(kind: str, tmp_path: Path) -> None:
     asyncio.run(go())
 
 
-def test_memory_store_evicts_the_least_recently_used() -> None:
+def test_a_full_memory_store_refuses_rather_than_evicts() -> None:
+    """Another client's session is never dropped to make room: past its capacity the memory store
+    refuses new sessions, naming the limit."""
     async def go() -> None:
         store = MemoryStore(capacity=2)
         for sid in ("a", "b"):
             await store.create(_rec(sid))
-        await store.get("default", "a")  # a is now the most recently used
-        await store.create(_rec("c"))
-        with pytest.raises(SessionExpired, match="evicted"):
-            await store.get("default", "b")
-        assert (await store.get("default", "a")).offset == 0 and await store.count() == 2
+        with pytest.raises(LimitExceeded, match=r"holds its limit of 2 sessions; .*--memory-capacity"):
+            await store.create(_rec("c"))
+        assert [(await store.get("default", s)).offset for s in ("a", "b")] == [0, 0] and await store.count() == 2
+        await store.delete("default", "a")
+        await store.create(_rec("c"))  # room again
+        assert await store.count() == 2
 
     asyncio.run(go())

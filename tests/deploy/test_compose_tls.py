@@ -1,0 +1,150 @@
+"""docker-compose.tls.yml: nginx terminates TLS (and, when asked, mutual TLS) in front of the
+replicas. The override is validated with docker-compose, and its template is rendered with its own
+settings for local nginx in front of the local replicas, as tests.helpers.Nginx does for the
+plaintext one."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from recur.client import RecurClient
+from tests.helpers import Pki, Topology, _binary, free_port, make_pki, refused, wait_port
+
+ROOT = Path(__file__).resolve().parents[2]
+OVERRIDE = ROOT / "docker-compose.tls.yml"
+MUTUAL = "ssl_verify_client on; ssl_client_certificate {dir}/client-ca.pem;"
+
+
+def _nginx_environment() -> dict[str, str]:
+    """The nginx service's environment with the override applied (compose merges it by name)."""
+    env = dict(yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["nginx"]["environment"])
+    env.update(yaml.safe_load(OVERRIDE.read_text())["services"]["nginx"]["environment"])
+    return env
+
+
+def test_the_tls_override_validates() -> None:
+    compose = shutil.which("docker-compose")
+    assert compose, "docker-compose is not installed: `make test` installs it (deploy/ensure-packages)"
+    out = subprocess.run([compose, "-f", str(ROOT / "docker-compose.yml"), "-f", str(OVERRIDE), "config"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    assert set(services) == {"redis", "replica1", "replica2", "nginx"}
+    nginx = services["nginx"]
+    mounts = {Path(v.split(":")[1]): v for v in nginx["volumes"]}
+    template = mounts[Path("/etc/nginx/templates/recur.conf.template")]
+    assert template.startswith(str(ROOT / "deploy/nginx/recur-tls.conf.template")), template  # replaced, not added
+    assert mounts[Path("/etc/nginx/certs")].startswith(str(ROOT / "certs")) and template.endswith(":ro")
+    assert [p["published"] for p in nginx["ports"]] == [50051]
+    env = nginx["environment"]
+    assert env["RECUR_TLS_DIR"] == "/etc/nginx/certs" and env["RECUR_TLS_CLIENT_VERIFY"] == "ssl_verify_client off;"
+    assert services["replica1"]["command"] == yaml.safe_load((ROOT / "docker-compose.yml").read_text())[
+        "services"]["replica1"]["command"]  # the replicas are untouched
+
+
+@dataclass
+class TlsNginx:
+    """nginx rendered from deploy/nginx/recur-tls.conf.template with the override's environment,
+    its replica addresses pointed at local processes and its certificate folder at `certs`."""
+
+    directory: Path
+    upstreams: list[int]
+    certs: Path
+    client_verify: str | None = None  # None: the override's setting
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> TlsNginx:
+        env = _nginx_environment()
+        self.port = free_port()
+        servers = env["RECUR_UPSTREAM_SERVERS"]
+        for i, port in enumerate(self.upstreams, 1):
+            servers = servers.replace(f"replica{i}:50051", f"127.0.0.1:{port}")
+        values = {**env, "RECUR_UPSTREAM_SERVERS": servers, "RECUR_LB_PORT": str(self.port),
+                  "RECUR_TLS_DIR": str(self.certs)}
+        if self.client_verify is not None:
+            values["RECUR_TLS_CLIENT_VERIFY"] = self.client_verify.format(dir=self.certs)
+        template = (ROOT / "deploy" / "nginx" / "recur-tls.conf.template").read_text()
+        for name, value in values.items():  # what the nginx image's envsubst does with defined names
+            template = template.replace("${" + name + "}", str(value))
+        assert "${" not in template
+        d = self.directory
+        (d / "recur.conf").write_text(template)
+        (d / "nginx.conf").write_text(
+            f"daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
+            "events { worker_connections 1024; }\n"
+            f"http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n"
+            f"  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n"
+            f"  include {d}/recur.conf;\n}}\n")
+        self.proc = subprocess.Popen([_binary("nginx"), "-c", str(d / "nginx.conf"), "-p", str(d)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> Pki:
+    """The ./certs folder of the override: server.pem, server.key, and client-ca.pem for mutual TLS."""
+    pki = make_pki(tmp_path / "certs")
+    shutil.copy(pki.ca, pki.directory / "client-ca.pem")
+    return pki
+
+
+@pytest.fixture
+def start_nginx(topology: Topology, certs: Pki, tmp_path: Path) -> Iterator:
+    started: list[TlsNginx] = []
+
+    def start(client_verify: str | None = None) -> TlsNginx:
+        d = tmp_path / f"nginx-tls-{len(started)}"
+        d.mkdir()
+        n = TlsNginx(d, [r.port for r in topology.replicas], certs.directory, client_verify).start()
+        started.append(n)
+        return n
+
+    yield start
+    for n in started:
+        n.stop()
+
+
+def _sessions_work(client: RecurClient) -> None:
+    sid = client.create("gru-lm").session_id
+    assert client.step(sid, tokens=[1, 2, 3], expected_offset=0).offset == 3
+    assert [r.offset for r in client.stream_sequence(sid, list(range(1, 21)), chunk=8)] == [11, 19, 23]
+    assert client.get(sid).offset == 23
+
+
+def test_nginx_terminates_tls(start_nginx, certs: Pki) -> None:  # type: ignore[no-untyped-def]
+    nginx = start_nginx()
+    with RecurClient(nginx.target, tls_ca=certs.ca, timeout=10) as c:
+        _sessions_work(c)
+    with RecurClient(nginx.target, timeout=10) as plain:  # plaintext against the TLS port
+        refused(plain.models, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_nginx_mutual_tls(start_nginx, certs: Pki) -> None:  # type: ignore[no-untyped-def]
+    nginx = start_nginx(MUTUAL)
+    with RecurClient(nginx.target, tls_ca=certs.ca, tls_cert=certs.client, tls_key=certs.client_key,
+                     timeout=10) as c:
+        _sessions_work(c)
+    # No client certificate, or one from another CA: nginx answers 401, which reads as UNAUTHENTICATED.
+    for who in ({"tls_ca": certs.ca}, {"tls_ca": certs.ca, "tls_cert": certs.stranger, "tls_key": certs.stranger_key}):
+        with RecurClient(nginx.target, timeout=10, **who) as c:
+            refused(c.models, grpc.StatusCode.UNAUTHENTICATED)
+            refused(lambda c=c: c.create("gru-lm"), grpc.StatusCode.UNAUTHENTICATED)
