@@ -10,6 +10,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recur.v1 import recur_pb2 as pb
@@ -204,3 +205,42 @@ def test_concurrent_calls_are_capped(start_server) -> None:  # type: ignore[no-u
         for call in open_calls:
             assert list(call) == []
         assert c.models()
+
+
+def test_streams_per_connection_and_keepalive_are_enforced(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(store="memory:", extra=["--max-streams-per-connection", "1",
+                                                  "--keepalive-min-interval", "60"])
+    with server.client() as c:
+        sid = c.create("lstm-lm").session_id
+        hold = threading.Event()
+
+        def slow() -> Iterator[pb.StepRequest]:
+            yield pb.StepRequest(session_id=sid, text="a")
+            hold.wait(30)
+
+        first = c.stub.Stream(slow())
+        next(first)
+        # the connection's one stream is taken: a second call on it waits for a slot
+        refused(lambda: c.stub.ListModels(pb.ListModelsRequest(), timeout=1), grpc.StatusCode.DEADLINE_EXCEEDED)
+        hold.set()
+        assert list(first) == []
+        assert c.stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+    # a client that pings every 100 ms, far more often than allowed, is sent away (GOAWAY too_many_pings)
+    eager = grpc.insecure_channel(server.target, options=[("grpc.keepalive_time_ms", 100),
+                                                          ("grpc.keepalive_permit_without_calls", 1),
+                                                          ("grpc.http2.max_pings_without_data", 0)])
+    stub = recur_pb2_grpc.RecurStub(eager)
+    hold2 = threading.Event()
+
+    def quiet() -> Iterator[pb.StepRequest]:
+        hold2.wait(20)
+        return
+        yield
+
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Stream(quiet(), timeout=20))
+    hold2.set()
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "too many pings" in e.value.details().lower()
+    assert time.monotonic() - t0 < 15
+    eager.close()
