@@ -76,6 +76,8 @@ class TenantLimits:
     requests_per_second: float = 0
 
 
+NO_LIMITS = TenantLimits()
+
 _LIMIT_TYPES: dict[str, type] = {f.name: (float if f.name == "requests_per_second" else int)
                                  for f in fields(TenantLimits)}
 
@@ -158,7 +160,7 @@ class Authenticator:
         return sorted({t for _, t in self._keys})
 
     def limits(self, tenant: str) -> TenantLimits:
-        return self._limits.get(tenant, TenantLimits())
+        return self._limits.get(tenant, NO_LIMITS)
 
     def tenant_of(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
         """The tenant a call's `authorization: Bearer KEY` metadata names, after its request-rate check.

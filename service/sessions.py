@@ -18,7 +18,7 @@ from collections.abc import AsyncGenerator, Callable
 
 import numpy as np
 
-from service.auth import TenantLimits
+from service.auth import NO_LIMITS, TenantLimits
 from service.config import Settings
 from service.engine import Engine
 from service.errors import InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, StoreConflict
@@ -89,7 +89,7 @@ class SessionService:
         return _checked(requested) if requested else uuid.uuid4().hex
 
     def _limits(self, tenant: str) -> TenantLimits:
-        return self.tenant_limits(tenant) if self.tenant_limits else TenantLimits()
+        return self.tenant_limits(tenant) if self.tenant_limits else NO_LIMITS
 
     def _max_chunk(self, tenant: str) -> int:
         own = self._limits(tenant).max_chunk
@@ -175,12 +175,15 @@ class SessionService:
             if not np.isfinite(x).all():
                 raise InvalidInput("features contain values that are not finite (NaN or infinity)")
         else:
-            ids = model.encode(inp.text) if kind == "text" else np.asarray(inp.tokens, dtype=np.int64)
-            bad = (ids < 0) | (ids >= len(model.vocab))
-            if bad.any():
-                pos = int(np.argmax(bad))
+            if kind == "text":
+                ids = model.encode(inp.text)
+            elif min(inp.tokens) < 0 or max(inp.tokens) >= len(model.vocab):  # C loops, no array for a small chunk
+                ids = np.asarray(inp.tokens, dtype=np.int64)
+                pos = int(np.argmax((ids < 0) | (ids >= len(model.vocab))))
                 raise InvalidInput(f"token id {ids[pos]} at position {pos} is out of range "
                                    f"[0, {len(model.vocab)}) for model {model.name}")
+            else:
+                ids = np.array(inp.tokens, dtype=np.int64)
             x = ids.reshape(1, -1)
         return x, hashlib.sha256(x.tobytes()).digest()
 

@@ -203,16 +203,18 @@ class Redis:
     directory: Path
     port: int = 0
     proc: subprocess.Popen | None = None
+    password: str = ""  # --requirepass
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{f':{self.password}@' if self.password else ''}127.0.0.1:{self.port}/0"
 
     def start(self) -> Redis:
         self.port = self.port or free_port()
+        auth = ["--requirepass", self.password] if self.password else []
         self.proc = subprocess.Popen([_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
                                       "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync",
-                                      "everysec", "--save", ""], stdout=subprocess.DEVNULL)
+                                      "everysec", "--save", "", *auth], stdout=subprocess.DEVNULL)
         wait_port(self.port)
         return self
 
@@ -224,23 +226,27 @@ class Redis:
 
 @dataclass
 class Nginx:
+    """nginx rendered from one of deploy/nginx's templates with a compose environment (default: the
+    compose file's nginx environment), its replica addresses pointed at the local processes."""
+
     directory: Path
     upstreams: list[int]
+    template: str = "recur.conf.template"
+    environment: dict[str, str] | None = None
+    extra: dict[str, str] = field(default_factory=dict)  # values set here rather than by compose
     port: int = 0
     proc: subprocess.Popen | None = None
 
     def start(self) -> Nginx:
-        """Render deploy/nginx/recur.conf.template with the compose file's nginx environment, its
-        replica addresses pointed at the local processes."""
-        env = yaml.safe_load(COMPOSE.read_text())["services"]["nginx"]["environment"]
+        env = self.environment or yaml.safe_load(COMPOSE.read_text())["services"]["nginx"]["environment"]
         self.port = free_port()
         servers = env["RECUR_UPSTREAM_SERVERS"]
         for i, port in enumerate(self.upstreams, 1):
             servers = servers.replace(f"replica{i}:50051", f"127.0.0.1:{port}")
-        values = {"RECUR_UPSTREAM_SERVERS": servers, "RECUR_LB_PORT": str(self.port)}
-        template = (ROOT / "deploy" / "nginx" / "recur.conf.template").read_text()
+        values = {**env, "RECUR_UPSTREAM_SERVERS": servers, "RECUR_LB_PORT": str(self.port), **self.extra}
+        template = (ROOT / "deploy" / "nginx" / self.template).read_text()
         for name, value in values.items():  # what the nginx image's envsubst does with defined names
-            template = template.replace("${" + name + "}", value)
+            template = template.replace("${" + name + "}", str(value))
         assert "${" not in template
         d = self.directory
         (d / "recur.conf").write_text(template)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -16,7 +15,7 @@ import pytest
 import yaml
 
 from recur.client import RecurClient
-from tests.helpers import Pki, Topology, _binary, free_port, make_pki, refused, wait_port
+from tests.helpers import Nginx, Pki, Topology, make_pki, refused
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDE = ROOT / "docker-compose.tls.yml"
@@ -50,55 +49,6 @@ def test_the_tls_override_validates() -> None:
         "services"]["replica1"]["command"]  # the replicas are untouched
 
 
-@dataclass
-class TlsNginx:
-    """nginx rendered from deploy/nginx/recur-tls.conf.template with the override's environment,
-    its replica addresses pointed at local processes and its certificate folder at `certs`."""
-
-    directory: Path
-    upstreams: list[int]
-    certs: Path
-    client_verify: str | None = None  # None: the override's setting
-    port: int = 0
-    proc: subprocess.Popen | None = None
-
-    def start(self) -> TlsNginx:
-        env = _nginx_environment()
-        self.port = free_port()
-        servers = env["RECUR_UPSTREAM_SERVERS"]
-        for i, port in enumerate(self.upstreams, 1):
-            servers = servers.replace(f"replica{i}:50051", f"127.0.0.1:{port}")
-        values = {**env, "RECUR_UPSTREAM_SERVERS": servers, "RECUR_LB_PORT": str(self.port),
-                  "RECUR_TLS_DIR": str(self.certs)}
-        if self.client_verify is not None:
-            values["RECUR_TLS_CLIENT_VERIFY"] = self.client_verify.format(dir=self.certs)
-        template = (ROOT / "deploy" / "nginx" / "recur-tls.conf.template").read_text()
-        for name, value in values.items():  # what the nginx image's envsubst does with defined names
-            template = template.replace("${" + name + "}", str(value))
-        assert "${" not in template
-        d = self.directory
-        (d / "recur.conf").write_text(template)
-        (d / "nginx.conf").write_text(
-            f"daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n"
-            "events { worker_connections 1024; }\n"
-            f"http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n"
-            f"  fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n"
-            f"  include {d}/recur.conf;\n}}\n")
-        self.proc = subprocess.Popen([_binary("nginx"), "-c", str(d / "nginx.conf"), "-p", str(d)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port)
-        return self
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def certs(tmp_path: Path) -> Pki:
     """The ./certs folder of the override: server.pem, server.key, and client-ca.pem for mutual TLS."""
@@ -109,12 +59,17 @@ def certs(tmp_path: Path) -> Pki:
 
 @pytest.fixture
 def start_nginx(topology: Topology, certs: Pki, tmp_path: Path) -> Iterator:
-    started: list[TlsNginx] = []
+    started: list[Nginx] = []
 
-    def start(client_verify: str | None = None) -> TlsNginx:
+    def start(client_verify: str | None = None) -> Nginx:
+        """nginx from the override's template and environment, its certificate folder at `certs`."""
         d = tmp_path / f"nginx-tls-{len(started)}"
         d.mkdir()
-        n = TlsNginx(d, [r.port for r in topology.replicas], certs.directory, client_verify).start()
+        extra = {"RECUR_TLS_DIR": str(certs.directory)}
+        if client_verify is not None:
+            extra["RECUR_TLS_CLIENT_VERIFY"] = client_verify.format(dir=certs.directory)
+        n = Nginx(d, [r.port for r in topology.replicas], "recur-tls.conf.template", _nginx_environment(),
+                  extra).start()
         started.append(n)
         return n
 

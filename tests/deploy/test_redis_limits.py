@@ -22,7 +22,7 @@ from service.errors import LimitExceeded, SessionExpired, SessionNotFound, Unava
 from service.health import watch_store
 from service.store.base import SessionRecord
 from service.store.redis import RedisStore
-from tests.helpers import Redis, Server, _binary, free_port, wait_port
+from tests.helpers import Redis, Server
 
 PASSWORD = "pw-9f8e7d6c5b4a"
 
@@ -37,30 +37,6 @@ def redis(tmp_path: Path) -> Iterator[Redis]:
     r = Redis(tmp_path).start()
     yield r
     r.kill()
-
-
-class _PasswordRedis:
-    """redis-server with --requirepass, on a fixed port so it can be restarted."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory, self.port = directory, free_port()
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://:{PASSWORD}@127.0.0.1:{self.port}/0"
-
-    def start(self) -> _PasswordRedis:
-        self.proc = subprocess.Popen([_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--dir", str(self.directory), "--save", "", "--requirepass", PASSWORD],
-                                     stdout=subprocess.DEVNULL)
-        wait_port(self.port)
-        return self
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 async def test_64_concurrent_creates_at_a_limit_of_100_store_exactly_100(redis: Redis) -> None:
@@ -151,7 +127,7 @@ async def test_health_follows_redis_away_and_back(redis: Redis, caplog: pytest.L
 
 async def test_the_password_never_leaks_in_process(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="service")
-    r = _PasswordRedis(tmp_path).start()
+    r = Redis(tmp_path, password=PASSWORD).start()
     store = RedisStore(r.url, timeout=0.5)
     try:
         await store.create(_rec("a"))
@@ -173,7 +149,7 @@ async def test_the_password_never_leaks_in_process(tmp_path: Path, caplog: pytes
 
 
 def test_the_password_never_leaks_from_a_server(tiny_models: Path, tmp_path: Path) -> None:
-    r = _PasswordRedis(tmp_path).start()
+    r = Redis(tmp_path, password=PASSWORD).start()
     server = Server(tiny_models, r.url)
     try:
         server.start()
