@@ -78,6 +78,9 @@ class Settings:
     max_replay_bytes: int = field(default=DEFAULT_MAX_REPLAY_BYTES, metadata={
         "help": "Largest per-step outputs kept with a session for replaying its last chunk; a larger chunk's "
         "replay recomputes them from the stored state before it."})
+    max_batch_chunks: int = field(default=1024, metadata={
+        "help": "Most chunks in one StepBatch message (StreamBatch); the engine still runs at most --max-batch "
+        "in one call."})
     max_queue: int = field(default=_ENGINE.max_queue, metadata={
         "help": "Most chunks queued or running in the engine; past it a chunk is shed with RESOURCE_EXHAUSTED."})
     max_concurrent_rpcs: int = field(default=10_000, metadata={

@@ -70,14 +70,15 @@ async def _sweep(store: Store, interval: float) -> None:
 
 
 def max_message_bytes(settings: Settings, models: ModelRepository) -> int:
-    """The largest message a valid call can need: a StepBatch of --max-batch chunks of --max-chunk
-    steps of the widest model input (a token as a 10-byte varint, a character as 4 UTF-8 bytes, a
-    feature row as 4 bytes a value), plus room for ids and options. gRPC refuses anything larger
-    before it is parsed (RESOURCE_EXHAUSTED), so no oversized message reaches Python."""
+    """The largest message the server reads: a StepBatch of --max-batch-chunks chunks (512 bytes
+    each for ids and options) holding together 4 × --max-chunk steps of the widest model input (a
+    token as a 10-byte varint, a character as 4 UTF-8 bytes, a feature row as 4 bytes a value), or a
+    CreateSession with a whole initial state. gRPC refuses anything larger before it is parsed
+    (RESOURCE_EXHAUSTED), so no oversized message reaches Python."""
     widest = max([10, *(4 * m.feature_dim for m in models.all())])
     state = max([sum(4 * s.layers * s.hidden for s in m.states) for m in models.all()] + [0])
-    per_chunk = settings.max_chunk * widest + 1024
-    return max(settings.max_batch * per_chunk, state + 64 * 1024)
+    steps = 4 * settings.max_chunk * widest + 512 * settings.max_batch_chunks
+    return max(steps, state + 64 * 1024)
 
 
 def server_options(settings: Settings, models: ModelRepository) -> list[tuple[str, int]]:

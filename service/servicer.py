@@ -94,7 +94,7 @@ def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
 class RecurServicer(recur_pb2_grpc.RecurServicer):
     def __init__(self, core: SessionService, auth: Authenticator, settings: Settings, replica_id: str) -> None:
         self.core, self.auth = core, auth
-        self.max_stream_inflight, self.max_batch = settings.max_stream_inflight, settings.max_batch
+        self.max_stream_inflight, self.max_batch_chunks = settings.max_stream_inflight, settings.max_batch_chunks
         self.idle_timeout = settings.stream_idle_timeout or None
         self.metadata = ((REPLICA_HEADER, replica_id),)  # which replica answered: for operators and tests
 
@@ -222,8 +222,8 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
             return [convert.step_error_to_pb(pb.StepRequest(), *_code(InvalidInput("the StepBatch message does "
                                                                                      "not parse")))]
         try:
-            if len(batch.steps) > self.max_batch:
-                raise LimitExceeded(f"a StepBatch holds at most {self.max_batch} steps (--max-batch); "
+            if len(batch.steps) > self.max_batch_chunks:
+                raise LimitExceeded(f"a StepBatch holds at most {self.max_batch_chunks} chunks (--max-batch-chunks); "
                                     f"this one holds {len(batch.steps)}")
             results = await self.core.step_batch(tenant, [convert.step_from_pb(r, deadline) for r in batch.steps])
         except Exception as e:  # the whole message refused (too large, shutting down)

@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from recur.client import RecurClient
+from recur.v1 import recur_pb2 as pb
 from tests.helpers import Server
 
 ASYNC_WINDOW = 0.05
@@ -182,3 +183,26 @@ def test_sigkill_under_async_loses_at_most_the_window(start_server, record_prope
           f"{lost_chunks} lost, the oldest lost one acknowledged {window * 1000:.0f} ms before the kill")
     assert acked > 100
     assert window <= ASYNC_WINDOW + 0.5, window  # the window, plus the commit in flight, on a loaded machine
+
+
+def test_async_with_a_one_record_cache_over_a_real_server(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Many sessions written within each write-behind window with --cache-size 1: no acknowledged
+    step is refused or lost, one by one over Step and 500 at once over StreamBatch, and after a
+    restart every session is where its last reply said."""
+    store = f"sqlite:{tmp_path / 'tiny-cache.db'}"
+    server = start_server(store=store, extra=["--durability", "async", "--cache-size", "1"])
+    with server.client() as c:
+        sids = [c.create("gru-lm").session_id for _ in range(500)]
+        for round_ in range(3):
+            for sid in sids[:200]:
+                assert c.step(sid, tokens=[round_ + 1], expected_offset=round_).offset == round_ + 1
+        for sid in sids[:200]:
+            assert c.step(sid, tokens=[9]).offset == 4  # no expected offset: applied once, never twice
+        batch = pb.StepBatch(steps=[pb.StepRequest(session_id=s, tokens=[1, 2], request_id=s) for s in sids])
+        replies = next(iter(c.stub.StreamBatch(iter([batch]), timeout=60))).steps
+        assert [r.offset for r in replies] == [6] * 200 + [2] * 300, [r.status.message for r in replies][:3]
+        assert [c.get(s).offset for s in sids] == [6] * 200 + [2] * 300
+    assert server.terminate() == 0
+    again = start_server(store=store)
+    with again.client() as c:
+        assert [c.get(s).offset for s in sids] == [6] * 200 + [2] * 300
