@@ -71,7 +71,7 @@ async def _sweep(store: Store, interval: float) -> None:
 
 def max_message_bytes(settings: Settings, models: ModelRepository) -> int:
     """The largest message the server reads: a StepBatch of --max-batch-chunks chunks (512 bytes
-    each for ids and options) holding together 4 × --max-chunk steps of the widest model input (a
+    each for ids and options) holding together 4 times --max-chunk steps of the widest model input (a
     token as a 10-byte varint, a character as 4 UTF-8 bytes, a feature row as 4 bytes a value), or a
     CreateSession with a whole initial state. gRPC refuses anything larger before it is parsed
     (RESOURCE_EXHAUSTED), so no oversized message reaches Python."""
