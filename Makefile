@@ -24,13 +24,20 @@ serve: $(VENV)/.serve
 	mkdir -p var
 	$(BIN)/recur serve --models-dir models --store $(STORE) --port $(PORT)
 
-test: $(VENV)/.dev
+# tritonclient needs protobuf < 7 and the server's stubs protobuf >= 7.35: the Open Inference Protocol
+# tests (tests/v2) run tritonclient scripts as subprocesses in this venv of their own.
+$(VENV)-tritonclient/.done:
+	$(PYTHON) -m venv $(VENV)-tritonclient
+	$(VENV)-tritonclient/bin/pip install --quiet --disable-pip-version-check 'tritonclient[grpc]==2.73.0' 'protobuf>=6.33,<7' 'numpy>=1.26'
+	touch $@
+
+test: $(VENV)/.dev $(VENV)-tritonclient/.done
 	deploy/ensure-packages
 	$(BIN)/python -m pytest -q
 
 # Regenerate the gRPC stubs from protos/ (a test fails when they are stale).
 proto: $(VENV)/.dev
-	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/recur/v1/recur.proto
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --pyi_out=. --grpc_python_out=. protos/recur/v1/recur.proto protos/recur/kserve/grpc_service.proto
 
 # Re-create the three shipped default models (about 15 minutes on 2 cores).
 models: $(VENV)/.dev
@@ -42,11 +49,12 @@ models: $(VENV)/.dev
 	$(BIN)/recur export runs/digits/best.pt --name digits --version 1
 
 # The benchmark suite: writes BENCHMARKS.md and bench/throughput.png (several minutes; run it on a quiet machine).
-bench: $(VENV)/.dev
+bench: $(VENV)/.dev $(VENV)-tritonclient/.done
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.redis_store
 	$(BIN)/python -m bench.soak
+	$(BIN)/python -m bench.v2
 
 clean:
-	rm -rf $(VENV) var runs data
+	rm -rf $(VENV) $(VENV)-tritonclient var runs data

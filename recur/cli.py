@@ -24,7 +24,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="train a recurrent model with truncated BPTT",
         description="Train an RNN/LSTM/GRU on real data (nothing downloaded). Example:\n"
         "  recur train --task lm --cell lstm --layers 2 --hidden 256 --max-steps 3000 --out runs/pylm\n"
-        "then: recur export runs/pylm/best.pt --name pylm --version 1",
+        "then: recur export runs/pylm/best.pt --name pylm --version 1\n"
+        "Your own data: --task lm --data DIR_OR_FILE_OR_GLOB, --task tagger --data FILE.jsonl, "
+        "--task classify --data FILE.npz",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_dataclass_arguments(p, TrainConfig)
@@ -35,9 +37,14 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from training.config import TrainConfig
     from training.train import Trainer
+    from training.userdata import DataError
 
     cfg = from_args(TrainConfig, args)
-    trainer = Trainer(cfg, command=shlex.join(["recur", *sys.argv[1:]]), resume=args.resume)
+    try:
+        trainer = Trainer(cfg, command=shlex.join(["recur", *sys.argv[1:]]), resume=args.resume)
+    except DataError as e:  # bad user data: say where, without a traceback
+        print(f"recur: error: {e}", file=sys.stderr)
+        return 2
     metrics = trainer.run(progress=not args.quiet)
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
     return 0
@@ -60,6 +67,44 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import", help="bring your own ONNX model: check it and write models/NAME/VERSION/ (manifest included)",
+        description="Inspect an ONNX graph (e.g. from torch.onnx.export with dynamic batch and time), pair its "
+        "state inputs with its state outputs, write the manifest, load it as the server does and check that "
+        "chunked runs equal one pass. See README, 'Serve your own model'.")
+    p.add_argument("model", type=Path, help="the ONNX file")
+    p.add_argument("--name", required=True, help="model name")
+    p.add_argument("--version", type=int, required=True, help="model version, a positive integer")
+    p.add_argument("--models-dir", type=Path, default=Path("models"), help="model repository (default: models)")
+    p.add_argument("--head", choices=["lm", "tagger", "classifier"],
+                   help="what the output is (default: lm, or tagger with --labels)")
+    p.add_argument("--vocab", type=Path, help="tokens, one per line or a JSON list (for text input)")
+    p.add_argument("--labels", type=Path, help="class labels, one per line or a JSON list (tagger, classifier)")
+    p.add_argument("--state-pairs", help="IN:OUT,... state inputs and the outputs carrying their new values, "
+                   "when pairing by shape and name is ambiguous")
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from training.importer import ImportRefused, import_model
+
+    try:
+        result = import_model(args.model, name=args.name, version=args.version, models_dir=args.models_dir,
+                              vocab=args.vocab, labels=args.labels, state_pairs=args.state_pairs, head=args.head,
+                              command=shlex.join(["recur", *sys.argv[1:]]))
+    except ImportRefused as e:
+        print(f"recur import: refused: {e}", file=sys.stderr)
+        return 1
+    m, p = result.manifest, result.parity
+    states = ", ".join(f"{s['name']}->{s['output']} {s['shape']}" for s in m["state"])
+    print(f"{m['input']['kind']} {m['input']['name']} {m['input']['shape']} -> {m['head']['kind']} "
+          f"{m['head']['output']} {m['head']['shape']}; cell {m['cell']}; states {states}; opset {m['opset']}")
+    print(f"parity: {p['chunks']} chunks vs one pass over {p['steps']} steps: max |diff| {p['max_abs_diff']:.2e}; "
+          f"one row vs batch: {p['batch_max_abs_diff']:.2e} (tolerance {p['tolerance']:g}): ok")
+    print(result.directory)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recur", description="Stateful sequence inference with recurrent models.")
     parser.add_argument("--log-level", default=os.environ.get("RECUR_LOG_LEVEL", "INFO"),
@@ -75,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_keys_arguments(sub.add_parser("keys", help="manage the API key file of --auth-keys"))
     _add_train(sub)
     _add_export(sub)
+    _add_import(sub)
     return parser
 
 
@@ -90,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_train(args)
     if args.command == "export":
         return _run_export(args)
+    if args.command == "import":
+        return _run_import(args)
     if args.command == "keys":
         from service.auth import run_keys
 

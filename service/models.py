@@ -17,6 +17,7 @@ import numpy as np
 
 from service.errors import InvalidInput, ModelInvalid, ModelNotFound
 from service.runtime import ModelRuntime, RuntimeOptions
+from service.schema import problem as schema_problem
 
 log = logging.getLogger(__name__)
 
@@ -158,14 +159,19 @@ def load_model(directory: Path, options: RuntimeOptions) -> Model:
         blob = (directory / "model.onnx").read_bytes()
     except (OSError, json.JSONDecodeError) as e:
         raise ModelInvalid(f"{where}: cannot read manifest.json and model.onnx ({e.__class__.__name__})") from e
+    if not isinstance(manifest, dict):
+        raise ModelInvalid(f"{where}: manifest.json is not a JSON object")
     digest = hashlib.sha256(blob).hexdigest()
     if manifest.get("sha256") != digest:
         raise ModelInvalid(f"{where}: model.onnx has sha256 {digest} but the manifest says {manifest.get('sha256')}")
-    if not isinstance(manifest, dict):
-        raise ModelInvalid(f"{where}: manifest.json is not a JSON object")
     if manifest.get("format") not in MANIFEST_FORMATS:
         raise ModelInvalid(f"{where}: manifest format {manifest.get('format')!r} is not one this server reads "
                            f"{list(MANIFEST_FORMATS)}")
+    bad = schema_problem(manifest)  # docs/manifest.schema.json
+    if bad is not None:
+        raise ModelInvalid(f"{where}: manifest field {bad[0]} {bad[1]} (docs/manifest.schema.json)")
+    if manifest["input"]["kind"] == "tokens" and "vocab_size" not in manifest["input"]:
+        raise ModelInvalid(f"{where}: manifest field input.vocab_size is missing (a tokens input needs it)")
     try:
         opset = graph_opset(blob)
     except (IndexError, ValueError) as e:
@@ -219,9 +225,11 @@ class ModelRepository:
     @classmethod
     def load(cls, root: Path, options: RuntimeOptions) -> ModelRepository:
         models = []
-        for manifest in sorted(root.glob("*/*/manifest.json")):
-            directory = manifest.parent
-            if not directory.name.isdigit():
+        for stray in sorted(p for p in root.glob("*/*.onnx") if not p.parent.name.startswith(".")):
+            log.error("refusing model: %s: not in a VERSION directory, no manifest.json; run recur import", stray)
+        for directory in sorted(d for d in root.glob("*/*") if d.is_dir() and d.name.isdigit()):
+            if not (directory / "manifest.json").is_file():
+                log.error("refusing model: %s: no manifest.json; run recur import", directory)
                 continue
             try:
                 model = load_model(directory, options)

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from recur.kserve import grpc_service_pb2_grpc
 from recur.v1 import recur_pb2, recur_pb2_grpc
 from service import tls
 from service.auth import DEFAULT_TENANT, Authenticator
@@ -30,6 +31,8 @@ from service.runtime import RuntimeOptions
 from service.servicer import MalformedRequests, RecurServicer
 from service.sessions import SessionService
 from service.store import Store, open_store, redact_url
+from service.v2 import SERVICE as V2_SERVICE_NAME
+from service.v2 import InferenceServicer
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +136,21 @@ async def create_server(settings: Settings) -> Running:
     replica_id = settings.replica_id or f"{socket.gethostname()}:{port}"
     servicer = RecurServicer(core, auth, settings, replica_id)
     recur_pb2_grpc.add_RecurServicer_to_server(servicer, server)
+    # the Open Inference Protocol (KServe v2 + Triton's sequences) on the same core and port
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(core, auth, settings, replica_id), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+        [SERVICE_NAME, V2_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME], server
     )
     await server.start()
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, V2_SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     background = [asyncio.create_task(_sweep(store, settings.sweep_interval), name="sweeper"),
-                  asyncio.create_task(watch_store(store, health_servicer, [SERVICE_NAME], settings.health_interval),
+                  asyncio.create_task(watch_store(store, health_servicer, [SERVICE_NAME, V2_SERVICE_NAME],
+                                                  settings.health_interval),
                                       name="store-health")]
     return Running(server, port, core, store, health_servicer, background)
 

@@ -18,7 +18,7 @@ import grpc
 
 from recur.v1 import recur_pb2 as pb
 from recur.v1 import recur_pb2_grpc
-from service import convert
+from service import convert, streams
 from service.auth import Authenticator
 from service.config import Settings
 from service.errors import InvalidInput, LimitExceeded, RecurError
@@ -146,75 +146,11 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         except RecurError as e:
             await context.abort(*status_of(e))
         await context.send_initial_metadata(self.metadata)
-        replies: asyncio.Queue[pb.StepResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.max_stream_inflight)  # chunks running or replies not yet sent
-
-        async def one(request: pb.StepRequest | Malformed) -> None:
-            try:
-                reply = await self._step_or_status(tenant, request, _deadline(context))
-            except BaseException:
-                slots.release()
-                raise
-            replies.put_nowait(reply)  # bounded by the slots
-
-        async def read() -> None:
-            tasks: set[asyncio.Task] = set()
-            try:
-                async for request in self._messages(request_iterator, idle):
-                    await slots.acquire()
-                    task = asyncio.create_task(one(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                if tasks:
-                    await asyncio.wait(tasks)  # unlike gather, a cancelled wait leaves the chunks running
-            finally:
-                replies.put_nowait(None)
-
-        idle = asyncio.Event()
-        reader = asyncio.create_task(read())
-        try:
-            while (reply := await replies.get()) is not None:
-                yield reply
-                slots.release()  # only now: the reply has left this call's memory
-        finally:
-            reader.cancel()
-        await self._end_if_idle(idle, context)
-
-    async def _messages(self, requests: AsyncIterator[T], idle: asyncio.Event) -> AsyncIterator[T]:
-        """The call's messages until its end; if none comes for --stream-idle-timeout, `idle` is set
-        and the reading task is cancelled. A timer, not a timeout per message: this is the hot path."""
-        if self.idle_timeout is None:
-            async for request in requests:
-                yield request
-            return
-        loop, reader, timeout = asyncio.get_running_loop(), asyncio.current_task(), self.idle_timeout
-        last = loop.time()
-        timer: asyncio.TimerHandle | None = None
-
-        def check() -> None:
-            nonlocal timer
-            quiet = loop.time() - last
-            if quiet >= timeout:
-                idle.set()
-                if reader is not None:
-                    reader.cancel()
-            else:
-                timer = loop.call_later(timeout - quiet, check)
-
-        timer = loop.call_later(timeout, check)
-        try:
-            async for request in requests:
-                last = loop.time()
-                yield request
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    async def _end_if_idle(self, idle: asyncio.Event, context: grpc.aio.ServicerContext) -> None:
-        if idle.is_set():
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"no message on this stream for {self.idle_timeout:g} s (--stream-idle-timeout); "
-                                "open a new stream to go on")
+        async for reply in streams.handled(request_iterator,
+                                           lambda r: self._step_or_status(tenant, r, _deadline(context)),
+                                           max_inflight=self.max_stream_inflight, idle_timeout=self.idle_timeout,
+                                           context=context):
+            yield reply
 
     async def _batch(self, tenant: str, batch: pb.StepBatch | Malformed, deadline: float | None
                      ) -> list[pb.StepResponse]:
@@ -255,7 +191,7 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
 
         async def read() -> None:
             try:
-                async for batch in self._messages(request_iterator, idle):
+                async for batch in streams.messages(request_iterator, self.idle_timeout, idle):
                     await pending.put(asyncio.ensure_future(self._batch(tenant, batch, _deadline(context))))
             finally:
                 await pending.put(None)
@@ -267,7 +203,7 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
                 yield pb.StepBatchResponse(steps=await task)
         finally:
             reader.cancel()
-        await self._end_if_idle(idle, context)
+        await streams.end_if_idle(idle, self.idle_timeout, context)
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:

@@ -27,3 +27,10 @@ def test_soak_smoke() -> None:
     out = subprocess.run([sys.executable, "-m", "bench.soak", "--seconds", "3", "--sessions", "40", "--no-write"],
                          cwd=ROOT, check=True, timeout=180, capture_output=True, text=True).stdout
     assert "Lost: 0" in out and " OK " in out
+
+
+def test_v2_bench_smoke() -> None:
+    """The v2 row's load generator (tritonclient, in its own venv) against the native Stream."""
+    out = subprocess.run([sys.executable, "-m", "bench.v2", "--sessions", "4", "--chunk", "4", "--length", "32",
+                          "--no-write"], cwd=ROOT, check=True, timeout=300, capture_output=True, text=True).stdout
+    assert "ModelStreamInfer (tritonclient, full logits)" in out and "v2 / native:" in out

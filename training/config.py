@@ -7,14 +7,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-TASKS = ("lm", "tagger", "digits")
+TASKS = ("lm", "tagger", "digits", "classify")
 
 
 @dataclass
 class TrainConfig:
     task: str = field(default="lm", metadata={
         "help": "lm: next-character language model on stdlib text; tagger: Python token class of every character; "
-        "digits: sklearn's 8x8 digits read as 8 steps of 8 features, one label per sequence"})
+        "digits: sklearn's 8x8 digits read as 8 steps of 8 features, one label per sequence; "
+        "classify: one label per sequence of feature vectors, from --data FILE.npz. With --data, lm and tagger "
+        "read your data instead of stdlib text (and digits means classify)"})
+    data: str = field(default="", metadata={
+        "help": "your own data (empty: the built-in data set): lm: a text file, a directory of text files or a "
+        "glob (UTF-8); tagger: a JSONL file of {text, tags} (a label per character) or {tokens, tags} (a label "
+        "per token) records; classify: an .npz with X [n, time, dim] and y [n] (integers or strings). Split "
+        "90/5/5 by sha256 of each unit's key (lm: 50-line block of a file; tagger: record; classify: index)"})
+    max_vocab: int = field(default=0, metadata={
+        "help": "with --data (lm, tagger): keep at most N vocabulary entries, the unknown one included, the "
+        "most frequent characters first; the rest read as unknown (0: no cap)"})
     out: str = field(default="runs/lm", metadata={
         "help": "run directory: checkpoints (ckpt.pt, best.pt), metrics.jsonl, curves.png, summary.json"})
     cell: str = field(default="lstm", metadata={"help": "recurrent cell: rnn (vanilla tanh), lstm or gru"})

@@ -166,6 +166,13 @@ def export(checkpoint: Path, *, name: str, version: int, models_dir: Path, comma
     model = SequenceModel(ModelConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     model.eval()
+    vocabulary, labels = ckpt.get("vocabulary"), ckpt.get("labels")
+    cfg = model.config
+    if cfg.input_kind == "tokens" and len(vocabulary or []) != cfg.vocab_size:
+        raise ValueError(f"{checkpoint}: the vocabulary has {len(vocabulary or [])} entries but the model reads "
+                         f"{cfg.vocab_size} token ids")
+    if cfg.head != "lm" and len(labels or []) != cfg.classes:
+        raise ValueError(f"{checkpoint}: {len(labels or [])} labels but the model has {cfg.classes} outputs")
     proto = build_graph(model)
     out = models_dir / name / str(version)
     out.mkdir(parents=True, exist_ok=True)
@@ -183,9 +190,9 @@ def export(checkpoint: Path, *, name: str, version: int, models_dir: Path, comma
         model,
         name=name,
         version=version,
-        vocabulary=ckpt.get("vocabulary"),
+        vocabulary=vocabulary,
         unk_id=ckpt.get("unk_id"),
-        labels=ckpt.get("labels"),
+        labels=labels,
         training=training,
         sha256=hashlib.sha256(blob).hexdigest(),
     )

@@ -21,13 +21,26 @@ import torch
 import torch.nn.functional as F
 
 from training import data as datasets
-from training.config import TrainConfig
+from training import userdata
+from training.config import TASKS, TrainConfig
 from training.evaluate import Batches, evaluate_sequences, evaluate_text, majority_baseline, text_rows
 from training.model import ModelConfig, SequenceModel, State, detach
 
 log = logging.getLogger(__name__)
 
-def _task_data(cfg: TrainConfig, split: str) -> Batches:
+
+def _sequences(cfg: TrainConfig) -> bool:
+    """Many-to-one tasks: one label per sequence of feature vectors."""
+    return cfg.task in ("digits", "classify")
+
+
+def _task_data(cfg: TrainConfig, split: str, user: userdata.UserData | None = None) -> Batches:
+    if user is not None:
+        inputs, targets = user.inputs[split], user.targets[split]
+        limit = cfg.train_chars if split == "train" else cfg.val_chars
+        if limit and not _sequences(cfg):
+            inputs, targets = inputs[:limit], targets[:limit]
+        return Batches(inputs, targets)
     if cfg.task == "digits":
         d = datasets.load_digits(split)
         return Batches(d.features, d.labels)
@@ -39,7 +52,16 @@ def _task_data(cfg: TrainConfig, split: str) -> Batches:
     return Batches(ids, tags)
 
 
-def _model_config(cfg: TrainConfig) -> ModelConfig:
+def _model_config(cfg: TrainConfig, user: userdata.UserData | None = None) -> ModelConfig:
+    if user is not None:
+        if user.task == "classify":
+            return ModelConfig(cell=cfg.cell, head="classifier", input_kind="features", feature_dim=user.feature_dim,
+                               hidden=cfg.hidden, layers=cfg.layers, dropout=cfg.dropout,
+                               classes=len(user.labels or []))
+        vocab = len(user.vocabulary or [])
+        return ModelConfig(cell=cfg.cell, head=user.task, input_kind="tokens", vocab_size=vocab, embed_dim=cfg.embed,
+                           hidden=cfg.hidden, layers=cfg.layers, dropout=cfg.dropout,
+                           classes=vocab if user.task == "lm" else len(user.labels or []))
     if cfg.task == "digits":
         return ModelConfig(cell=cfg.cell, head="classifier", input_kind="features", feature_dim=8,
                            hidden=cfg.hidden, layers=cfg.layers, dropout=cfg.dropout, classes=10)
@@ -49,9 +71,9 @@ def _model_config(cfg: TrainConfig) -> ModelConfig:
 
 
 def _evaluate(model: SequenceModel, cfg: TrainConfig, batches: Batches) -> dict[str, float]:
-    if cfg.task == "digits":
+    if _sequences(cfg):
         return evaluate_sequences(model, batches)
-    return evaluate_text(model, batches)
+    return evaluate_text(model, batches, rows=max(1, min(32, len(batches.inputs))))  # short user splits: fewer rows
 
 
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -73,16 +95,29 @@ class Trainer:
         np.random.seed(cfg.seed)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.train_data = _task_data(cfg, "train")
-        self.val_data = _task_data(cfg, "val")
-        self.model = SequenceModel(_model_config(cfg))
+        if cfg.task not in TASKS:
+            raise ValueError(f"unknown task {cfg.task!r}; expected one of {TASKS}")
+        if cfg.task == "classify" and not cfg.data:
+            raise userdata.DataError("--task classify needs --data FILE.npz (the built-in classifier is --task digits)")
+        self.user: userdata.UserData | None = None
+        if cfg.data:
+            self.user = userdata.load(cfg.task, cfg.data, cfg.max_vocab)
+            log.info("data %s: split %s: %s", cfg.data, self.user.description["split"],
+                     " ".join(f"{s}={n}" for s, n in self.user.description["units"].items()))
+        self.train_data = _task_data(cfg, "train", self.user)
+        self.val_data = _task_data(cfg, "val", self.user)
+        self.model = SequenceModel(_model_config(cfg, self.user))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if cfg.task == "digits":
+        if _sequences(cfg):
             self.steps_per_epoch = math.ceil(len(self.train_data.inputs) / cfg.batch)
         else:
             self.x = text_rows(self.train_data.inputs, cfg.batch)  # (B, n)
             self.y = text_rows(self.train_data.targets, cfg.batch)
             self.steps_per_epoch = self.x.shape[1] // cfg.bptt
+            if self.user is not None and self.steps_per_epoch == 0:
+                raise userdata.DataError(
+                    f"{cfg.data}: the train split has {len(self.train_data.inputs)} characters, fewer than "
+                    f"--batch x --bptt = {cfg.batch * cfg.bptt}; give more data or a smaller --batch or --bptt")
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         self.step, self.epoch, self.seconds = 0, 0, 0.0
@@ -95,8 +130,7 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------
     def _save(self, path: Path, metrics: dict) -> None:
-        vocab = datasets.VOCAB if self.cfg.task != "digits" else None
-        labels = {"lm": None, "tagger": datasets.TAGS, "digits": datasets.DIGIT_LABELS}[self.cfg.task]
+        vocab, labels = self._vocabulary_and_labels()
         torch.save(
             {
                 "model_config": self.model.config.to_dict(),
@@ -112,7 +146,7 @@ class Trainer:
                 "metrics": metrics,
                 "history": self.history,
                 "vocabulary": vocab,
-                "unk_id": datasets.UNK_ID if vocab else None,
+                "unk_id": (self.user.unk_id if self.user else datasets.UNK_ID) if vocab else None,
                 "labels": labels,
                 "command": self.command,
                 "data": self._data_description(),
@@ -120,8 +154,19 @@ class Trainer:
             path,
         )
 
+    def _vocabulary_and_labels(self) -> tuple[list[str] | None, list[str] | None]:
+        if self.user is not None:
+            return self.user.vocabulary, self.user.labels
+        vocab = datasets.VOCAB if self.cfg.task != "digits" else None
+        labels = {"lm": None, "tagger": datasets.TAGS, "digits": datasets.DIGIT_LABELS}[self.cfg.task]
+        return vocab, labels
+
     def _load(self, path: Path) -> None:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        vocab, labels = self._vocabulary_and_labels()
+        if (ckpt.get("vocabulary"), ckpt.get("labels")) != (vocab, labels):
+            raise userdata.DataError(f"{path}: the checkpoint's vocabulary or labels differ from those of the data "
+                                     f"now ({self.cfg.data or self.cfg.task}); the data changed since it was written")
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.step, self.epoch, self.seconds = ckpt["step"], ckpt["epoch"], ckpt["seconds"]
@@ -130,6 +175,8 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
 
     def _data_description(self) -> dict:
+        if self.user is not None:
+            return self.user.description
         if self.cfg.task == "digits":
             return {"source": "sklearn.datasets.load_digits", "split": "stable hash of index, 80/10/10"}
         return {
@@ -140,7 +187,7 @@ class Trainer:
 
     # -- training ----------------------------------------------------------
     def _batch(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cfg.task == "digits":
+        if _sequences(self.cfg):
             idx = self._epoch_order()[i * self.cfg.batch : (i + 1) * self.cfg.batch]
             return torch.from_numpy(self.train_data.inputs)[idx], torch.from_numpy(self.train_data.targets)[idx]
         span = slice(i * self.cfg.bptt, (i + 1) * self.cfg.bptt)
@@ -158,7 +205,7 @@ class Trainer:
     def train_step(self, i: int) -> float:
         self.model.train()
         x, y = self._batch(i)
-        if self.cfg.task == "digits":
+        if _sequences(self.cfg):
             logits, _ = self.model(x)
             loss = F.cross_entropy(logits[:, -1], y)  # many-to-one: the last step's output
         else:
@@ -197,7 +244,8 @@ class Trainer:
         stop_at = min(self.total_steps, until) if until else self.total_steps
 
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not progress, mininterval=1.0, unit="step")
-        tokens_per_step = self.cfg.batch * (8 if self.cfg.task == "digits" else self.cfg.bptt)
+        steps = self.train_data.inputs.shape[1] if _sequences(self.cfg) else self.cfg.bptt
+        tokens_per_step = self.cfg.batch * steps
         window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
         while self.step < stop_at:
             start_i = self.step - self.epoch * self.steps_per_epoch
@@ -240,7 +288,7 @@ class Trainer:
         """Evaluate the best checkpoint on the test split and record it in best.pt."""
         best = torch.load(self.out / "best.pt", map_location="cpu", weights_only=False)
         self.model.load_state_dict(best["model"])
-        test_data = _task_data(TrainConfig(**{**asdict(self.cfg), "val_chars": self.cfg.test_chars}), "test")
+        test_data = _task_data(TrainConfig(**{**asdict(self.cfg), "val_chars": self.cfg.test_chars}), "test", self.user)
         test = _evaluate(self.model, self.cfg, test_data)
         metrics = {**best["metrics"], **{f"test_{k}": v for k, v in test.items()}}
         if self.cfg.task != "lm":
@@ -249,7 +297,8 @@ class Trainer:
         best["seconds"] = self.seconds
         torch.save(best, self.out / "best.pt")
         (self.out / "summary.json").write_text(json.dumps({"metrics": metrics, "seconds": self.seconds,
-                                                           "steps": self.step, "command": self.command}, indent=2))
+                                                           "steps": self.step, "command": self.command,
+                                                           "data": self._data_description()}, indent=2))
         log.info("test %s", " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         return metrics
 

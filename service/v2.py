@@ -1,0 +1,221 @@
+"""gRPC servicer for the Open Inference Protocol (KServe v2, `inference.GRPCInferenceService`) with
+Triton's sequence extension, over the same core (`SessionService`) and port as recur.v1.
+
+- A sequence (`sequence_id` parameter, int64 or string) is the recur session `v2-<sequence_id>` of
+  the caller's tenant: the native API sees it under that id, and it lives in the configured store, so
+  it survives a restart like any session. `sequence_start` creates it on the requested model (or
+  resets it: delete, then create); `sequence_end` answers, then deletes it. A request without
+  `sequence_start` for a sequence that does not exist is NOT_FOUND, saying to send `sequence_start`.
+  A request that starts a sequence and is then refused leaves the sequence not started.
+- `sequence_id` 0 or "" (no sequence) is a one-shot request: a fresh temporary session, deleted after.
+- The request `id` is a replay key: the server keeps, per sequence and in memory, the id of the last
+  request applied and the offset it started at. The same id again for the same sequence is sent to
+  the core at that offset (`expected_offset`), so the core answers from its replay record without
+  advancing the state (a different content at that offset is refused). Only the last request of a
+  sequence is replayable, and the memory does not survive a restart or the sequence's end.
+- Each reply carries the sequence's offset (steps consumed) as the int64 parameter `sequence_offset`.
+- Requests of one sequence run one at a time in arrival order (on a stream too); different
+  sequences run concurrently and are batched by the engine.
+- ServerLive and ServerReady need no API key (like gRPC health); every other method does.
+  On ModelStreamInfer a refused request is answered with its `error_message` and the stream goes on;
+  a stream with no message for --stream-idle-timeout is ended with DEADLINE_EXCEEDED, as Stream is."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from recur.kserve import grpc_service_pb2 as pb
+from recur.kserve import grpc_service_pb2_grpc
+from service import convert_v2, streams
+from service.auth import Authenticator
+from service.config import Settings
+from service.errors import InvalidInput, NotFound, RecurError, SessionExpired, SessionNotFound
+from service.locks import SessionLocks
+from service.models import Model
+from service.outputs import OutputOptions
+from service.servicer import REPLICA_HEADER, _deadline, status_of, unary
+from service.sessions import SessionService
+from service.types import StepInput, StepResult
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+EXTENSIONS = ["sequence"]
+MAX_REMEMBERED = 100_000  # sequences whose last request id is kept for a replay (least recently used dropped)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("recur")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class _Last:
+    """What the server remembers of a sequence: its model and its last applied request."""
+
+    model: str
+    version: int
+    request_id: str
+    start_offset: int
+
+
+class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: SessionService, auth: Authenticator, settings: Settings, replica_id: str) -> None:
+        self.core, self.auth, self.models = core, auth, core.models
+        self.max_stream_inflight = settings.max_stream_inflight
+        self.idle_timeout = settings.stream_idle_timeout or None
+        self.metadata = ((REPLICA_HEADER, replica_id),)
+        self.version = _version()
+        self._locks = SessionLocks()  # one request per sequence at a time, in arrival order
+        self._last: OrderedDict[tuple[str, str], _Last] = OrderedDict()
+
+    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
+        return self.auth.tenant_of(context.invocation_metadata() or ())
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+                          ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=bool(self.models.all()))
+
+    @unary
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ModelReadyResponse:
+        self._tenant(context)
+        try:
+            self.models.get(request.name, convert_v2.version_from_pb(request.version))
+        except (NotFound, InvalidInput):
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @unary
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.ServerMetadataResponse:
+        self._tenant(context)
+        return pb.ServerMetadataResponse(name="recur", version=self.version, extensions=EXTENSIONS)
+
+    @unary
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+                            ) -> pb.ModelMetadataResponse:
+        self._tenant(context)
+        model = self.models.get(request.name, convert_v2.version_from_pb(request.version))
+        versions = [m.version for m in self.models.all() if m.name == model.name]
+        return convert_v2.model_metadata_to_pb(model, versions)
+
+    @unary
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+                         ) -> pb.ModelInferResponse:
+        return await self._infer(self._tenant(context), request, _deadline(context))
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
+                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests run concurrently across sequences, each sequence's in arrival order; replies come
+        as they are ready (match them by `id`). At most --max-stream-inflight run or wait to be sent."""
+        try:
+            tenant = self._tenant(context)
+        except RecurError as e:
+            await context.abort(*status_of(e))
+        await context.send_initial_metadata(self.metadata)
+
+        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            try:
+                return pb.ModelStreamInferResponse(infer_response=await self._infer(tenant, request,
+                                                                                    _deadline(context)))
+            except Exception as e:
+                return convert_v2.stream_error_to_pb(request, status_of(e)[1])
+
+        async for reply in streams.handled(request_iterator, one, max_inflight=self.max_stream_inflight,
+                                           idle_timeout=self.idle_timeout, context=context):
+            yield reply
+
+    # -- one request -----------------------------------------------------------------------------
+    async def _infer(self, tenant: str, r: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        seq = convert_v2.sequence_from_pb(r)
+        if not seq.id:
+            return await self._one_shot(tenant, r, deadline)
+        key = (tenant, seq.session_id)
+        async with self._locks.hold(key):
+            last = self._last.get(key)
+            replay = last is not None and bool(r.id) and r.id == last.request_id
+            try:
+                if seq.start and not replay:
+                    model, chunk = await self._start(tenant, seq, r)
+                    try:
+                        result = await self._step(tenant, seq.session_id, chunk, None, deadline)
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await self.core.delete(tenant, seq.session_id)
+                        raise
+                else:
+                    model = await self._model_of(tenant, seq, r, last)
+                    chunk = convert_v2.chunk_from_pb(r, model)
+                    result = await self._step(tenant, seq.session_id, chunk,
+                                              last.start_offset if replay and last else None, deadline)
+            except (SessionNotFound, SessionExpired) as e:
+                self._last.pop(key, None)
+                raise type(e)(f"sequence {seq.id!r} is not active ({e}); send its first request with "
+                              "sequence_start=true") from e
+            if seq.end:
+                self._last.pop(key, None)
+                await self.core.delete(tenant, seq.session_id)
+            else:
+                self._remember(key, _Last(model.name, model.version, r.id, result.start_offset))
+        return convert_v2.infer_to_pb(r, model, result, chunk.outputs)
+
+    async def _start(self, tenant: str, seq: convert_v2.Sequence, r: pb.ModelInferRequest
+                     ) -> tuple[Model, convert_v2.Chunk]:
+        """A fresh session for the sequence, after checking the request (a refused one changes nothing)."""
+        model = self.models.get(r.model_name, convert_v2.version_from_pb(r.model_version))
+        chunk = convert_v2.chunk_from_pb(r, model)
+        self._last.pop((tenant, seq.session_id), None)
+        with contextlib.suppress(SessionNotFound, SessionExpired):
+            await self.core.delete(tenant, seq.session_id)
+        await self.core.create(tenant, model.name, model.version, seq.session_id)
+        return model, chunk
+
+    async def _model_of(self, tenant: str, seq: convert_v2.Sequence, r: pb.ModelInferRequest,
+                        last: _Last | None) -> Model:
+        """The model the sequence runs on, which the request must name."""
+        if last is not None:
+            name, version = last.model, last.version
+        else:
+            view = await self.core.get(tenant, seq.session_id)
+            name, version = view.model, view.version
+        asked = convert_v2.version_from_pb(r.model_version)
+        if r.model_name != name or asked not in (0, version):
+            raise InvalidInput(f"sequence {seq.id!r} runs on model {name} version {version}, not "
+                               f"{r.model_name[:64]!r} {r.model_version[:16]!r}; start a new sequence to change models")
+        return self.models.get(name, version)
+
+    async def _step(self, tenant: str, session_id: str, chunk: convert_v2.Chunk, expected_offset: int | None,
+                    deadline: float | None) -> StepResult:
+        options = OutputOptions(return_logits=True, compact=True,
+                                return_state=any(n != convert_v2.LOGITS for n in chunk.outputs))
+        return await self.core.step(tenant, StepInput(session_id, tokens=chunk.tokens, features=chunk.features,
+                                                      expected_offset=expected_offset, options=options,
+                                                      deadline=deadline))
+
+    async def _one_shot(self, tenant: str, r: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+        model = self.models.get(r.model_name, convert_v2.version_from_pb(r.model_version))
+        chunk = convert_v2.chunk_from_pb(r, model)
+        view = await self.core.create(tenant, model.name, model.version)
+        try:
+            result = await self._step(tenant, view.session_id, chunk, None, deadline)
+        finally:
+            with contextlib.suppress(Exception):
+                await self.core.delete(tenant, view.session_id)
+        return convert_v2.infer_to_pb(r, model, result, chunk.outputs)
+
+    def _remember(self, key: tuple[str, str], last: _Last) -> None:
+        self._last[key] = last
+        self._last.move_to_end(key)
+        while len(self._last) > MAX_REMEMBERED:
+            self._last.popitem(last=False)
