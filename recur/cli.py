@@ -7,7 +7,6 @@ serving image, which has no torch.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shlex
 import sys
@@ -109,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recur", description="Stateful sequence inference with recurrent models.")
     parser.add_argument("--log-level", default=os.environ.get("RECUR_LOG_LEVEL", "INFO"),
                         help="logging level [RECUR_LOG_LEVEL; default: INFO]")
+    parser.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("RECUR_LOG_FORMAT", "text"),
+                        help="log lines as text or as JSON objects [RECUR_LOG_FORMAT; default: text]")
     sub = parser.add_subparsers(dest="command", required=True)
     from recur.client_cli import add_client_arguments
     from service.config import add_serve_arguments
@@ -131,7 +132,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recur: error: {e}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from service.logs import configure
+
+    try:
+        configure(args.log_level, args.log_format)
+    except ValueError as e:  # a bad RECUR_LOG_FORMAT or RECUR_LOG_LEVEL
+        print(f"recur: error: {e}", file=sys.stderr)
+        return 2
     if args.command == "train":
         return _run_train(args)
     if args.command == "export":

@@ -157,6 +157,36 @@ class RecurClient:
         req = pb.ForkSessionRequest(session_id=session_id, new_session_id=new_session_id, ttl_seconds=ttl_seconds)
         return self.stub.ForkSession(req, timeout=self.timeout, metadata=self.metadata(session_id))
 
+    def export_session(self, session_id: str) -> bytes:
+        """The session as a blob (model, sha256, offset, state, replay record, TTL) for import_session."""
+        return self.stub.ExportSession(pb.ExportSessionRequest(session_id=session_id), timeout=self.timeout,
+                                       metadata=self.metadata(session_id)).blob
+
+    def import_session(self, blob: bytes, session_id: str = "", force: bool = False) -> pb.Session:
+        """Recreate an exported session here (under `session_id`, default its exported id)."""
+        return self.stub.ImportSession(pb.ImportSessionRequest(blob=blob, session_id=session_id, force=force),
+                                       timeout=self.timeout, metadata=self.metadata(session_id))
+
+    def list_sessions_page(self, model: str = "", page_size: int = 0, page_token: str = ""
+                           ) -> pb.ListSessionsResponse:
+        req = pb.ListSessionsRequest(model=model, page_size=page_size, page_token=page_token)
+        return self.stub.ListSessions(req, timeout=self.timeout, metadata=self.metadata())
+
+    def list_sessions(self, model: str = "", page_size: int = 0, limit: int = 0) -> Iterator[pb.Session]:
+        """The caller's live sessions ordered by id (of `model` only, unless empty), page after page;
+        at most `limit` of them (0: all)."""
+        token, n = "", 0
+        while True:
+            page = self.list_sessions_page(model, page_size, token)
+            for s in page.sessions:
+                yield s
+                n += 1
+                if limit and n >= limit:
+                    return
+            token = page.next_page_token
+            if not token:
+                return
+
     def step(self, session_id: str, **fields: Any) -> pb.StepResponse:
         """One chunk: tokens=[...], text="..." or features=bytes; expected_offset, top_k, ... as in StepRequest."""
         return self.stub.Step(pb.StepRequest(session_id=session_id, **fields), timeout=self.timeout,

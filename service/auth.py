@@ -16,7 +16,9 @@ key (hex); each maps to a tenant, and each tenant may have its own limits:
     }
 
 - `keys` (required, at least one): `sha256` and `tenant` are required; `label` and `created` are
-  free text for people. A tenant may have several keys (rotate by adding the new key, then
+  free text for people; `"admin": true` lets the key call the admin API (recur.v1.RecurAdmin:
+  load, unload and reload models), which every other key is refused (PERMISSION_DENIED). A
+  tenant may have several keys (rotate by adding the new key, then
   removing the old entry).
 - `tenants` (optional): per-tenant limits, each 0 or absent for "no per-tenant limit" (the
   server-wide `--max-sessions` / `--max-chunk` still apply). `max_sessions`: live sessions of the
@@ -25,7 +27,7 @@ key (hex); each maps to a tenant, and each tenant may have its own limits:
   limits of its own. Tenant names: letters, digits, `.`, `_`, `-` (1 to 64).
 
 `recur keys add --file FILE --tenant NAME [--max-sessions N] [--max-chunk N]
-[--requests-per-second R] [--label TEXT]` makes a random key, prints it once (it is not stored)
+[--requests-per-second R] [--label TEXT] [--admin]` makes a random key, prints it once (it is not stored)
 and adds its hash to the file (created with mode 0600 when missing). `recur keys list --file FILE`
 shows the tenants, their limits and how many keys each has.
 
@@ -57,14 +59,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.errors import LimitExceeded, Unauthenticated
+from service.errors import LimitExceeded, RecurError, Unauthenticated
 
 DEFAULT_TENANT = "default"
 MISSING_KEY = "missing API key: send 'authorization: Bearer KEY' metadata"
 UNKNOWN_KEY = "unknown API key"
 TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_KEY_FIELDS = {"sha256", "tenant", "label", "created"}
+_KEY_FIELDS = {"sha256", "tenant", "label", "created", "admin"}
+
+
+class PermissionDenied(RecurError):
+    """A known caller asking for what its key does not allow (the admin API without an admin key)."""
+
+    code = "PERMISSION_DENIED"
 
 
 @dataclass(frozen=True)
@@ -115,9 +123,11 @@ class Authenticator:
     """
 
     def __init__(self, keys: Sequence[tuple[str, str]], limits: dict[str, TenantLimits], *,
-                 clock: Callable[[], float] = time.monotonic, source: str = "") -> None:
-        """keys: (sha256 hex of a key, tenant) pairs; empty for an open server (every call is "default")."""
+                 clock: Callable[[], float] = time.monotonic, source: str = "", admins: Sequence[str] = ()) -> None:
+        """keys: (sha256 hex of a key, tenant) pairs; empty for an open server (every call is "default").
+        admins: the sha256 hex of the keys that may call the admin API."""
         self._keys = [(bytes.fromhex(digest), tenant) for digest, tenant in keys]
+        self._admins = {bytes.fromhex(d) for d in admins}
         self._limits = dict(limits)
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
@@ -135,11 +145,11 @@ class Authenticator:
     def load(cls, path: str | os.PathLike[str], *, clock: Callable[[], float] = time.monotonic) -> Authenticator:
         """Read a key file. A missing or malformed file is SystemExit with a message naming the
         problem (never a key or a hash)."""
-        keys, limits = _parse(Path(path))
+        keys, limits, admins = _parse(Path(path))
         if not keys:
             raise SystemExit(f"key file {path}: lists no keys; add one with `recur keys add --file {path} "
                              "--tenant NAME`")
-        return cls(keys, limits, clock=clock, source=str(path))
+        return cls(keys, limits, clock=clock, source=str(path), admins=admins)
 
     @classmethod
     def from_setting(cls, auth_keys: str) -> Authenticator:
@@ -170,6 +180,21 @@ class Authenticator:
         """
         if self.is_open:
             return DEFAULT_TENANT
+        return self._identify(metadata)[0]
+
+    def admin_of(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+        """The tenant of a call to the admin API, whose key must be an admin key: Unauthenticated for a
+        missing or unknown key, PermissionDenied for any other. An open server serves the admin API
+        only on --admin-port (never on its public port), so there every caller is let in."""
+        if self.is_open:
+            return DEFAULT_TENANT
+        tenant, admin = self._identify(metadata)
+        if not admin:
+            raise PermissionDenied("this API key may not call the admin API; use a key added with "
+                                   "`recur keys add --admin`")
+        return tenant
+
+    def _identify(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> tuple[str, bool]:
         key = _bearer(metadata)
         if key is None:
             raise Unauthenticated(MISSING_KEY)
@@ -181,7 +206,7 @@ class Authenticator:
         if tenant is None:
             raise Unauthenticated(UNKNOWN_KEY)
         self._admit(tenant)
-        return tenant
+        return tenant, digest in self._admins
 
     def _admit(self, tenant: str) -> None:
         rate = self.limits(tenant).requests_per_second
@@ -214,7 +239,7 @@ def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> bytes | None:
 # -- the key file ----------------------------------------------------------------------------------
 
 
-def _parse(path: Path) -> tuple[list[tuple[str, str]], dict[str, TenantLimits]]:
+def _parse(path: Path) -> tuple[list[tuple[str, str]], dict[str, TenantLimits], list[str]]:
     where = f"key file {path}"
     try:
         text = path.read_text(encoding="utf-8")
@@ -230,7 +255,8 @@ def _parse(path: Path) -> tuple[list[tuple[str, str]], dict[str, TenantLimits]]:
     return _parse_doc(doc, where)
 
 
-def _parse_doc(doc: Any, where: str) -> tuple[list[tuple[str, str]], dict[str, TenantLimits]]:
+def _parse_doc(doc: Any, where: str) -> tuple[list[tuple[str, str]], dict[str, TenantLimits], list[str]]:
+    """(sha256, tenant) of each key, each tenant's limits, and the sha256 of the admin keys."""
     if not isinstance(doc, dict):
         raise SystemExit(f"{where}: must be a JSON object with a \"keys\" list")
     unknown = set(doc) - {"keys", "tenants"}
@@ -247,6 +273,7 @@ def _parse_doc(doc: Any, where: str) -> tuple[list[tuple[str, str]], dict[str, T
     if not isinstance(entries, list):
         raise SystemExit(f"{where}: \"keys\" must be a list of {{\"sha256\": ..., \"tenant\": ...}} objects")
     keys: list[tuple[str, str]] = []
+    admins: list[str] = []
     seen: set[str] = set()
     for i, entry in enumerate(entries, 1):
         at = f"{where}: keys entry {i}"
@@ -267,7 +294,12 @@ def _parse_doc(doc: Any, where: str) -> tuple[list[tuple[str, str]], dict[str, T
             raise SystemExit(f"{at}: the same key hash is listed twice")
         seen.add(digest)
         keys.append((digest, tenant))
-    return keys, limits
+        admin = entry.get("admin", False)
+        if not isinstance(admin, bool):
+            raise SystemExit(f"{at}: \"admin\" must be true or false")
+        if admin:
+            admins.append(digest)
+    return keys, limits, admins
 
 
 def _check_tenant(name: object, at: str) -> None:
@@ -313,7 +345,7 @@ def _write_atomically(path: Path, doc: dict) -> None:
 
 
 def add_key(path: Path, tenant: str, *, label: str = "", max_sessions: int | None = None,
-            max_chunk: int | None = None, requests_per_second: float | None = None) -> str:
+            max_chunk: int | None = None, requests_per_second: float | None = None, admin: bool = False) -> str:
     """Make a new key for `tenant`, store its hash in the key file (creating the file), set the
     limits given (None: leave as they are); returns the key, which is stored nowhere."""
     _check_tenant(tenant, "--tenant")
@@ -333,10 +365,12 @@ def add_key(path: Path, tenant: str, *, label: str = "", max_sessions: int | Non
             limits[name] = value
     doc["tenants"][tenant] = {k: v for k, v in limits.items() if v}
     key = secrets.token_urlsafe(32)
-    entry = {"sha256": hash_key(key), "tenant": tenant,
+    entry: dict[str, Any] = {"sha256": hash_key(key), "tenant": tenant,
              "created": datetime.now(UTC).replace(microsecond=0).isoformat()}
     if label:
         entry["label"] = label
+    if admin:
+        entry["admin"] = True
     doc["keys"].append(entry)
     _parse_doc(doc, f"key file {path}")  # what is written always loads
     _write_atomically(path, doc)
@@ -356,6 +390,8 @@ def add_keys_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--max-chunk", type=int, default=None, help="the tenant's most steps in one chunk (0: no limit)")
     a.add_argument("--requests-per-second", type=float, default=None,
                    help="the tenant's most calls per second (0: no limit)")
+    a.add_argument("--admin", action="store_true",
+                   help="the key may call the admin API (load, unload and reload models)")
     ls = sub.add_parser("list", help="tenants, their limits and how many keys each has (no keys or hashes)")
     ls.add_argument("--file", type=Path, required=True, help="the key file")
 
@@ -363,16 +399,19 @@ def add_keys_arguments(p: argparse.ArgumentParser) -> None:
 def run_keys(args: argparse.Namespace) -> int:
     if args.keys_action == "add":
         key = add_key(args.file, args.tenant, label=args.label, max_sessions=args.max_sessions,
-                      max_chunk=args.max_chunk, requests_per_second=args.requests_per_second)
+                      max_chunk=args.max_chunk, requests_per_second=args.requests_per_second, admin=args.admin)
         print(f"added a key for tenant {args.tenant} to {args.file}; it is shown only this once:", file=sys.stderr)
         print(key, flush=True)
         return 0
-    keys, limits = _parse(args.file)
+    keys, limits, admins = _parse(args.file)
     counts: dict[str, int] = {}
-    for _, tenant in keys:
+    admin_counts: dict[str, int] = {}
+    for digest, tenant in keys:
         counts[tenant] = counts.get(tenant, 0) + 1
+        admin_counts[tenant] = admin_counts.get(tenant, 0) + (digest in admins)
     for tenant in sorted(set(counts) | set(limits)):
         lim = limits.get(tenant, TenantLimits())
         shown = ", ".join(f"{k} {_number(v)}" for k, v in asdict(lim).items() if v) or "no limits of its own"
-        print(f"{tenant}: {counts.get(tenant, 0)} key(s); {shown}")
+        admin = f" ({admin_counts[tenant]} admin)" if admin_counts.get(tenant) else ""
+        print(f"{tenant}: {counts.get(tenant, 0)} key(s){admin}; {shown}")
     return 0

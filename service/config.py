@@ -30,8 +30,17 @@ _ENGINE = EngineOptions()  # the engine's defaults are the server's
 class Settings:
     models_dir: Path = field(default=Path("models"), metadata={
         "help": "Model repository: NAME/VERSION/{model.onnx, manifest.json}."})
+    model_poll: float = field(default=0.0, metadata={
+        "help": "Seconds between looks at --models-dir for new or changed versions, loaded without a restart "
+        "(refused ones are logged); 0: off (the admin API's ReloadRepository does it on demand)."})
     host: str = field(default="[::]", metadata={"help": "Address to listen on."})
     port: int = field(default=50051, metadata={"help": "gRPC port (0: any free port; the bound port is logged)."})
+    admin_port: int = field(default=0, metadata={
+        "help": "A second gRPC port serving only the admin API (recur.v1.RecurAdmin), on --admin-host; 0: off. "
+        "Without --auth-keys this is the only place the admin API is served; with keys it is also on --port, "
+        "for admin keys only."})
+    admin_host: str = field(default="127.0.0.1", metadata={
+        "help": "Address of --admin-port (default: this machine only)."})
     store: str = field(default="sqlite:var/recur.db", metadata={
         "help": "Where session state lives: memory:, sqlite:PATH or redis://HOST:PORT/DB (shared by replicas)."})
     durability: str = field(default="sync", metadata={
@@ -97,6 +106,9 @@ class Settings:
     auth_keys: str = field(default="", metadata={
         "help": "API key file (JSON: sha256 of each key -> tenant, per-tenant limits; `recur keys add` writes it). "
         "Empty: open server, every call is tenant 'default'."})
+    metrics_port: int = field(default=9464, metadata={
+        "help": "HTTP port of the Prometheus /metrics endpoint (0: off; -1: any free port); the bound port is "
+        "printed as 'metrics on port N'."})
     tls_cert: str = field(default="", metadata={
         "help": "PEM certificate (chain) to serve TLS with; needs --tls-key (empty: plaintext)."})
     tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert."})

@@ -9,8 +9,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from recur.v1 import recur_pb2 as pb
 from service.errors import InvalidInput
-from service.models import Model
+from service.models import Model, Refusal
 from service.outputs import OutputOptions
+from service.store.base import SessionSummary
 from service.types import GeneratedToken, GenerateInput, NamedTensor, SessionView, StepInput, StepResult
 
 
@@ -21,6 +22,7 @@ def _ts(t: float) -> Timestamp:
 
 
 MAX_TENSOR_RANK = 8
+MAX_TENSOR_DIM = 1 << 20  # no state dimension comes near; numpy refuses some huge empty shapes
 
 
 def tensor_from_pb(t: pb.Tensor) -> NamedTensor:
@@ -28,7 +30,7 @@ def tensor_from_pb(t: pb.Tensor) -> NamedTensor:
         raise InvalidInput(f"tensor {t.name[:64]!r} has {len(t.shape)} dimensions; at most {MAX_TENSOR_RANK}")
     shape = tuple(int(d) for d in t.shape)
     n = math.prod(shape)  # Python integers: a huge declared shape cannot overflow
-    if any(d < 0 for d in shape) or len(t.data) != 4 * n:
+    if any(d < 0 or d > MAX_TENSOR_DIM for d in shape) or len(t.data) != 4 * n:
         raise InvalidInput(f"tensor {t.name[:64]!r}: {len(t.data)} bytes do not hold float32 of shape "
                            f"{list(shape)}")
     return NamedTensor(t.name, np.frombuffer(t.data, dtype="<f4").reshape(shape).astype(np.float32))
@@ -38,8 +40,9 @@ def tensor_to_pb(t: NamedTensor) -> pb.Tensor:
     return pb.Tensor(name=t.name, shape=list(t.value.shape), data=np.ascontiguousarray(t.value, dtype="<f4").tobytes())
 
 
-def model_to_pb(m: Model) -> pb.ModelInfo:
+def model_to_pb(m: Model, live_sessions: int = -1) -> pb.ModelInfo:
     return pb.ModelInfo(
+        live_sessions=live_sessions,
         name=m.name, version=m.version, cell=m.cell, head=m.head, input_kind=m.input_kind,
         feature_dim=m.feature_dim, vocabulary=m.vocab, unk_id=-1 if m.unk_id is None else m.unk_id,
         labels=m.labels, layers=m.states[0].layers, hidden_size=m.states[0].hidden, classes=m.classes,
@@ -48,12 +51,30 @@ def model_to_pb(m: Model) -> pb.ModelInfo:
     )
 
 
+def live_sessions(counts: dict[tuple[str, int], int] | None, m: Model) -> int:
+    """A version's live sessions from a store's count_by_model (-1: the store does not count them)."""
+    return -1 if counts is None else counts.get((m.name, m.version), 0)
+
+
+def refusal_to_pb(r: Refusal) -> pb.RefusedModel:
+    return pb.RefusedModel(path=r.path, name=r.name, version=r.version, reason=r.reason)
+
+
 def session_to_pb(v: SessionView) -> pb.Session:
     return pb.Session(
         session_id=v.session_id, tenant=v.tenant, model=v.model, version=v.version, offset=v.offset,
         created_at=_ts(v.created_at), updated_at=_ts(v.updated_at), expires_at=_ts(v.expires_at),
         state=[tensor_to_pb(t) for t in v.state or []],
     )
+
+
+def summary_to_pb(v: SessionSummary) -> pb.Session:
+    return pb.Session(session_id=v.session_id, model=v.model, version=v.version, offset=v.offset,
+                      created_at=_ts(v.created_at), updated_at=_ts(v.updated_at), expires_at=_ts(v.expires_at))
+
+
+def sessions_to_pb(page: list[SessionSummary], next_token: str) -> pb.ListSessionsResponse:
+    return pb.ListSessionsResponse(sessions=[summary_to_pb(v) for v in page], next_page_token=next_token)
 
 
 def step_from_pb(r: pb.StepRequest, deadline: float | None = None) -> StepInput:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -73,6 +75,7 @@ class Engine:
         self._calls: set[asyncio.Task] = set()
         self._dispatch_pending = False
         self.admitted = 0  # chunks queued or running
+        self.on_call: Callable[[int, float], None] | None = None  # (sessions, seconds) of each call: metrics
 
     async def run(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray],
                   deadline: float | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -158,7 +161,11 @@ class Engine:
         failing job fails, not the rest of its batch."""
         loop = asyncio.get_running_loop()
         try:
-            return [(group, await loop.run_in_executor(self._pool, _run_group, runtime, group, steps))]
+            started = time.perf_counter()
+            result = await loop.run_in_executor(self._pool, _run_group, runtime, group, steps)
+            if self.on_call is not None:
+                self.on_call(len(group), time.perf_counter() - started)
+            return [(group, result)]
         except Exception as e:
             if len(group) == 1:
                 log.warning("chunk failed in ONNX Runtime: %s", e.__class__.__name__)

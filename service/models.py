@@ -7,15 +7,17 @@ names what differs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
-from service.errors import InvalidInput, ModelInvalid, ModelNotFound
+from service.errors import InvalidInput, ModelInvalid, ModelNotFound, RecurError
 from service.runtime import ModelRuntime, RuntimeOptions
 from service.schema import problem as schema_problem
 
@@ -68,6 +70,17 @@ def graph_opset(blob: bytes) -> int | None:
     return None
 
 
+class ModelUnloaded(RecurError):
+    """A session's model version was unloaded (forced while sessions used it)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+def unloaded(name: str, version: int) -> ModelUnloaded:
+    return ModelUnloaded(f"version {version} of model {name} was unloaded; export the session or migrate it "
+                         "(MigrateSession) to a loaded version")
+
+
 @dataclass(frozen=True)
 class StateSpec:
     name: str  # graph input
@@ -93,6 +106,7 @@ class Model:
     states: list[StateSpec]
     metrics: dict[str, float]
     runtime: ModelRuntime
+    sha256: str = ""  # of model.onnx, as the manifest says: a reload loads a version again when it changes
     _char_ids: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -151,25 +165,56 @@ def _check_io(where: str, kind: str, spec_name: str, spec_dtype: str, spec_shape
         )
 
 
-def load_model(directory: Path, options: RuntimeOptions) -> Model:
-    """Load and validate one model version directory; raises ModelInvalid naming the difference."""
+def read_manifest(directory: Path) -> dict:
+    """A version directory's manifest.json as a JSON object; ModelInvalid saying why it is not one."""
     where = str(directory)
     try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-        blob = (directory / "model.onnx").read_bytes()
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelInvalid(f"{where}: cannot read manifest.json and model.onnx ({e.__class__.__name__})") from e
+        text = (directory / "manifest.json").read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ModelInvalid(f"{where}: no manifest.json; run recur import") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelInvalid(f"{where}: cannot read manifest.json ({e.__class__.__name__})") from e
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelInvalid(f"{where}: manifest.json is not valid JSON (line {e.lineno}, column {e.colno})") from e
     if not isinstance(manifest, dict):
         raise ModelInvalid(f"{where}: manifest.json is not a JSON object")
-    digest = hashlib.sha256(blob).hexdigest()
-    if manifest.get("sha256") != digest:
-        raise ModelInvalid(f"{where}: model.onnx has sha256 {digest} but the manifest says {manifest.get('sha256')}")
+    return manifest
+
+
+def load_model(directory: Path, options: RuntimeOptions) -> Model:
+    """Load and validate one model version directory; raises ModelInvalid naming the difference
+    (the field, for a manifest defect). Nothing else escapes: any defect is a refusal of this model."""
+    try:
+        return _load_model(directory, options)
+    except ModelInvalid:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError) as e:  # a defect the checks above did not name
+        raise ModelInvalid(f"{directory}: manifest is malformed ({e.__class__.__name__}: {e})") from e
+    except Exception as e:  # onnxruntime refusing the graph, and the like
+        raise ModelInvalid(f"{directory}: model.onnx cannot be loaded ({e.__class__.__name__}: "
+                           f"{str(e)[:200]})") from e
+
+
+def _load_model(directory: Path, options: RuntimeOptions) -> Model:
+    where = str(directory)
+    manifest = read_manifest(directory)
     if manifest.get("format") not in MANIFEST_FORMATS:
         raise ModelInvalid(f"{where}: manifest format {manifest.get('format')!r} is not one this server reads "
                            f"{list(MANIFEST_FORMATS)}")
     bad = schema_problem(manifest)  # docs/manifest.schema.json
     if bad is not None:
         raise ModelInvalid(f"{where}: manifest field {bad[0]} {bad[1]} (docs/manifest.schema.json)")
+    try:
+        blob = (directory / "model.onnx").read_bytes()
+    except FileNotFoundError as e:
+        raise ModelInvalid(f"{where}: model.onnx is missing") from e
+    except OSError as e:
+        raise ModelInvalid(f"{where}: cannot read model.onnx ({e.__class__.__name__})") from e
+    digest = hashlib.sha256(blob).hexdigest()
+    if manifest.get("sha256") != digest:
+        raise ModelInvalid(f"{where}: model.onnx has sha256 {digest} but the manifest says {manifest.get('sha256')}")
     if manifest["input"]["kind"] == "tokens" and "vocab_size" not in manifest["input"]:
         raise ModelInvalid(f"{where}: manifest field input.vocab_size is missing (a tokens input needs it)")
     try:
@@ -212,36 +257,108 @@ def load_model(directory: Path, options: RuntimeOptions) -> Model:
         input_kind=inp["kind"],
         feature_dim=int(inp["shape"][2]) if inp["kind"] == "features" else 0,
         vocab=list(vocab.get("tokens", [])), unk_id=vocab.get("unk_id"), labels=list(labels), classes=classes,
-        states=specs, metrics=metrics, runtime=runtime,
+        states=specs, metrics=metrics, runtime=runtime, sha256=digest,
     )
 
 
-class ModelRepository:
-    """All valid models under a directory; invalid ones are logged and left out."""
+@dataclass(frozen=True)
+class Refusal:
+    """A version directory that was not loaded, and why."""
 
-    def __init__(self, models: list[Model]) -> None:
+    path: str  # NAME/VERSION, relative to the repository
+    name: str
+    version: int
+    reason: str
+
+
+class ModelRepository:
+    """The loaded models, mutable at run time (load, unload) from the event loop's thread.
+
+    A version unloaded while sessions used it leaves its state shapes behind (`state_specs`), so
+    those sessions can still be read with their state, exported or migrated; calls that would run
+    it answer FAILED_PRECONDITION. Loading reads and checks files on the caller's thread: the
+    admin API does it on a worker thread (`read`), then `add`s the model on the loop.
+    """
+
+    def __init__(self, models: list[Model], root: Path | None = None,
+                 options: RuntimeOptions | None = None) -> None:
         self._models = {(m.name, m.version): m for m in models}
+        self._retired: dict[tuple[str, int], Model] = {}  # unloaded: metadata only, the runtime freed
+        self.root, self.options = root, options or RuntimeOptions()
 
     @classmethod
     def load(cls, root: Path, options: RuntimeOptions) -> ModelRepository:
-        models = []
-        for stray in sorted(p for p in root.glob("*/*.onnx") if not p.parent.name.startswith(".")):
-            log.error("refusing model: %s: not in a VERSION directory, no manifest.json; run recur import", stray)
-        for directory in sorted(d for d in root.glob("*/*") if d.is_dir() and d.name.isdigit()):
-            if not (directory / "manifest.json").is_file():
-                log.error("refusing model: %s: no manifest.json; run recur import", directory)
-                continue
+        repo = cls([], root, options)
+        for directory in repo.candidates():
             try:
-                model = load_model(directory, options)
+                repo.add(repo.read(directory))
             except ModelInvalid as e:
                 log.error("refusing model: %s", e)
-                continue
-            if (model.name, model.version) != (directory.parent.name, int(directory.name)):
-                log.error("refusing model: %s: manifest says %s/%s", directory, model.name, model.version)
-                continue
-            models.append(model)
-            log.info("loaded model %s version %d (%s %s)", model.name, model.version, model.cell, model.head)
-        return cls(models)
+        return repo
+
+    def candidates(self) -> list[Path]:
+        """The version directories under the root (NAME/VERSION, VERSION a number); logs stray graphs."""
+        if self.root is None:
+            return []
+        for stray in sorted(p for p in self.root.glob("*/*.onnx") if not p.parent.name.startswith(".")):
+            log.error("refusing model: %s: not in a VERSION directory, no manifest.json; run recur import", stray)
+        return sorted((d for d in self.root.glob("*/*") if d.is_dir() and d.name.isdigit()
+                       and not d.parent.name.startswith(".")), key=lambda d: (d.parent.name, int(d.name)))
+
+    def directory(self, name: str, version: int) -> Path:
+        if self.root is None or not name or name.startswith(".") or "/" in name or "\\" in name or version < 1:
+            raise InvalidInput("give a model name and a version of 1 or more")
+        return self.root / name / str(version)
+
+    def read(self, directory: Path) -> Model:
+        """Load and check one version directory (blocking: files and onnxruntime); ModelInvalid naming why not."""
+        model = load_model(directory, self.options)
+        if (model.name, model.version) != (directory.parent.name, int(directory.name)):
+            raise ModelInvalid(f"{directory}: manifest says {model.name}/{model.version}")
+        return model
+
+    def unchanged(self, directory: Path) -> bool:
+        """Whether the version in `directory` is loaded from the same graph (by the manifest's sha256)."""
+        loaded = self._models.get((directory.parent.name, int(directory.name)))
+        if loaded is None:
+            return False
+        try:
+            return read_manifest(directory).get("sha256") == loaded.sha256
+        except ModelInvalid:
+            return False
+
+    def add(self, model: Model) -> Model | None:
+        """Serve `model` (replacing the same version: new sessions and chunks use it); the one it replaced."""
+        key = (model.name, model.version)
+        old = self._models.get(key)
+        self._models[key] = model
+        self._retired.pop(key, None)
+        log.info("loaded model %s version %d (%s %s)", model.name, model.version, model.cell, model.head)
+        return old
+
+    def unload(self, name: str, version: int) -> Model:
+        """Stop serving a version; its state shapes stay known for the sessions left on it."""
+        model = self._models.get((name, version))
+        if model is None:
+            raise ModelNotFound(f"model {name!r} has no loaded version {version}")
+        del self._models[(name, version)]
+        # what sessions left on it still need (state shapes, sha256 for an export); never run: get() refuses it
+        self._retired[(name, version)] = dataclasses.replace(model, runtime=cast(ModelRuntime, None))
+        log.warning("unloaded model %s version %d", name, version)
+        return model
+
+    def retired(self, name: str, version: int) -> bool:
+        """Whether the version was unloaded (a reload leaves it out; only LoadModel brings it back)."""
+        return (name, version) in self._retired
+
+    def described(self, name: str, version: int) -> Model:
+        """A version's description, loaded or unloaded (an unloaded one has no runtime: never run it)."""
+        retired = self._retired.get((name, version))
+        return retired if retired is not None else self.get(name, version)
+
+    def state_specs(self, name: str, version: int) -> list[StateSpec]:
+        """The state tensors of a version, loaded or unloaded."""
+        return self.described(name, version).states
 
     def all(self) -> list[Model]:
         return [self._models[k] for k in sorted(self._models)]
@@ -252,11 +369,15 @@ class ModelRepository:
         if model is not None:
             return model
         versions = sorted(v for (n, v) in self._models if n == name)
+        if not versions and (name, version) in self._retired:
+            raise unloaded(name, version)
         if not versions:
             known = ", ".join(sorted({n for n, _ in self._models})) or "none"
             raise ModelNotFound(f"model {name!r} is not loaded (loaded: {known})")
         if version == 0:
             version = versions[-1]
+        if (name, version) in self._retired:
+            raise unloaded(name, version)
         if (name, version) not in self._models:
             raise ModelNotFound(f"model {name!r} has no version {version} (versions: {versions})")
         return self._models[(name, version)]

@@ -22,10 +22,12 @@ from grpc_reflection.v1alpha import reflection
 from recur.kserve import grpc_service_pb2_grpc
 from recur.v1 import recur_pb2, recur_pb2_grpc
 from service import tls
+from service.admin import Lifecycle, RecurAdminServicer, poll
 from service.auth import DEFAULT_TENANT, Authenticator
 from service.config import Settings
 from service.engine import Engine, EngineOptions
 from service.health import watch_store
+from service.metrics import Metrics, TimedStore
 from service.models import ModelRepository
 from service.runtime import RuntimeOptions
 from service.servicer import MalformedRequests, RecurServicer
@@ -49,6 +51,8 @@ class Running:
     store: Store
     health: health.aio.HealthServicer
     background: list[asyncio.Task]  # the sweeper and the store's health watcher
+    admin: grpc.aio.Server | None = None  # --admin-port's server (the admin API only)
+    metrics: Metrics | None = None  # its /metrics endpoint runs while metrics.http_port is not 0
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
@@ -56,18 +60,24 @@ class Running:
             task.cancel()  # the watcher must not turn health back to SERVING while draining
         await self.core.drain(grace)  # new calls get UNAVAILABLE with a clear message meanwhile
         await self.server.stop(1.0)
+        if self.admin is not None:
+            await self.admin.stop(1.0)
         await self.store.close()
         await self.core.close()
+        if self.metrics is not None:
+            self.metrics.stop()
         log.info("stopped; store flushed")
 
 
-async def _sweep(store: Store, interval: float) -> None:
+async def _sweep(store: Store, interval: float, metrics: Metrics | None = None) -> None:
     while True:
         await asyncio.sleep(interval)
         try:
             n = await store.sweep()
+            if metrics is not None:
+                metrics.expired(n)
             if n:
-                log.info("expired %d idle sessions", n)
+                log.info("sessions expired", extra={"count": n})
         except Exception:
             log.exception("sweep failed")
 
@@ -123,7 +133,10 @@ async def create_server(settings: Settings) -> Running:
     engine = Engine(EngineOptions(max_batch=settings.max_batch, slice_steps=settings.slice_steps,
                                   window=settings.batch_window, threads=settings.inference_threads,
                                   max_queue=settings.max_queue))
-    core = SessionService(settings, models, store, engine, auth.limits)
+    metrics = Metrics()
+    metrics.watch(store, lambda: engine.admitted, asyncio.get_running_loop())
+    engine.on_call = metrics.engine_call
+    core = SessionService(settings, models, TimedStore(store, metrics), engine, auth.limits, events=metrics)
     server = grpc.aio.server(interceptors=[MalformedRequests()], options=server_options(settings, models),
                              maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
     address = f"{settings.host}:{settings.port}"
@@ -134,11 +147,30 @@ async def create_server(settings: Settings) -> Running:
     if port == 0:
         raise SystemExit(f"cannot bind {address} (in use, or not an address of this machine)")
     replica_id = settings.replica_id or f"{socket.gethostname()}:{port}"
-    servicer = RecurServicer(core, auth, settings, replica_id)
+    servicer = RecurServicer(core, auth, settings, replica_id, metrics)
     recur_pb2_grpc.add_RecurServicer_to_server(servicer, server)
     # the Open Inference Protocol (KServe v2 + Triton's sequences) on the same core and port
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceServicer(core, auth, settings, replica_id), server)
+        InferenceServicer(core, auth, settings, replica_id, metrics), server)
+    # the admin API: on this port for admin keys only; without keys, only on --admin-port (docs: README)
+    lifecycle = Lifecycle(core)
+    admin_servicer = RecurAdminServicer(lifecycle, auth, replica_id, metrics)
+    if not auth.is_open:
+        recur_pb2_grpc.add_RecurAdminServicer_to_server(admin_servicer, server)
+    admin_server = None
+    if settings.admin_port:
+        admin_server = grpc.aio.server(interceptors=[MalformedRequests()], options=server_options(settings, models))
+        recur_pb2_grpc.add_RecurAdminServicer_to_server(admin_servicer, admin_server)
+        admin_address = f"{settings.admin_host}:{settings.admin_port}"
+        try:
+            bound = (admin_server.add_secure_port(admin_address, credentials) if credentials
+                     else admin_server.add_insecure_port(admin_address))
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise SystemExit(f"cannot bind --admin-port {admin_address} (in use, or not an address of this machine)")
+        await admin_server.start()
+        log.info("admin API on %s", admin_address)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -148,17 +180,27 @@ async def create_server(settings: Settings) -> Running:
     await server.start()
     for name in ("", SERVICE_NAME, V2_SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    background = [asyncio.create_task(_sweep(store, settings.sweep_interval), name="sweeper"),
+    if settings.metrics_port:
+        try:
+            metrics.serve(settings.host.strip("[]") or "::", settings.metrics_port if settings.metrics_port > 0 else 0)
+        except OSError as e:  # serving goes on: metrics are not worth refusing traffic for
+            log.error("cannot serve /metrics on port %d (%s); running without it", settings.metrics_port, e)
+    background = [asyncio.create_task(_sweep(store, settings.sweep_interval, metrics), name="sweeper"),
                   asyncio.create_task(watch_store(store, health_servicer, [SERVICE_NAME, V2_SERVICE_NAME],
                                                   settings.health_interval),
                                       name="store-health")]
-    return Running(server, port, core, store, health_servicer, background)
+    if settings.model_poll > 0:
+        background.append(asyncio.create_task(poll(lifecycle, settings.model_poll), name="model-poll"))
+    return Running(server, port, core, store, health_servicer, background, admin=admin_server, metrics=metrics)
 
 
 async def serve(settings: Settings) -> None:
     running = await create_server(settings)
     log.info("recur listening on port %d (%s; store %s, durability %s)", running.port,
              tls.describe(settings.tls_cert, settings.tls_client_ca), redact_url(settings.store), settings.durability)
+    if running.metrics is not None and running.metrics.http_port:
+        log.info("metrics on port %d (/metrics)", running.metrics.http_port)
+        print(f"metrics on port {running.metrics.http_port}", flush=True)
     print(f"recur listening on port {running.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

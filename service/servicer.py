@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -22,7 +23,9 @@ from service import convert, streams
 from service.auth import Authenticator
 from service.config import Settings
 from service.errors import InvalidInput, LimitExceeded, RecurError
+from service.metrics import Metrics
 from service.sessions import SessionService
+from service.types import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,8 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(f"/{SERVICE}/") or handler.request_deserializer is None:
+        ours = details.method.startswith((f"/{SERVICE}/", f"/{SERVICE}Admin/"))  # recur.v1.Recur, RecurAdmin
+        if handler is None or not ours or handler.request_deserializer is None:
             return handler
         return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
 
@@ -80,20 +84,31 @@ def parsed(request: T | Malformed) -> T:
 def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
+        started = time.perf_counter()
         try:
             await context.send_initial_metadata(self.metadata)
             return await fn(self, parsed(request), context)
         except Exception as e:
             code, message = status_of(e)
+            self.metrics.error(fn.__name__, code.name)
+            ms = round(1000 * (time.perf_counter() - started), 3)
+            log.debug("call refused: %s", message, extra={"rpc": fn.__name__, "code": code.name, "duration_ms": ms})
             await context.abort(code, message)
             raise  # unreachable: abort raises
 
     return wrapper
 
 
+def applied(result: StepResult) -> int:
+    """Steps a chunk's reply newly applied (0 for a replay): what recur_tokens_total counts."""
+    return 0 if result.replayed else result.offset - result.start_offset
+
+
 class RecurServicer(recur_pb2_grpc.RecurServicer):
-    def __init__(self, core: SessionService, auth: Authenticator, settings: Settings, replica_id: str) -> None:
+    def __init__(self, core: SessionService, auth: Authenticator, settings: Settings, replica_id: str,
+                 metrics: Metrics | None = None) -> None:
         self.core, self.auth = core, auth
+        self.metrics = metrics or Metrics()
         self.max_stream_inflight, self.max_batch_chunks = settings.max_stream_inflight, settings.max_batch_chunks
         self.idle_timeout = settings.stream_idle_timeout or None
         self.metadata = ((REPLICA_HEADER, replica_id),)  # which replica answered: for operators and tests
@@ -105,7 +120,9 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         self._tenant(context)
-        return pb.ListModelsResponse(models=[convert.model_to_pb(m) for m in self.core.models.all()])
+        counts = await self.core.store.count_by_model()  # of all tenants: a version's load, for operators
+        return pb.ListModelsResponse(models=[convert.model_to_pb(m, convert.live_sessions(counts, m))
+                                             for m in self.core.models.all()])
 
     @unary
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.Session:
@@ -133,8 +150,17 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         return convert.session_to_pb(view)
 
     @unary
+    async def MigrateSession(self, request: pb.MigrateSessionRequest, context: grpc.aio.ServicerContext
+                             ) -> pb.Session:
+        view = await self.core.migrate(self._tenant(context), request.session_id, request.version,
+                                       request.expected_offset if request.HasField("expected_offset") else None)
+        return convert.session_to_pb(view)
+
+    @unary
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
-        result = await self.core.step(self._tenant(context), convert.step_from_pb(request, _deadline(context)))
+        started, tenant = time.perf_counter(), self._tenant(context)
+        result = await self.core.step(tenant, convert.step_from_pb(request, _deadline(context)))
+        self.metrics.rpc("Step", tenant).stepped(applied(result), started)
         return convert.step_to_pb(result, request.request_id)
 
     async def Stream(self, request_iterator: AsyncIterator[pb.StepRequest | Malformed],
@@ -144,38 +170,54 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         try:
             tenant = self._tenant(context)
         except RecurError as e:
+            self.metrics.error("Stream", status_of(e)[0].name)
             await context.abort(*status_of(e))
         await context.send_initial_metadata(self.metadata)
-        async for reply in streams.handled(request_iterator,
-                                           lambda r: self._step_or_status(tenant, r, _deadline(context)),
-                                           max_inflight=self.max_stream_inflight, idle_timeout=self.idle_timeout,
-                                           context=context):
-            yield reply
+        self.metrics.open_streams.labels("Stream").inc()
+        try:
+            async for reply in streams.handled(request_iterator,
+                                               lambda r: self._step_or_status(tenant, r, _deadline(context)),
+                                               max_inflight=self.max_stream_inflight,
+                                               idle_timeout=self.idle_timeout, context=context):
+                yield reply
+        finally:
+            self.metrics.open_streams.labels("Stream").dec()
+
+    def _failed(self, rpc: str, request: pb.StepRequest, e: BaseException) -> pb.StepResponse:
+        """A chunk's error reply on a stream, counted in recur_errors_total."""
+        code, message = status_of(e)
+        self.metrics.error(rpc, code.name)
+        return convert.step_error_to_pb(request, code.value[0], message)
 
     async def _batch(self, tenant: str, batch: pb.StepBatch | Malformed, deadline: float | None
                      ) -> list[pb.StepResponse]:
         if isinstance(batch, Malformed):
-            return [convert.step_error_to_pb(pb.StepRequest(), *_code(InvalidInput("the StepBatch message does "
-                                                                                     "not parse")))]
+            return [self._failed("StreamBatch", pb.StepRequest(), InvalidInput("the StepBatch message does not parse"))]
+        started = time.perf_counter()
         try:
             if len(batch.steps) > self.max_batch_chunks:
                 raise LimitExceeded(f"a StepBatch holds at most {self.max_batch_chunks} chunks (--max-batch-chunks); "
                                     f"this one holds {len(batch.steps)}")
             results = await self.core.step_batch(tenant, [convert.step_from_pb(r, deadline) for r in batch.steps])
         except Exception as e:  # the whole message refused (too large, shutting down)
-            return [convert.step_error_to_pb(r, *_code(e)) for r in batch.steps]
-        return [convert.step_error_to_pb(request, *_code(result)) if isinstance(result, Exception)
+            return [self._failed("StreamBatch", r, e) for r in batch.steps]
+        counted = self.metrics.rpc("StreamBatch", tenant)
+        for result in results:
+            if not isinstance(result, Exception):
+                counted.stepped(applied(result), started)
+        return [self._failed("StreamBatch", request, result) if isinstance(result, Exception)
                 else convert.step_to_pb(result, request.request_id) for request, result in zip(batch.steps, results)]
 
     async def _step_or_status(self, tenant: str, request: pb.StepRequest | Malformed,
                               deadline: float | None) -> pb.StepResponse:
+        started = time.perf_counter()
         try:
             request = parsed(request)
-            return convert.step_to_pb(await self.core.step(tenant, convert.step_from_pb(request, deadline)),
-                                      request.request_id)
+            result = await self.core.step(tenant, convert.step_from_pb(request, deadline))
+            self.metrics.rpc("Stream", tenant).stepped(applied(result), started)
+            return convert.step_to_pb(result, request.request_id)
         except Exception as e:
-            return convert.step_error_to_pb(request if isinstance(request, pb.StepRequest) else pb.StepRequest(),
-                                            *_code(e))
+            return self._failed("Stream", request if isinstance(request, pb.StepRequest) else pb.StepRequest(), e)
 
     async def StreamBatch(self, request_iterator: AsyncIterator[pb.StepBatch | Malformed],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepBatchResponse]:
@@ -185,8 +227,10 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         try:
             tenant = self._tenant(context)
         except RecurError as e:
+            self.metrics.error("StreamBatch", status_of(e)[0].name)
             await context.abort(*status_of(e))
         await context.send_initial_metadata(self.metadata)
+        self.metrics.open_streams.labels("StreamBatch").inc()
         pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=max(1, self.max_stream_inflight // 16))
 
         async def read() -> None:
@@ -203,19 +247,44 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
                 yield pb.StepBatchResponse(steps=await task)
         finally:
             reader.cancel()
+            self.metrics.open_streams.labels("StreamBatch").dec()
         await streams.end_if_idle(idle, self.idle_timeout, context)
+
+    # -- moving and listing sessions ------------------------------------------------------
+    @unary
+    async def ExportSession(self, request: pb.ExportSessionRequest,
+                            context: grpc.aio.ServicerContext) -> pb.SessionBlob:
+        return pb.SessionBlob(blob=await self.core.export_session(self._tenant(context), request.session_id))
+
+    @unary
+    async def ImportSession(self, request: pb.ImportSessionRequest, context: grpc.aio.ServicerContext) -> pb.Session:
+        view = await self.core.import_session(self._tenant(context), request.blob, request.session_id, request.force)
+        return convert.session_to_pb(view)
+
+    @unary
+    async def ListSessions(self, request: pb.ListSessionsRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListSessionsResponse:
+        page, token = await self.core.list_sessions(self._tenant(context), request.model, request.page_size,
+                                                    request.page_token)
+        return convert.sessions_to_pb(page, token)
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        started, made = time.perf_counter(), 0
         try:
             await context.send_initial_metadata(self.metadata)
             # aclosing: a cancelled call releases the session's lock now, not at garbage collection
             tenant, request = self._tenant(context), parsed(request)
+            generated = self.metrics.generated.labels(tenant)
             async with contextlib.aclosing(self.core.generate(tenant, convert.generate_from_pb(request))) as tokens:
                 async for token in tokens:
+                    made += 1
+                    generated.inc()
                     yield convert.generated_to_pb(token)
+            self.metrics.rpc("Generate", tenant).stepped(made, started)
         except Exception as e:
             code, message = status_of(e)
+            self.metrics.error("Generate", code.name)
             await context.abort(code, message)
 
 

@@ -9,6 +9,7 @@ store promises; a refused request changes nothing.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import logging
@@ -18,18 +19,21 @@ from collections.abc import AsyncGenerator, Callable
 
 import numpy as np
 
+from service import blob
 from service.auth import NO_LIMITS, TenantLimits
 from service.config import Settings
 from service.engine import Engine
-from service.errors import InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, StoreConflict
+from service.errors import InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, RecurError, StoreConflict
 from service.locks import CallGate, SessionLocks
-from service.models import Model, ModelRepository
+from service.models import Model, ModelRepository, StateSpec
 from service.outputs import OutputOptions, sample, step_outputs
 from service.store import SessionRecord, Store
+from service.store.base import NO_EVENTS, Events, SessionSummary
 from service.types import GeneratedToken, GenerateInput, NamedTensor, SessionView, StepInput, StepResult
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # ListSessions
 _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
@@ -45,6 +49,18 @@ def _advanced(rec: SessionRecord, x: np.ndarray, digest: bytes, logits: np.ndarr
                     last_start=rec.offset, last_logits=logits[-1:].copy(), last_prev_state=rec.state)
 
 
+class VersionMismatch(RecurError):
+    code = "FAILED_PRECONDITION"
+
+
+class VersionInUse(RecurError):
+    code = "FAILED_PRECONDITION"
+
+
+def _specs_str(specs: list[tuple[str, int, int]]) -> str:
+    return ", ".join(f"{n} [{layers}, {hidden}]" for n, layers, hidden in specs) or "none"
+
+
 def _checked(session_id: str) -> str:
     """A session id as given, if it is one (never echoed when it is not: it may be huge)."""
     if not _ID.fullmatch(session_id):
@@ -57,9 +73,10 @@ class SessionService:
     Records are stamped with the store's clock, which also decides their expiry."""
 
     def __init__(self, settings: Settings, models: ModelRepository, store: Store, engine: Engine,
-                 tenant_limits: Callable[[str], TenantLimits] | None = None) -> None:
+                 tenant_limits: Callable[[str], TenantLimits] | None = None, events: Events = NO_EVENTS) -> None:
         self.settings, self.models, self.store, self.engine = settings, models, store, engine
         self.tenant_limits = tenant_limits
+        self.events = events  # sessions created/deleted, replays, conflicts (metrics; no-ops by default)
         self._locks = SessionLocks()
         self._calls = CallGate()
 
@@ -72,10 +89,11 @@ class SessionService:
             log.warning("%d calls still in flight after %.0f s", self._calls.in_flight, timeout)
 
     # -- sessions ------------------------------------------------------------
-    def _view(self, rec: SessionRecord, model: Model | None = None, with_state: bool = False) -> SessionView:
+    def _view(self, rec: SessionRecord, specs: list[StateSpec] | None = None, with_state: bool = False
+              ) -> SessionView:
         state = None
-        if with_state and model is not None:
-            state = [NamedTensor(s.name, v) for s, v in zip(model.states, rec.state)]
+        if with_state and specs is not None:
+            state = [NamedTensor(s.name, v) for s, v in zip(specs, rec.state)]
         return SessionView(rec.session_id, rec.tenant, rec.model, rec.version, rec.offset, rec.created_at,
                            rec.updated_at, rec.expires_at, state)
 
@@ -109,7 +127,9 @@ class SessionService:
         rec = SessionRecord(tenant, sid, model.name, model.version, 0, t, t, ttl, state)
         async with self._calls:
             await self._store_new(tenant, rec)
-        log.info("session %s created on %s v%d", sid, model.name, model.version)
+        self.events.created(model.name, model.version, tenant)
+        log.info("session created", extra={"session": sid, "model": model.name, "version": model.version,
+                                           "tenant": tenant})
         return self._view(rec)
 
     def _initial_state(self, model: Model, tensors: list[NamedTensor]) -> list[np.ndarray]:
@@ -131,22 +151,82 @@ class SessionService:
     async def get(self, tenant: str, session_id: str, include_state: bool = False) -> SessionView:
         async with self._locks.hold((tenant, _checked(session_id))):  # after the chunks in flight: settled
             rec = await self.store.get(tenant, session_id)
-        model = self.models.get(rec.model, rec.version) if include_state else None
-        return self._view(rec, model, include_state)
+        # the state's names: of the version, even one unloaded since (its shapes are kept)
+        specs = self.models.state_specs(rec.model, rec.version) if include_state else None
+        return self._view(rec, specs, include_state)
 
     async def delete(self, tenant: str, session_id: str) -> None:
         async with self._calls, self._locks.hold((tenant, _checked(session_id))):
             await self.store.delete(tenant, session_id)
+        self.events.deleted(tenant)
+        log.info("session deleted", extra={"session": session_id, "tenant": tenant})
 
     async def fork(self, tenant: str, session_id: str, new_id: str = "", ttl: float = 0) -> SessionView:
         sid, ttl = self._new_id(new_id), self._ttl(ttl)
         async with self._calls, self._locks.hold((tenant, _checked(session_id))):
             src = await self.store.get(tenant, session_id)
+            self.models.get(src.model, src.version)  # refused when that version was unloaded
             t = self.store.clock()
             rec = src.copy(session_id=sid, created_at=t, updated_at=t, ttl=ttl,
                            state=[s.copy() for s in src.state])
             await self._store_new(tenant, rec)
+        self.events.created(rec.model, rec.version, tenant)
+        log.info("session forked", extra={"session": sid, "model": rec.model, "version": rec.version,
+                                          "tenant": tenant})
         return self._view(rec)
+
+    # -- model versions ------------------------------------------------------
+    async def migrate(self, tenant: str, session_id: str, version: int, expected_offset: int | None = None
+                      ) -> SessionView:
+        """Move a session to another version of its model (0: the latest loaded) whose state tensors
+        have the same names and shapes; offset and state are kept, the next chunk runs on the new
+        weights. The last chunk's replay is forgotten (its outputs came from the old weights)."""
+        async with self._calls, self._locks.hold((tenant, _checked(session_id))):
+            rec = await self.store.get(tenant, session_id)
+            if expected_offset is not None and expected_offset != rec.offset:
+                raise OffsetMismatch(f"session {session_id} is at offset {rec.offset}, not {expected_offset}",
+                                     rec.offset)
+            target = self.models.get(rec.model, version)
+            if target.version == rec.version:
+                return self._view(rec)
+            have = [(s.name, s.layers, s.hidden) for s in self.models.state_specs(rec.model, rec.version)]
+            want = [(s.name, s.layers, s.hidden) for s in target.states]
+            shapes = [tuple(a.shape) for a in rec.state]
+            if have != want or shapes != [(s.layers, s.hidden) for s in target.states]:
+                raise VersionMismatch(f"session {session_id} cannot move from version {rec.version} to version "
+                                      f"{target.version} of model {rec.model}: its state is "
+                                      f"{_specs_str(have)} and that version's is {_specs_str(want)}")
+            last = None if rec.last_logits is None else rec.last_logits[-1:].copy()  # Generate samples from it
+            new = rec.copy(version=target.version, updated_at=self.store.clock(), last_digest=b"", last_start=-1,
+                           last_logits=last, last_prev_state=None)
+            try:
+                await self.store.put(new, prev_offset=rec.offset)
+            except StoreConflict as e:
+                raise self._conflict(e, session_id) from e
+        log.info("session %s moved from %s v%d to v%d at offset %d", session_id, rec.model, rec.version,
+                 target.version, rec.offset)
+        return self._view(new)
+
+    async def unload_model(self, name: str, version: int, force: bool = False) -> int:
+        """Stop serving a version. Refused while live sessions use it, unless `force`: those sessions
+        then answer FAILED_PRECONDITION on every call that runs the model, until migrated. Returns how
+        many live sessions were left on it (-1: the store does not count them)."""
+        if version < 1:
+            raise InvalidInput("give the version to unload (1 or more)")
+        self.models.get(name, version)
+        await self.store.flush()
+        counts = await self.store.count_by_model()
+        n = -1 if counts is None else counts.get((name, version), 0)
+        if not force and n != 0:
+            raise VersionInUse(f"version {version} of model {name} is used by {n} live sessions; migrate or "
+                               "delete them, or unload with force" if n > 0 else
+                               f"this store cannot count the sessions on version {version} of model {name}; "
+                               "unload with force if none uses it")
+        self.models.unload(name, version)
+        if n:
+            log.warning("version %d of model %s unloaded with force: %s sessions left on it fail until migrated",
+                        version, name, n if n > 0 else "an unknown number of")
+        return n
 
     # -- steps ---------------------------------------------------------------
     def _chunk(self, model: Model, inp: StepInput, max_chunk: int) -> tuple[np.ndarray, bytes]:
@@ -196,6 +276,7 @@ class SessionService:
         try:
             await self.store.put(new, prev_offset=rec.offset)  # settles even if this call is cancelled
         except StoreConflict as e:
+            self.events.conflict(model.name, model.version, rec.tenant)
             raise self._conflict(e, rec.session_id) from e
         return new, logits
 
@@ -226,8 +307,10 @@ class SessionService:
         x, digest = self._chunk(model, inp, self._max_chunk(tenant))
         if inp.expected_offset is not None and inp.expected_offset != rec.offset:
             if inp.expected_offset == rec.last_start and digest == rec.last_digest:
+                self.events.replayed(model.name, model.version, tenant)
                 return self._result(model, rec, await self._replayed_logits(model, rec, x, inp), inp.options,
                                     replayed=True)
+            self.events.conflict(model.name, model.version, tenant)
             raise OffsetMismatch(f"session {inp.session_id} is at offset {rec.offset}, "
                                  f"not {inp.expected_offset}; resend from offset {rec.offset}", rec.offset)
         return model, rec, x, digest
@@ -312,6 +395,8 @@ class SessionService:
             if err is None:
                 out[i] = self._result(model, new, logits, inputs[i].options, replayed=False)
             else:
+                if isinstance(err, StoreConflict):
+                    self.events.conflict(model.name, model.version, tenant)
                 out[i] = self._conflict(err, new.session_id) if isinstance(err, StoreConflict) else err
 
     async def _submit(self, model: Model, rec: SessionRecord, x: np.ndarray, deadline: float | None
@@ -342,6 +427,7 @@ class SessionService:
             if model.head != "lm":
                 raise InvalidInput(f"model {model.name} has a {model.head} head; Generate needs a language model")
             if g.expected_offset is not None and g.expected_offset != rec.offset:
+                self.events.conflict(model.name, model.version, tenant)
                 raise OffsetMismatch(f"session {g.session_id} is at offset {rec.offset}, not {g.expected_offset}",
                                      rec.offset)
             if g.prompt or g.prompt_tokens:
@@ -364,3 +450,50 @@ class SessionService:
                 yield GeneratedToken(token, piece, rec.offset, last, reason)
                 if stopped:
                     return
+
+    # -- moving and listing sessions (ExportSession, ImportSession, ListSessions) ----------
+    async def export_session(self, tenant: str, session_id: str) -> bytes:
+        """The session as a blob (service/blob.py), read after the chunks in flight have settled."""
+        async with self._calls, self._locks.hold((tenant, _checked(session_id))):
+            rec = await self.store.get(tenant, session_id)
+        model = self.models.described(rec.model, rec.version)  # a version unloaded since is exported too
+        return blob.encode(blob.ExportedSession(
+            rec.session_id, rec.model, rec.version, model.sha256, rec.offset, rec.created_at, rec.updated_at,
+            rec.ttl, rec.state, rec.last_digest, rec.last_start, rec.last_logits, rec.last_prev_state))
+
+    async def import_session(self, tenant: str, data: bytes, session_id: str = "", force: bool = False
+                             ) -> SessionView:
+        """Recreate an exported session in `tenant` (under `session_id`, default its exported id) at
+        its offset, with its replay record, so that a retry of its last chunk is replayed here. Its
+        idle TTL starts again now (capped at --max-ttl)."""
+        s = blob.decode(data)
+        sid = _checked(session_id or s.session_id)
+        model = self.models.get(s.model, s.version)
+        blob.check_against(s, model, model.sha256, force)
+        t = self.store.clock()
+        rec = SessionRecord(tenant, sid, model.name, model.version, s.offset, s.created_at, t,
+                            min(s.ttl, self.settings.max_ttl), s.state, s.last_digest, s.last_start, s.last_logits,
+                            s.last_prev_state)
+        async with self._calls, self._locks.hold((tenant, sid)):
+            await self._store_new(tenant, rec)
+        self.events.created(model.name, model.version, tenant)
+        log.info("session %s imported on %s v%d at offset %d", sid, model.name, model.version, s.offset)
+        return self._view(rec)
+
+    async def list_sessions(self, tenant: str, model: str = "", page_size: int = 0, page_token: str = ""
+                            ) -> tuple[list[SessionSummary], str]:
+        """A page of the tenant's live sessions ordered by id, and the token of the next page ("" at the end)."""
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidInput(f"page_size must be between 0 (the default, {DEFAULT_PAGE_SIZE}) and {MAX_PAGE_SIZE}")
+        after = ""
+        if page_token:
+            try:
+                after = _checked(base64.urlsafe_b64decode(page_token.encode("ascii")).decode("ascii"))
+            except (ValueError, InvalidInput):
+                raise InvalidInput("page_token is not one ListSessions gave") from None
+        size = page_size or DEFAULT_PAGE_SIZE
+        page = await self.store.list_sessions(tenant, model, after, size + 1)
+        more = len(page) > size
+        page = page[:size]
+        token = base64.urlsafe_b64encode(page[-1].session_id.encode()).decode() if more else ""
+        return page, token

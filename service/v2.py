@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,9 +38,10 @@ from service.auth import Authenticator
 from service.config import Settings
 from service.errors import InvalidInput, NotFound, RecurError, SessionExpired, SessionNotFound
 from service.locks import SessionLocks
+from service.metrics import Metrics
 from service.models import Model
 from service.outputs import OutputOptions
-from service.servicer import REPLICA_HEADER, _deadline, status_of, unary
+from service.servicer import REPLICA_HEADER, _deadline, applied, status_of, unary
 from service.sessions import SessionService
 from service.types import StepInput, StepResult
 
@@ -66,8 +68,10 @@ class _Last:
 
 
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, core: SessionService, auth: Authenticator, settings: Settings, replica_id: str) -> None:
+    def __init__(self, core: SessionService, auth: Authenticator, settings: Settings, replica_id: str,
+                 metrics: Metrics | None = None) -> None:
         self.core, self.auth, self.models = core, auth, core.models
+        self.metrics = metrics or Metrics()
         self.max_stream_inflight = settings.max_stream_inflight
         self.idle_timeout = settings.stream_idle_timeout or None
         self.metadata = ((REPLICA_HEADER, replica_id),)
@@ -122,25 +126,36 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             tenant = self._tenant(context)
         except RecurError as e:
+            self.metrics.error("ModelStreamInfer", status_of(e)[0].name)
             await context.abort(*status_of(e))
         await context.send_initial_metadata(self.metadata)
 
         async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
                 return pb.ModelStreamInferResponse(infer_response=await self._infer(tenant, request,
-                                                                                    _deadline(context)))
+                                                                                    _deadline(context),
+                                                                                    "ModelStreamInfer"))
             except Exception as e:
-                return convert_v2.stream_error_to_pb(request, status_of(e)[1])
+                code, message = status_of(e)
+                self.metrics.error("ModelStreamInfer", code.name)
+                return convert_v2.stream_error_to_pb(request, message)
 
-        async for reply in streams.handled(request_iterator, one, max_inflight=self.max_stream_inflight,
-                                           idle_timeout=self.idle_timeout, context=context):
-            yield reply
+        open_streams = self.metrics.open_streams.labels("ModelStreamInfer")
+        open_streams.inc()
+        try:
+            async for reply in streams.handled(request_iterator, one, max_inflight=self.max_stream_inflight,
+                                               idle_timeout=self.idle_timeout, context=context):
+                yield reply
+        finally:
+            open_streams.dec()
 
     # -- one request -----------------------------------------------------------------------------
-    async def _infer(self, tenant: str, r: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+    async def _infer(self, tenant: str, r: pb.ModelInferRequest, deadline: float | None,
+                     rpc: str = "ModelInfer") -> pb.ModelInferResponse:
+        started = time.perf_counter()
         seq = convert_v2.sequence_from_pb(r)
         if not seq.id:
-            return await self._one_shot(tenant, r, deadline)
+            return await self._one_shot(tenant, r, deadline, rpc, started)
         key = (tenant, seq.session_id)
         async with self._locks.hold(key):
             last = self._last.get(key)
@@ -168,6 +183,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 await self.core.delete(tenant, seq.session_id)
             else:
                 self._remember(key, _Last(model.name, model.version, r.id, result.start_offset))
+        self.metrics.rpc(rpc, tenant).stepped(applied(result), started)
         return convert_v2.infer_to_pb(r, model, result, chunk.outputs)
 
     async def _start(self, tenant: str, seq: convert_v2.Sequence, r: pb.ModelInferRequest
@@ -203,7 +219,8 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                                                       expected_offset=expected_offset, options=options,
                                                       deadline=deadline))
 
-    async def _one_shot(self, tenant: str, r: pb.ModelInferRequest, deadline: float | None) -> pb.ModelInferResponse:
+    async def _one_shot(self, tenant: str, r: pb.ModelInferRequest, deadline: float | None, rpc: str,
+                        started: float) -> pb.ModelInferResponse:
         model = self.models.get(r.model_name, convert_v2.version_from_pb(r.model_version))
         chunk = convert_v2.chunk_from_pb(r, model)
         view = await self.core.create(tenant, model.name, model.version)
@@ -212,6 +229,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             with contextlib.suppress(Exception):
                 await self.core.delete(tenant, view.session_id)
+        self.metrics.rpc(rpc, tenant).stepped(applied(result), started)
         return convert_v2.infer_to_pb(r, model, result, chunk.outputs)
 
     def _remember(self, key: tuple[str, str], last: _Last) -> None:

@@ -16,6 +16,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +96,8 @@ class Server:
     extra: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     port: int = 0
+    log_args: list[str] = field(default_factory=lambda: ["--log-level", "WARNING"])  # before `serve`
+    metrics_port: int = 0  # the /metrics HTTP port ("metrics on port N"; any free one unless extra names one)
     log: list[str] = field(default_factory=list)
     tls: dict | None = None  # the client's TLS keyword arguments (open_channel / RecurClient) for a TLS port
 
@@ -101,8 +106,9 @@ class Server:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> Server:
-        cmd = [sys.executable, "-m", "recur.cli", "--log-level", "WARNING", "serve", "--models-dir",
-               str(self.models_dir), "--store", self.store, "--host", "127.0.0.1", "--port", "0", *self.extra]
+        cmd = [sys.executable, "-m", "recur.cli", *self.log_args, "serve", "--models-dir",
+               str(self.models_dir), "--store", self.store, "--host", "127.0.0.1", "--port", "0",
+               *([] if "--metrics-port" in self.extra else ["--metrics-port", "-1"]), *self.extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         ready = threading.Event()
@@ -111,6 +117,8 @@ class Server:
             assert self.proc is not None and self.proc.stdout is not None
             for line in self.proc.stdout:
                 self.log.append(line)
+                if line.startswith("metrics on port "):
+                    self.metrics_port = int(line.split()[-1])
                 if line.startswith("recur listening on port "):
                     self.port = int(line.split()[-1])
                     ready.set()
@@ -240,9 +248,11 @@ class Nginx:
     def start(self) -> Nginx:
         env = self.environment or yaml.safe_load(COMPOSE.read_text())["services"]["nginx"]["environment"]
         self.port = free_port()
-        servers = env["RECUR_UPSTREAM_SERVERS"]
-        for i, port in enumerate(self.upstreams, 1):
-            servers = servers.replace(f"replica{i}:50051", f"127.0.0.1:{port}")
+        # Compose's one `server replica:50051 ...;` line (nginx resolves the service name to every
+        # replica's address) becomes one line per local replica, with the same parameters.
+        servers, n = re.subn(r"server replica:50051([^;]*);", lambda m: " ".join(
+            f"server 127.0.0.1:{port}{m.group(1)};" for port in self.upstreams), env["RECUR_UPSTREAM_SERVERS"])
+        assert n == 1, env["RECUR_UPSTREAM_SERVERS"]
         values = {**env, "RECUR_UPSTREAM_SERVERS": servers, "RECUR_LB_PORT": str(self.port), **self.extra}
         template = (ROOT / "deploy" / "nginx" / self.template).read_text()
         for name, value in values.items():  # what the nginx image's envsubst does with defined names
@@ -269,6 +279,16 @@ class Nginx:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+def compose_config(*files: str) -> dict:
+    """`docker-compose -f FILE ... config` (files relative to the repository): what compose itself makes of them."""
+    compose = shutil.which("docker-compose")
+    assert compose, "docker-compose is not installed: `make test` installs it (deploy/ensure-packages)"
+    args = [a for f in files for a in ("-f", str(ROOT / f))]
+    out = subprocess.run([compose, *args, "config"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout)
 
 
 @dataclass
@@ -345,3 +365,57 @@ def make_pki(directory: Path) -> Pki:
     write("stranger", _cert("stranger", keys["stranger"], "another CA", keys["other-ca"],
                             usage=ExtendedKeyUsageOID.CLIENT_AUTH), keys["stranger"])
     return Pki(directory)
+
+
+class Prometheus:
+    """A real prometheus server scraping `targets` with the compose scrape config (deploy/prometheus);
+    skips the test with the reason when the binary is not installed."""
+
+    def __init__(self, directory: Path, targets: list[str]) -> None:
+        binary = shutil.which("prometheus") or shutil.which("prometheus", path="/usr/sbin:/usr/bin")
+        if binary is None:
+            pytest.skip("the prometheus binary is not installed (Debian package `prometheus`; "
+                        "deploy/ensure-packages installs it where apt-get can)")
+        # The compose scrape config with the DNS discovery of `replica` replaced by the local targets.
+        config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+        config["global"]["scrape_interval"] = "500ms"
+        job = next(j for j in config["scrape_configs"] if j["job_name"] == "recur")
+        del job["dns_sd_configs"]
+        job["static_configs"] = [{"targets": targets}]
+        config["scrape_configs"] = [job]
+        (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.port = free_port()
+        self.log = open(directory / "prometheus.log", "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
+        wait_port(self.port, timeout=60)
+        deadline = time.monotonic() + 60  # the port opens before the storage is ready (503 until then)
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except urllib.error.URLError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("prometheus did not become ready:\n" + (directory / "prometheus.log").read_text())
+            time.sleep(0.1)
+
+    def query(self, promql: str) -> list[dict]:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.load(r)
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def value(self, promql: str) -> float | None:
+        result = self.query(promql)
+        return float(result[0]["value"][1]) if result else None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        self.log.close()

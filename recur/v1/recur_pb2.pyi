@@ -34,7 +34,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "cell", "head", "input_kind", "feature_dim", "vocabulary", "unk_id", "labels", "state", "layers", "hidden_size", "classes", "metrics")
+    __slots__ = ("name", "version", "cell", "head", "input_kind", "feature_dim", "vocabulary", "unk_id", "labels", "state", "layers", "hidden_size", "classes", "metrics", "live_sessions")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,7 @@ class ModelInfo(_message.Message):
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     cell: str
@@ -70,7 +71,8 @@ class ModelInfo(_message.Message):
     hidden_size: int
     classes: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., cell: _Optional[str] = ..., head: _Optional[str] = ..., input_kind: _Optional[str] = ..., feature_dim: _Optional[int] = ..., vocabulary: _Optional[_Iterable[str]] = ..., unk_id: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., state: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., classes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    live_sessions: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., cell: _Optional[str] = ..., head: _Optional[str] = ..., input_kind: _Optional[str] = ..., feature_dim: _Optional[int] = ..., vocabulary: _Optional[_Iterable[str]] = ..., unk_id: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., state: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., classes: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., live_sessions: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -267,3 +269,109 @@ class GenerateResponse(_message.Message):
     done: bool
     finish_reason: str
     def __init__(self, token: _Optional[int] = ..., text: _Optional[str] = ..., offset: _Optional[int] = ..., done: _Optional[bool] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+
+class ExportSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class SessionBlob(_message.Message):
+    __slots__ = ("blob",)
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    blob: bytes
+    def __init__(self, blob: _Optional[bytes] = ...) -> None: ...
+
+class ImportSessionRequest(_message.Message):
+    __slots__ = ("blob", "session_id", "force")
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    blob: bytes
+    session_id: str
+    force: bool
+    def __init__(self, blob: _Optional[bytes] = ..., session_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ("model", "page_size", "page_token")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    page_size: int
+    page_token: str
+    def __init__(self, model: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions", "next_page_token")
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[Session]
+    next_page_token: str
+    def __init__(self, sessions: _Optional[_Iterable[_Union[Session, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class MigrateSessionRequest(_message.Message):
+    __slots__ = ("session_id", "version", "expected_offset")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    version: int
+    expected_offset: int
+    def __init__(self, session_id: _Optional[str] = ..., version: _Optional[int] = ..., expected_offset: _Optional[int] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("model", "changed")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    changed: bool
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., changed: _Optional[bool] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ("name", "version", "force")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    force: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., force: _Optional[bool] = ...) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("sessions_stranded",)
+    SESSIONS_STRANDED_FIELD_NUMBER: _ClassVar[int]
+    sessions_stranded: int
+    def __init__(self, sessions_stranded: _Optional[int] = ...) -> None: ...
+
+class ReloadRepositoryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RefusedModel(_message.Message):
+    __slots__ = ("path", "name", "version", "reason")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    name: str
+    version: int
+    reason: str
+    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ReloadRepositoryResponse(_message.Message):
+    __slots__ = ("loaded", "refused")
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    loaded: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    refused: _containers.RepeatedCompositeFieldContainer[RefusedModel]
+    def __init__(self, loaded: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., refused: _Optional[_Iterable[_Union[RefusedModel, _Mapping]]] = ...) -> None: ...

@@ -79,6 +79,26 @@ class RecurStub:
                 request_serializer=recur_dot_v1_dot_recur__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=recur_dot_v1_dot_recur__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.MigrateSession = channel.unary_unary(
+                '/recur.v1.Recur/MigrateSession',
+                request_serializer=recur_dot_v1_dot_recur__pb2.MigrateSessionRequest.SerializeToString,
+                response_deserializer=recur_dot_v1_dot_recur__pb2.Session.FromString,
+                _registered_method=True)
+        self.ExportSession = channel.unary_unary(
+                '/recur.v1.Recur/ExportSession',
+                request_serializer=recur_dot_v1_dot_recur__pb2.ExportSessionRequest.SerializeToString,
+                response_deserializer=recur_dot_v1_dot_recur__pb2.SessionBlob.FromString,
+                _registered_method=True)
+        self.ImportSession = channel.unary_unary(
+                '/recur.v1.Recur/ImportSession',
+                request_serializer=recur_dot_v1_dot_recur__pb2.ImportSessionRequest.SerializeToString,
+                response_deserializer=recur_dot_v1_dot_recur__pb2.Session.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/recur.v1.Recur/ListSessions',
+                request_serializer=recur_dot_v1_dot_recur__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=recur_dot_v1_dot_recur__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class RecurServicer:
@@ -147,6 +167,39 @@ class RecurServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MigrateSession(self, request, context):
+        """-- model versions: move a session to another version of its model whose state shapes match
+        (offset and state kept; the next chunk runs on the new version's weights) --
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportSession(self, request, context):
+        """-- Moving and listing sessions (operations) --------------------------------
+        A session as a self-describing, versioned blob (see service/blob.py): model, version and
+        the model's sha256, offset, state, the replay record of its last chunk, and TTL.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ImportSession(self, request, context):
+        """Recreate an exported session (on this or any server or store) at the same offset, so a
+        retry of its last chunk is still recognised as a replay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """The caller's live sessions, ordered by id, a page at a time.
+        -- end of moving and listing sessions -----------------------------------------
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecurServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +247,26 @@ def add_RecurServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=recur_dot_v1_dot_recur__pb2.GenerateRequest.FromString,
                     response_serializer=recur_dot_v1_dot_recur__pb2.GenerateResponse.SerializeToString,
+            ),
+            'MigrateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateSession,
+                    request_deserializer=recur_dot_v1_dot_recur__pb2.MigrateSessionRequest.FromString,
+                    response_serializer=recur_dot_v1_dot_recur__pb2.Session.SerializeToString,
+            ),
+            'ExportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportSession,
+                    request_deserializer=recur_dot_v1_dot_recur__pb2.ExportSessionRequest.FromString,
+                    response_serializer=recur_dot_v1_dot_recur__pb2.SessionBlob.SerializeToString,
+            ),
+            'ImportSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportSession,
+                    request_deserializer=recur_dot_v1_dot_recur__pb2.ImportSessionRequest.FromString,
+                    response_serializer=recur_dot_v1_dot_recur__pb2.Session.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=recur_dot_v1_dot_recur__pb2.ListSessionsRequest.FromString,
+                    response_serializer=recur_dot_v1_dot_recur__pb2.ListSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -439,6 +512,278 @@ class Recur:
             '/recur.v1.Recur/Generate',
             recur_dot_v1_dot_recur__pb2.GenerateRequest.SerializeToString,
             recur_dot_v1_dot_recur__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recur.v1.Recur/MigrateSession',
+            recur_dot_v1_dot_recur__pb2.MigrateSessionRequest.SerializeToString,
+            recur_dot_v1_dot_recur__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recur.v1.Recur/ExportSession',
+            recur_dot_v1_dot_recur__pb2.ExportSessionRequest.SerializeToString,
+            recur_dot_v1_dot_recur__pb2.SessionBlob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recur.v1.Recur/ImportSession',
+            recur_dot_v1_dot_recur__pb2.ImportSessionRequest.SerializeToString,
+            recur_dot_v1_dot_recur__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recur.v1.Recur/ListSessions',
+            recur_dot_v1_dot_recur__pb2.ListSessionsRequest.SerializeToString,
+            recur_dot_v1_dot_recur__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class RecurAdminStub:
+    """-- the admin API: model lifecycle (only for an admin key, or on --admin-port) --
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LoadModel = channel.unary_unary(
+                '/recur.v1.RecurAdmin/LoadModel',
+                request_serializer=recur_dot_v1_dot_recur__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=recur_dot_v1_dot_recur__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/recur.v1.RecurAdmin/UnloadModel',
+                request_serializer=recur_dot_v1_dot_recur__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=recur_dot_v1_dot_recur__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
+        self.ReloadRepository = channel.unary_unary(
+                '/recur.v1.RecurAdmin/ReloadRepository',
+                request_serializer=recur_dot_v1_dot_recur__pb2.ReloadRepositoryRequest.SerializeToString,
+                response_deserializer=recur_dot_v1_dot_recur__pb2.ReloadRepositoryResponse.FromString,
+                _registered_method=True)
+
+
+class RecurAdminServicer:
+    """-- the admin API: model lifecycle (only for an admin key, or on --admin-port) --
+    """
+
+    def LoadModel(self, request, context):
+        """Load models/NAME/VERSION from the repository directory (again, if its files changed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Unload a version; refused while live sessions use it, unless force.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadRepository(self, request, context):
+        """Load every new or changed version under the repository directory; report the refused ones.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_RecurAdminServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=recur_dot_v1_dot_recur__pb2.LoadModelRequest.FromString,
+                    response_serializer=recur_dot_v1_dot_recur__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=recur_dot_v1_dot_recur__pb2.UnloadModelRequest.FromString,
+                    response_serializer=recur_dot_v1_dot_recur__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'ReloadRepository': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadRepository,
+                    request_deserializer=recur_dot_v1_dot_recur__pb2.ReloadRepositoryRequest.FromString,
+                    response_serializer=recur_dot_v1_dot_recur__pb2.ReloadRepositoryResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'recur.v1.RecurAdmin', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('recur.v1.RecurAdmin', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class RecurAdmin:
+    """-- the admin API: model lifecycle (only for an admin key, or on --admin-port) --
+    """
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recur.v1.RecurAdmin/LoadModel',
+            recur_dot_v1_dot_recur__pb2.LoadModelRequest.SerializeToString,
+            recur_dot_v1_dot_recur__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recur.v1.RecurAdmin/UnloadModel',
+            recur_dot_v1_dot_recur__pb2.UnloadModelRequest.SerializeToString,
+            recur_dot_v1_dot_recur__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadRepository(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recur.v1.RecurAdmin/ReloadRepository',
+            recur_dot_v1_dot_recur__pb2.ReloadRepositoryRequest.SerializeToString,
+            recur_dot_v1_dot_recur__pb2.ReloadRepositoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -74,6 +74,23 @@ class SessionRecord:
 
 
 @dataclass(frozen=True)
+class SessionSummary:
+    """One line of ListSessions: a session without its arrays."""
+
+    session_id: str
+    model: str
+    version: int
+    offset: int
+    created_at: float
+    updated_at: float
+    expires_at: float
+
+    @classmethod
+    def of(cls, r: SessionRecord) -> SessionSummary:
+        return cls(r.session_id, r.model, r.version, r.offset, r.created_at, r.updated_at, r.expires_at)
+
+
+@dataclass(frozen=True)
 class Tombstone:
     """What remains of a session that expired or was evicted, so its id is answered clearly."""
 
@@ -105,6 +122,22 @@ def unpack_arrays(blob: bytes) -> list[np.ndarray]:
     return out
 
 
+class Events:
+    """What the core and the stores report as they work (sessions created, replays, store latency...):
+    no-ops here; service.metrics.Metrics turns them into Prometheus metrics. Keeps the core and the
+    stores free of any metrics library."""
+
+    def created(self, model: str, version: int, tenant: str) -> None: ...
+    def deleted(self, tenant: str) -> None: ...
+    def expired(self, n: int) -> None: ...
+    def replayed(self, model: str, version: int, tenant: str) -> None: ...
+    def conflict(self, model: str, version: int, tenant: str) -> None: ...
+    def group_commit(self, writes: int) -> None: ...
+
+
+NO_EVENTS = Events()
+
+
 class Store(ABC):
     """Where session records live. Writes are compare-and-set on the offset.
 
@@ -116,6 +149,11 @@ class Store(ABC):
     """
 
     clock: Clock = time.time
+    events: Events = NO_EVENTS  # set by the server to count what the store does
+
+    def write_lag(self) -> float:
+        """Seconds the oldest acknowledged write has waited for its commit (0: none waits)."""
+        return 0.0
 
     @abstractmethod
     async def get(self, tenant: str, session_id: str) -> SessionRecord: ...
@@ -157,6 +195,21 @@ class Store(ABC):
     @abstractmethod
     async def count(self, tenant: str | None = None) -> int:
         """Live sessions (of `tenant`, or of all tenants); expired ones do not count."""
+
+    async def count_by_model(self) -> dict[tuple[str, int], int] | None:
+        """Live sessions per (model, version), of all tenants; None when the store does not count them
+        (Redis: its sessions are not indexed by model). Writes still queued may be left out: flush first
+        for an exact answer."""
+        return None
+
+    async def list_sessions(self, tenant: str, model: str = "", after_id: str = "",
+                            limit: int = 100) -> list[SessionSummary]:
+        """Up to `limit` live sessions of `tenant` with ids after `after_id`, ordered by id (of
+        `model` only, unless empty)."""
+        inner = getattr(self, "inner", None)  # a wrapping store (metrics' TimedStore) lists its inner store's
+        if isinstance(inner, Store):
+            return await inner.list_sessions(tenant, model, after_id, limit)
+        raise NotImplementedError(f"{type(self).__name__} cannot list sessions")
 
     @abstractmethod
     async def ping(self) -> None:

@@ -18,6 +18,7 @@ from service.store.base import (
     DEFAULT_TOMBSTONE_SECONDS,
     Clock,
     SessionRecord,
+    SessionSummary,
     Store,
     Tombstone,
     fmt_time,
@@ -40,6 +41,7 @@ class MemoryStore(Store):
         self._records: dict[Key, SessionRecord] = {}
         self._tombstones: dict[Key, Tombstone] = {}
         self._tenants: dict[str, int] = {}  # live records per tenant
+        self._models: dict[tuple[str, int], int] = {}  # live records per (model, version)
         self._bytes = 0  # sum of the records' nbytes
         # (expires_at, tenant, id) of every write; an entry is stale once its record was renewed or removed.
         self._expiry: list[tuple[float, str, str]] = []
@@ -61,6 +63,8 @@ class MemoryStore(Store):
             self._tenants[key[0]] = self._tenants.get(key[0], 0) + 1
         else:
             self._bytes -= old.nbytes
+            self._uncount((old.model, old.version))
+        self._models[(rec.model, rec.version)] = self._models.get((rec.model, rec.version), 0) + 1
         self._records[key] = rec
         self._bytes += rec.nbytes
         heapq.heappush(self._expiry, (rec.expires_at, key[0], key[1]))
@@ -71,12 +75,20 @@ class MemoryStore(Store):
     def _remove(self, key: Key) -> SessionRecord:
         rec = self._records.pop(key)
         self._bytes -= rec.nbytes
+        self._uncount((rec.model, rec.version))
         n = self._tenants[key[0]] - 1
         if n:
             self._tenants[key[0]] = n
         else:
             del self._tenants[key[0]]
         return rec
+
+    def _uncount(self, model: tuple[str, int]) -> None:
+        n = self._models[model] - 1
+        if n:
+            self._models[model] = n
+        else:
+            del self._models[model]
 
     def _expire(self, key: Key, rec: SessionRecord) -> None:
         self._remove(key)
@@ -142,6 +154,18 @@ class MemoryStore(Store):
     async def count(self, tenant: str | None = None) -> int:
         self._expire_due(self.clock())
         return len(self._records) if tenant is None else self._tenants.get(tenant, 0)
+
+    async def count_by_model(self) -> dict[tuple[str, int], int] | None:
+        self._expire_due(self.clock())
+        return dict(self._models)
+
+    async def list_sessions(self, tenant: str, model: str = "", after_id: str = "",
+                            limit: int = 100) -> list[SessionSummary]:
+        """A sorted scan of the tenant's live records (this store holds at most `capacity`)."""
+        t = self.clock()
+        ids = sorted(sid for (ten, sid), r in self._records.items()
+                     if ten == tenant and sid > after_id and r.expires_at > t and (not model or r.model == model))
+        return [SessionSummary.of(self._records[(tenant, sid)]) for sid in ids[:limit]]
 
     async def ping(self) -> None:
         return None  # the process's own memory: it serves while the process runs

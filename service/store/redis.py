@@ -32,6 +32,7 @@ from service.store.base import (
     DEFAULT_TOMBSTONE_SECONDS,
     Clock,
     SessionRecord,
+    SessionSummary,
     Store,
     fmt_time,
     pack_arrays,
@@ -253,6 +254,32 @@ class RedisStore(Store):
             return int(await self._count(keys=[key]))
         except RedisError as e:
             raise self._down(e) from e
+
+    async def list_sessions(self, tenant: str, model: str = "", after_id: str = "",
+                            limit: int = 100) -> list[SessionSummary]:
+        """From the tenant's live set (never a SCAN): its ids sorted here (its scores are expiry
+        times, so Redis cannot order it by id), then the hashes after `after_id` read a page at a
+        time in one pipeline each; an id whose hash has expired is skipped."""
+        fields = ("model", "version", "offset", "created", "updated", "ttl")
+        out: list[SessionSummary] = []
+        try:
+            members = cast(list[bytes], await self._r.zrange(f"{_GLOBAL}:{tenant}", 0, -1))
+            ids = sorted(i for i in (m.decode() for m in members) if i > after_id)
+            while ids and len(out) < limit:
+                page, ids = ids[:limit], ids[limit:]
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for sid in page:
+                        pipe.hmget(self._keys(tenant, sid)[0], fields)
+                    rows = await pipe.execute()
+                for sid, row in zip(page, rows):
+                    if row[0] is None or (model and row[0].decode() != model) or len(out) >= limit:
+                        continue
+                    updated, ttl = float(row[4]), float(row[5])
+                    out.append(SessionSummary(sid, row[0].decode(), int(row[1]), int(row[2]), float(row[3]),
+                                              updated, updated + ttl))
+        except RedisError as e:
+            raise self._down(e) from e
+        return out
 
     async def ping(self) -> None:
         try:

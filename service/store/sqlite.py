@@ -51,6 +51,7 @@ from service.store.base import (
     DEFAULT_TOMBSTONE_SECONDS,
     Clock,
     SessionRecord,
+    SessionSummary,
     Store,
     fmt_time,
     pack_arrays,
@@ -75,7 +76,7 @@ _SESSION_COLUMNS = (
     ("last_prev_state", "BLOB"),
 )
 _NAMES = [name for name, _ in _SESSION_COLUMNS]
-_FIXED = ("tenant", "id", "model", "version", "created")  # never change after creation
+_FIXED = ("tenant", "id", "model", "created")  # never change after creation (a migration changes the version)
 _SELECT = f"SELECT {', '.join(f'[{n}]' for n in _NAMES)} FROM sessions WHERE tenant=:tenant AND id=:id"
 _INSERT = (f"INSERT INTO sessions ({', '.join(f'[{n}]' for n in _NAMES)}) "
            f"VALUES ({', '.join(f':{n}' for n in _NAMES)})")
@@ -85,6 +86,7 @@ _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS sessions (
     {", ".join(f"[{n}] {t}" for n, t in _SESSION_COLUMNS)}, PRIMARY KEY (tenant, id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires);
+CREATE INDEX IF NOT EXISTS sessions_model ON sessions (model, version);
 CREATE TABLE IF NOT EXISTS tombstones (
     tenant TEXT NOT NULL, id TEXT NOT NULL, at REAL NOT NULL, reason TEXT NOT NULL,
     PRIMARY KEY (tenant, id)) WITHOUT ROWID;
@@ -582,12 +584,13 @@ class SqliteStore(Store):
         if w.record is not None and self._pending.get(w.key) is w.record:
             del self._pending[w.key]
         offset = -1 if w.record is None else w.record.offset
-        log.error("session %r of tenant %r is fenced: its acknowledged write (offset %d) could not be stored (%s); "
-                  "calls on it answer UNAVAILABLE", w.key[1], w.key[0], offset, cause)
+        log.error("a session is fenced: its acknowledged write (offset %d) could not be stored (%s); "
+                  "calls on it answer UNAVAILABLE", offset, cause, extra={"session": w.key[1], "tenant": w.key[0]})
         self._settle(w, None)
 
     def _batch_committed(self, batch: list[_Write], results: list[Exception | None]) -> None:
         self.commits += 1
+        self.events.group_commit(len(batch))
         if self._failure is not None and not self._retry:
             log.warning("the sqlite session store writes again after %.1f s", time.monotonic() - self._failing_since)
             self._failure = None
@@ -612,6 +615,12 @@ class SqliteStore(Store):
                 if fence is not None and fence.until_stored:
                     del self._fenced[w.key]
             self._settle(w, err)
+
+    def write_lag(self) -> float:
+        """Seconds the oldest acknowledged write-behind still queued has waited (0: none); callable
+        from another thread (a metrics scrape): it only copies the lists."""
+        waiting = [w.at for w in list(self._retry) + list(self._queue) if w.future is None and w.kind == "put"]
+        return max(0.0, self.clock() - min(waiting)) if waiting else 0.0
 
     async def flush(self) -> None:
         """Wait until every accepted write is stored (while the store fails, until it recovers)."""
@@ -643,6 +652,37 @@ class SqliteStore(Store):
         n, expired, n_expired = await self._run(self._count_sync, tenant, t, bool(self._pending))
         renewed = sum(1 for k in expired if (r := self._pending.get(k)) is not None and r.expires_at > t)
         return n - n_expired + renewed
+
+    def _count_by_model_sync(self, t: float) -> dict[tuple[str, int], int]:
+        assert self._conn is not None
+        rows = self._conn.execute("SELECT model, version, count(*) FROM sessions WHERE expires > ? "
+                                  "GROUP BY model, version", (t,))
+        return {(r[0], int(r[1])): int(r[2]) for r in rows}
+
+    async def count_by_model(self) -> dict[tuple[str, int], int] | None:
+        """From the file (one GROUP BY on the (model, version) index): writes not yet committed are left out."""
+        return await self._run(self._count_by_model_sync, self.clock())
+
+    def _list_sync(self, tenant: str, model: str, after_id: str, limit: int, t: float) -> list[sqlite3.Row]:
+        assert self._conn is not None
+        of_model = " AND model = :model" if model else ""
+        return self._conn.execute(  # the primary key (tenant, id) orders and bounds the scan
+            "SELECT id, model, version, [offset], created, updated, expires FROM sessions "
+            f"WHERE tenant = :tenant AND id > :after AND expires > :t{of_model} ORDER BY id LIMIT :limit",
+            {"tenant": tenant, "after": after_id, "t": t, "model": model, "limit": limit}).fetchall()
+
+    async def list_sessions(self, tenant: str, model: str = "", after_id: str = "",
+                            limit: int = 100) -> list[SessionSummary]:
+        """Committed rows, each overlaid by its acknowledged write not yet committed (write-behind)."""
+        t = self.clock()
+        rows = await self._run(self._list_sync, tenant, model, after_id, limit, t)
+        out = []
+        for row in rows:
+            pending = self._pending.get((tenant, row["id"]))
+            out.append(SessionSummary.of(pending) if pending is not None else
+                       SessionSummary(row["id"], row["model"], row["version"], row["offset"], row["created"],
+                                      row["updated"], row["expires"]))
+        return out
 
     def _read_probe(self) -> None:
         assert self._conn is not None

@@ -6,7 +6,6 @@ plaintext one."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 import yaml
 
 from recur.client import RecurClient
-from tests.helpers import Nginx, Pki, Topology, make_pki, refused
+from tests.helpers import Nginx, Pki, Topology, compose_config, make_pki, refused
 
 ROOT = Path(__file__).resolve().parents[2]
 OVERRIDE = ROOT / "docker-compose.tls.yml"
@@ -30,13 +29,9 @@ def _nginx_environment() -> dict[str, str]:
 
 
 def test_the_tls_override_validates() -> None:
-    compose = shutil.which("docker-compose")
-    assert compose, "docker-compose is not installed: `make test` installs it (deploy/ensure-packages)"
-    out = subprocess.run([compose, "-f", str(ROOT / "docker-compose.yml"), "-f", str(OVERRIDE), "config"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert out.returncode == 0, out.stderr
-    services = yaml.safe_load(out.stdout)["services"]
-    assert set(services) == {"redis", "replica1", "replica2", "nginx"}
+    services = compose_config("docker-compose.yml", "docker-compose.tls.yml")["services"]
+    plain = compose_config("docker-compose.yml")["services"]
+    assert set(services) == set(plain)
     nginx = services["nginx"]
     mounts = {Path(v.split(":")[1]): v for v in nginx["volumes"]}
     template = mounts[Path("/etc/nginx/templates/recur.conf.template")]
@@ -45,8 +40,12 @@ def test_the_tls_override_validates() -> None:
     assert [p["published"] for p in nginx["ports"]] == [50051]
     env = nginx["environment"]
     assert env["RECUR_TLS_DIR"] == "/etc/nginx/certs" and env["RECUR_TLS_CLIENT_VERIFY"] == "ssl_verify_client off;"
-    assert services["replica1"]["command"] == yaml.safe_load((ROOT / "docker-compose.yml").read_text())[
-        "services"]["replica1"]["command"]  # the replicas are untouched
+    # The upstream is still the one scaled replica service, and the rest is untouched.
+    assert env["RECUR_UPSTREAM_SERVERS"] == plain["nginx"]["environment"]["RECUR_UPSTREAM_SERVERS"]
+    assert nginx["deploy"] == plain["nginx"]["deploy"]
+    for name in set(plain) - {"nginx"}:  # (compose may list a merged service's volumes in another order)
+        assert {**services[name], "volumes": sorted(services[name].get("volumes", []))} == {
+            **plain[name], "volumes": sorted(plain[name].get("volumes", []))}, name
 
 
 @pytest.fixture

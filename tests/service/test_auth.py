@@ -82,6 +82,13 @@ def _rpcs(stub: recur_pb2_grpc.RecurStub, sid: str) -> dict[str, Callable[[list[
                                                         timeout=10)),
         "Generate": lambda md: next(stub.Generate(pb.GenerateRequest(session_id=sid, prompt="a", max_tokens=2),
                                                   metadata=md, timeout=10)),
+        "MigrateSession": lambda md: stub.MigrateSession(pb.MigrateSessionRequest(session_id=sid, version=1),
+                                                         metadata=md, timeout=10),
+        "ExportSession": lambda md: stub.ExportSession(pb.ExportSessionRequest(session_id=sid), metadata=md,
+                                                       timeout=10),
+        "ImportSession": lambda md: stub.ImportSession(pb.ImportSessionRequest(blob=b"RECURSESSION1\n"), metadata=md,
+                                                       timeout=10),
+        "ListSessions": lambda md: stub.ListSessions(pb.ListSessionsRequest(), metadata=md, timeout=10),
     }
 
 

@@ -126,6 +126,10 @@ def test_malformed_and_oversized_fields_are_invalid_argument(server: Server) -> 
                           "session_id must be 1-128 characters")
         assert huge_id not in message
         refused(lambda: c.stub.Step(pb.StepRequest(session_id=sid + "\n", text="a"), timeout=10), INVALID)
+        for empty_but_huge in ([0, 2**61], [2**40, 0]):  # zero elements, a shape numpy cannot allocate
+            tensors = [pb.Tensor(name="state_h", shape=empty_but_huge), pb.Tensor(name="state_c", shape=[2])]
+            refused(lambda t=tensors: c.stub.CreateSession(pb.CreateSessionRequest(model="lstm-lm", initial_state=t),
+                                                           timeout=10), INVALID)
         huge_shape = [pb.Tensor(name="state_h", shape=[2**40, 2**40, 2**40]), pb.Tensor(name="state_c", shape=[2])]
         refused(lambda: c.stub.CreateSession(pb.CreateSessionRequest(model="lstm-lm", initial_state=huge_shape),
                                              timeout=10), INVALID, "do not hold float32")

@@ -1,0 +1,204 @@
+"""The exported form of a session (ExportSession / ImportSession): a self-describing, versioned blob.
+
+Layout (format 1), all integers little-endian:
+
+    b"RECURSESSION1\\n"        magic: names the format and its version
+    u32 N                      length of the JSON header
+    N bytes                    the JSON header (UTF-8), see below
+    arrays                     each float32 array the header lists, in its order: u8 rank, rank x u32
+                               dims, then the data (C order)
+
+The header holds `format` (1), `session_id`, `model`, `version`, `model_sha256` (the sha256 of the
+model's ONNX file, as its manifest states it), `offset`, `created_at`, `updated_at`, `ttl`,
+`last_digest` (hex), `last_start` and `arrays`: the names of the arrays that follow, in order
+(`state.0`, ... then `last_logits` when kept, then `last_prev_state.0`, ... when kept). The tenant
+is not part of a blob: an import recreates the session in the importing caller's tenant.
+
+`decode` checks sizes before contents (a blob over MAX_BLOB_BYTES, a header over MAX_HEADER_BYTES,
+an array whose declared size runs past the end are refused before anything is allocated for them)
+and `check_against` checks the arrays' shapes against the importing server's model. Every refusal is
+InvalidInput (INVALID_ARGUMENT), except a model whose sha256 differs: ModelMismatch
+(FAILED_PRECONDITION, naming both hashes), which `force` overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.errors import InvalidInput, RecurError
+from service.models import Model
+
+MAGIC = b"RECURSESSION1\n"
+FORMAT = 1
+MAX_BLOB_BYTES = 256 * 1024 * 1024
+MAX_HEADER_BYTES = 64 * 1024
+MAX_ARRAYS = 256
+MAX_RANK = 4
+
+
+class ModelMismatch(RecurError):
+    """The importing server's model is not the exporting server's (their sha256 differ)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+@dataclass
+class ExportedSession:
+    """What a blob carries: a session record without its tenant, and the model's sha256."""
+
+    session_id: str
+    model: str
+    version: int
+    model_sha256: str
+    offset: int
+    created_at: float
+    updated_at: float
+    ttl: float
+    state: list[np.ndarray]
+    last_digest: bytes = b""
+    last_start: int = -1
+    last_logits: np.ndarray | None = None
+    last_prev_state: list[np.ndarray] | None = None
+
+
+def encode(s: ExportedSession) -> bytes:
+    names = [f"state.{i}" for i in range(len(s.state))]
+    arrays = list(s.state)
+    if s.last_logits is not None:
+        names.append("last_logits")
+        arrays.append(s.last_logits)
+    for i, a in enumerate(s.last_prev_state or []):
+        names.append(f"last_prev_state.{i}")
+        arrays.append(a)
+    header = {"format": FORMAT, "session_id": s.session_id, "model": s.model, "version": s.version,
+              "model_sha256": s.model_sha256, "offset": s.offset, "created_at": s.created_at,
+              "updated_at": s.updated_at, "ttl": s.ttl, "last_digest": s.last_digest.hex(),
+              "last_start": s.last_start, "arrays": names}
+    head = json.dumps(header, sort_keys=True).encode()
+    parts = [MAGIC, struct.pack("<I", len(head)), head]
+    for a in arrays:
+        a = np.ascontiguousarray(a, dtype="<f4")
+        parts.append(struct.pack(f"<B{a.ndim}I", a.ndim, *a.shape))
+        parts.append(a.tobytes())
+    return b"".join(parts)
+
+
+def _bad(why: str) -> InvalidInput:
+    return InvalidInput(f"not a valid session blob: {why}")
+
+
+def _field(header: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = header.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _bad(f"header field {name!r} is missing or of the wrong type")
+    return value
+
+
+def _arrays(blob: bytes, pos: int, count: int) -> list[np.ndarray]:
+    out = []
+    for i in range(count):
+        if pos + 1 > len(blob):
+            raise _bad(f"array {i} is cut off")
+        rank = blob[pos]
+        if rank > MAX_RANK or pos + 1 + 4 * rank > len(blob):
+            raise _bad(f"array {i} has a bad rank or is cut off")
+        shape = struct.unpack_from(f"<{rank}I", blob, pos + 1)
+        pos += 1 + 4 * rank
+        n = math.prod(shape)
+        if pos + 4 * n > len(blob):  # the declared size, checked before any array is made
+            raise _bad(f"array {i} declares {n} values but the blob ends first")
+        a = np.frombuffer(blob, dtype="<f4", count=n, offset=pos).reshape(shape).astype(np.float32)
+        if not np.isfinite(a).all():
+            raise _bad(f"array {i} holds values that are not finite")
+        out.append(a)
+        pos += 4 * n
+    if pos != len(blob):
+        raise _bad(f"{len(blob) - pos} bytes follow the last array")
+    return out
+
+
+def decode(blob: bytes) -> ExportedSession:
+    """The session a blob carries; InvalidInput when it is not a well-formed format-1 blob."""
+    if len(blob) > MAX_BLOB_BYTES:
+        raise _bad(f"{len(blob)} bytes is over the limit of {MAX_BLOB_BYTES}")
+    if not blob.startswith(MAGIC[:12]):
+        raise _bad("it does not start with RECURSESSION (was it made by ExportSession?)")
+    if not blob.startswith(MAGIC):
+        raise _bad(f"format {blob[12:13]!r} is not one this server reads (it reads format {FORMAT})")
+    pos = len(MAGIC)
+    if len(blob) < pos + 4:
+        raise _bad("the header is cut off")
+    (n,) = struct.unpack_from("<I", blob, pos)
+    pos += 4
+    if n > MAX_HEADER_BYTES or pos + n > len(blob):
+        raise _bad(f"the header declares {n} bytes (at most {MAX_HEADER_BYTES}, and within the blob)")
+    try:
+        header = json.loads(blob[pos:pos + n].decode())
+    except (UnicodeDecodeError, ValueError):
+        raise _bad("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _bad("the header is not a JSON object")
+    if header.get("format") != FORMAT:
+        raise _bad(f"format {header.get('format')!r} is not one this server reads (it reads format {FORMAT})")
+    names = _field(header, "arrays", list)
+    if len(names) > MAX_ARRAYS or not all(isinstance(x, str) for x in names):
+        raise _bad("the header's array list is malformed")
+    arrays = dict(zip(names, _arrays(blob, pos + n, len(names))))
+    if len(arrays) != len(names):
+        raise _bad("the header names an array twice")
+    try:
+        digest = bytes.fromhex(_field(header, "last_digest", str))
+    except ValueError:
+        raise _bad("last_digest is not hex") from None
+    states = [arrays.pop(f"state.{i}") for i in range(sum(x.startswith("state.") for x in names))
+              if f"state.{i}" in arrays]
+    prev_names = [f"last_prev_state.{i}" for i in range(sum(x.startswith("last_prev_state.") for x in names))]
+    prev = [arrays.pop(k) for k in prev_names if k in arrays]
+    logits = arrays.pop("last_logits", None)
+    if arrays or len(prev) != len(prev_names):
+        raise _bad(f"unexpected arrays {sorted(arrays)}")
+    s = ExportedSession(
+        session_id=_field(header, "session_id", str), model=_field(header, "model", str),
+        version=_field(header, "version", int), model_sha256=_field(header, "model_sha256", str),
+        offset=_field(header, "offset", int), created_at=float(_field(header, "created_at", (int, float))),
+        updated_at=float(_field(header, "updated_at", (int, float))), ttl=float(_field(header, "ttl", (int, float))),
+        state=states, last_digest=digest, last_start=_field(header, "last_start", int), last_logits=logits,
+        last_prev_state=prev or None,
+    )
+    if not 0 < s.version < 2**31 or s.offset >= 2**62 or not all(map(math.isfinite, (s.created_at, s.updated_at))):
+        raise _bad("version, offset or times out of range")
+    if s.offset < 0 or not -1 <= s.last_start <= s.offset or (s.last_start >= 0) != bool(s.last_digest):
+        raise _bad(f"offset {s.offset}, last_start {s.last_start} and last_digest do not agree")
+    if len(s.last_digest) not in (0, 32):
+        raise _bad("last_digest is not a sha256")
+    if not math.isfinite(s.ttl) or s.ttl <= 0:
+        raise _bad("ttl must be positive")
+    return s
+
+
+def check_against(s: ExportedSession, model: Model, sha256: str, force: bool) -> None:
+    """Refuse a blob that the importing server's `model` cannot continue."""
+    if s.model_sha256 != sha256 and not force:
+        raise ModelMismatch(f"model {model.name} v{model.version} differs: the session was exported with sha256 "
+                            f"{s.model_sha256} and this server has {sha256}; import with force to continue "
+                            "on this model anyway")
+    want = [(spec.layers, spec.hidden) for spec in model.states]
+    for what, arrays in (("state", s.state), ("last_prev_state", s.last_prev_state)):
+        if arrays is None:
+            continue
+        got = [a.shape for a in arrays]
+        if got != want:
+            raise _bad(f"{what} has shapes {[list(g) for g in got]} but model {model.name} v{model.version} "
+                       f"has {[list(w) for w in want]}")
+    if s.last_logits is not None:
+        shape = s.last_logits.shape
+        if len(shape) != 2 or shape[1] != model.classes or not 1 <= shape[0] <= max(1, s.offset - s.last_start):
+            raise _bad(f"last_logits has shape {list(shape)}; model {model.name} has {model.classes} outputs a step")
+    if s.last_start >= 0 and s.last_logits is None:
+        raise _bad("a blob with a last chunk must carry its outputs (last_logits)")
