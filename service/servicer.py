@@ -68,7 +68,7 @@ class MalformedRequests(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
-        ours = details.method.startswith((f"/{SERVICE}/", f"/{SERVICE}Admin/"))  # recur.v1.Recur, RecurAdmin
+        ours = details.method.startswith((f"/{SERVICE}/", f"/{SERVICE}Admin/", "/inference.GRPCInferenceService/"))
         if handler is None or not ours or handler.request_deserializer is None:
             return handler
         return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))

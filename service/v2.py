@@ -41,7 +41,7 @@ from service.locks import SessionLocks
 from service.metrics import Metrics
 from service.models import Model
 from service.outputs import OutputOptions
-from service.servicer import REPLICA_HEADER, _deadline, applied, status_of, unary
+from service.servicer import REPLICA_HEADER, Malformed, _deadline, applied, parsed, status_of, unary
 from service.sessions import SessionService
 from service.types import StepInput, StepResult
 
@@ -130,15 +130,17 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(*status_of(e))
         await context.send_initial_metadata(self.metadata)
 
-        async def one(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        async def one(request: pb.ModelInferRequest | Malformed) -> pb.ModelStreamInferResponse:
             try:
+                request = parsed(request)
                 return pb.ModelStreamInferResponse(infer_response=await self._infer(tenant, request,
                                                                                     _deadline(context),
                                                                                     "ModelStreamInfer"))
             except Exception as e:
                 code, message = status_of(e)
                 self.metrics.error("ModelStreamInfer", code.name)
-                return convert_v2.stream_error_to_pb(request, message)
+                return convert_v2.stream_error_to_pb(request if isinstance(request, pb.ModelInferRequest) else None,
+                                                     message)
 
         open_streams = self.metrics.open_streams.labels("ModelStreamInfer")
         open_streams.inc()

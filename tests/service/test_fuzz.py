@@ -126,14 +126,20 @@ def test_generated_requests_for_every_rpc(fuzzed) -> None:  # type: ignore[no-un
 
 def test_raw_bytes_and_truncated_frames(fuzzed) -> None:  # type: ignore[no-untyped-def]
     server, c, ids = fuzzed
-    methods = {"Step": pb.StepResponse, "CreateSession": pb.Session, "GetSession": pb.Session,
-               "ForkSession": pb.Session, "DeleteSession": pb.DeleteSessionResponse,
-               "ListModels": pb.ListModelsResponse}
+    from recur.kserve import grpc_service_pb2 as v2
+
+    methods = {f"/recur.v1.Recur/{name}": reply for name, reply in (
+        ("Step", pb.StepResponse), ("CreateSession", pb.Session), ("GetSession", pb.Session),
+        ("ForkSession", pb.Session), ("DeleteSession", pb.DeleteSessionResponse),
+        ("ListModels", pb.ListModelsResponse))}
+    methods.update({f"/inference.GRPCInferenceService/{name}": reply for name, reply in (
+        ("ModelInfer", v2.ModelInferResponse), ("ModelMetadata", v2.ModelMetadataResponse),
+        ("ModelReady", v2.ModelReadyResponse), ("ServerMetadata", v2.ServerMetadataResponse))})
 
     @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(method=st.sampled_from(sorted(methods)), blob=st.binary(max_size=64))
     def run(method: str, blob: bytes) -> None:
-        call = c.channel.unary_unary(f"/recur.v1.Recur/{method}", request_serializer=lambda b: b,
+        call = c.channel.unary_unary(method, request_serializer=lambda b: b,
                                      response_deserializer=methods[method].FromString)
         _expect(lambda: call(blob, timeout=20))
 
