@@ -15,6 +15,7 @@ import random
 import tempfile
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -71,50 +72,38 @@ class Soak:
             if kind == "step":
                 i = free[0]
                 call = self.stub.Step(self._request(i, rng.randint(1, 16)))
-                if cancel:
-                    call.cancel()
-                try:
-                    self._ack(i, await call)
-                except grpc.RpcError as e:
-                    self.codes[e.code().name] += 1
-                except asyncio.CancelledError:
-                    if not cancel:
-                        raise
-                    self.codes["CANCELLED (by the client)"] += 1
+
+                async def replies() -> AsyncIterator[pb.StepResponse]:
+                    yield await call
             elif kind == "stream":
                 call = self.stub.Stream()
                 for i in free:
                     await call.write(self._request(i, rng.randint(1, 16)))
-                if cancel:
-                    call.cancel()
-                else:
-                    await call.done_writing()
-                try:
+
+                async def replies() -> AsyncIterator[pb.StepResponse]:
                     async for reply in call:
-                        self._ack(int(reply.request_id), reply)
-                except grpc.RpcError as e:
-                    self.codes[e.code().name] += 1
-                except asyncio.CancelledError:
-                    if not cancel:
-                        raise
-                    self.codes["CANCELLED (by the client)"] += 1
+                        yield reply
             else:
                 call = self.stub.StreamBatch()
                 await call.write(pb.StepBatch(steps=[self._request(i, rng.randint(1, 16)) for i in free]))
-                if cancel:
-                    call.cancel()
-                else:
-                    await call.done_writing()
-                try:
+
+                async def replies() -> AsyncIterator[pb.StepResponse]:
                     async for batch in call:
                         for reply in batch.steps:
-                            self._ack(int(reply.request_id), reply)
-                except grpc.RpcError as e:
-                    self.codes[e.code().name] += 1
-                except asyncio.CancelledError:
-                    if not cancel:
-                        raise
-                    self.codes["CANCELLED (by the client)"] += 1
+                            yield reply
+            if cancel:
+                call.cancel()
+            elif kind != "step":
+                await call.done_writing()
+            try:
+                async for reply in replies():
+                    self._ack(int(reply.request_id), reply)
+            except grpc.RpcError as e:
+                self.codes[e.code().name] += 1
+            except asyncio.CancelledError:
+                if not cancel:
+                    raise
+                self.codes["CANCELLED (by the client)"] += 1
             if cancel:
                 for i in free:
                     await self._resync(i)  # a cancelled chunk may or may not have applied: ask
