@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_export(sub)
     _add_import(sub)
+    from training.report import add_report_arguments  # no torch at import
+
+    add_report_arguments(sub.add_parser("report", help="look inside models: cells, compare, gradients"))
     return parser
 
 
@@ -145,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run_export(args)
     if args.command == "import":
         return _run_import(args)
+    if args.command == "report":
+        from training.report import run_report
+
+        return run_report(args)
     if args.command == "keys":
         from service.auth import run_keys
 
