@@ -73,6 +73,9 @@ class Settings:
     max_stream_inflight: int = field(default=256, metadata={
         "help": "Most chunks of one Stream being processed at once; more wait (flow control)."})
     ort_threads: int = field(default=1, metadata={"help": "ONNX Runtime intra-op threads per call."})
+    provider: str = field(default="cpu", metadata={
+        "help": "ONNX Runtime execution provider: cpu; cuda (needs the gpu extra, onnxruntime-gpu, and a CUDA "
+        "device; refused otherwise); auto (cuda when ONNX Runtime reports it, else cpu)."})
     inference_threads: int = field(default=_ENGINE.threads, metadata={
         "help": "ONNX Runtime calls that may run at once, each on its own thread beside the event loop."})
     max_batch: int = field(default=_ENGINE.max_batch, metadata={

@@ -29,7 +29,7 @@ from service.engine import Engine, EngineOptions
 from service.health import watch_store
 from service.metrics import Metrics, TimedStore
 from service.models import ModelRepository
-from service.runtime import RuntimeOptions
+from service.runtime import ProviderUnavailable, RuntimeOptions, execution_providers
 from service.servicer import MalformedRequests, RecurServicer
 from service.sessions import SessionService
 from service.store import Store, open_store, redact_url
@@ -122,7 +122,13 @@ async def create_server(settings: Settings) -> Running:
     else:
         log.info("API keys from %s: tenants %s", auth.source, ", ".join(auth.tenants))
     ort.disable_telemetry_events()  # no device ids or model names written anywhere
-    models = ModelRepository.load(settings.models_dir, RuntimeOptions(intra_op_threads=settings.ort_threads))
+    try:
+        providers = execution_providers(settings.provider)  # refused before any model loads
+    except ProviderUnavailable as e:
+        raise SystemExit(f"recur serve: {e}") from None
+    log.info("ONNX Runtime providers: %s", ", ".join(providers))
+    models = ModelRepository.load(settings.models_dir, RuntimeOptions(intra_op_threads=settings.ort_threads,
+                                                                      provider=settings.provider))
     if not models.all():
         raise SystemExit(f"no valid model under {settings.models_dir}; see the errors above")
     store = await open_store(settings.store, durability=settings.durability,
