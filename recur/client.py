@@ -192,6 +192,20 @@ class RecurClient:
         return self.stub.Step(pb.StepRequest(session_id=session_id, **fields), timeout=self.timeout,
                               metadata=self.metadata(session_id))
 
+    def step_packed(self, session_ids: Sequence[str], chunks: Sequence[Any] | None = None, *,
+                    tokens: Any = None, lengths: Any = None, features: Any = None,
+                    expected_offsets: Sequence[int] | None = None, return_logits: bool = False,
+                    final_only: bool = False, top_k: int = 0, request_id: str = "") -> PackedReply:
+        """Several sessions' chunks in one columnar message (StepPacked). Give either `chunks` (one
+        array of token ids, or of float32 features [steps, dim], per session) or the columns:
+        `tokens` (all chunks' ids concatenated) or `features` ([sum(lengths), dim]) with `lengths`.
+        `expected_offsets`: one per session (-1: not checked). Returns numpy arrays (PackedReply)."""
+        return PackedReply.of(self.stub.StepPacked(
+            packed_request(session_ids, chunks, tokens=tokens, lengths=lengths, features=features,
+                           expected_offsets=expected_offsets, return_logits=return_logits, final_only=final_only,
+                           top_k=top_k, request_id=request_id),
+            timeout=self.timeout, metadata=self.metadata()))
+
     def generate(self, session_id: str, **fields: Any) -> Iterator[pb.GenerateResponse]:
         """Tokens as they are made: prompt=..., max_tokens, temperature, top_k, top_p, seed, stop."""
         return self.stub.Generate(pb.GenerateRequest(session_id=session_id, **fields),
@@ -254,6 +268,62 @@ class RecurClient:
                 except grpc.FutureTimeoutError:
                     raise e from None
         return replies
+
+
+def packed_request(session_ids: Sequence[str], chunks: Sequence[Any] | None = None, *, tokens: Any = None,
+                   lengths: Any = None, features: Any = None, expected_offsets: Sequence[int] | None = None,
+                   return_logits: bool = False, final_only: bool = False, top_k: int = 0,
+                   request_id: str = "") -> pb.PackedStepBatch:
+    """A PackedStepBatch from numpy arrays (see RecurClient.step_packed); build them ahead for speed."""
+    import numpy as np
+
+    if chunks is not None:
+        if tokens is not None or features is not None or lengths is not None:
+            raise ValueError("give chunks, or tokens/features with lengths, not both")
+        arrays = [np.asarray(c) for c in chunks]
+        lengths = [len(a) for a in arrays]
+        floats = bool(arrays) and arrays[0].dtype.kind == "f"
+        joined = np.concatenate(arrays) if arrays else np.zeros(0, np.int32)
+        tokens, features = (None, joined) if floats else (joined, None)
+    if lengths is None:
+        raise ValueError("give lengths with tokens or features")
+    req = pb.PackedStepBatch(session_ids=list(session_ids), lengths=np.asarray(lengths, np.int32).tolist(),
+                             return_logits=return_logits, final_only=final_only, top_k=top_k, request_id=request_id)
+    if expected_offsets is not None:
+        req.expected_offsets.extend(np.asarray(expected_offsets, np.int64).tolist())
+    if tokens is not None:
+        req.tokens = np.ascontiguousarray(tokens, dtype="<i4").tobytes()
+    if features is not None:
+        req.features = np.ascontiguousarray(features, dtype="<f4").tobytes()
+    return req
+
+
+class PackedReply:
+    """A PackedStepBatchResponse as numpy arrays. Rows follow the request's layout (one per chunk
+    with final_only); a refused chunk's rows have argmax -1. `errors` maps a refused chunk's index
+    to (gRPC status code, message)."""
+
+    def __init__(self, reply: pb.PackedStepBatchResponse) -> None:
+        import numpy as np
+
+        self.reply = reply
+        self.offsets = np.array(reply.offsets, np.int64)
+        self.start_offsets = np.array(reply.start_offsets, np.int64)
+        self.errors = {i: (s.code, s.message) for i, s in zip(reply.failed, reply.statuses)}
+        self.replayed = set(reply.replayed)
+        self.argmax = np.frombuffer(reply.argmax, "<i4")
+        self.logits = np.frombuffer(reply.logits, "<f4").reshape(tuple(reply.logits_shape)) if reply.logits else None
+        k = len(reply.top_ids) // 4 // max(1, len(self.argmax))
+        self.top_ids = np.frombuffer(reply.top_ids, "<i4").reshape(-1, k) if reply.top_ids else None
+        self.top_probs = np.frombuffer(reply.top_probs, "<f4").reshape(-1, k) if reply.top_probs else None
+        self.request_id = reply.request_id
+
+    @classmethod
+    def of(cls, reply: pb.PackedStepBatchResponse) -> PackedReply:
+        return cls(reply)
+
+    def ok(self, i: int) -> bool:
+        return i not in self.errors
 
 
 class _Retry(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -11,6 +12,7 @@ from recur.v1 import recur_pb2 as pb
 from service.errors import InvalidInput
 from service.models import Model, Refusal
 from service.outputs import OutputOptions
+from service.packed import PackedInput, PackedResult
 from service.store.base import SessionSummary
 from service.types import GeneratedToken, GenerateInput, NamedTensor, SessionView, StepInput, StepResult
 
@@ -104,6 +106,37 @@ def step_to_pb(r: StepResult, request_id: str = "") -> pb.StepResponse:
 def step_error_to_pb(r: pb.StepRequest, code: int, message: str) -> pb.StepResponse:
     return pb.StepResponse(session_id=r.session_id, request_id=r.request_id,
                            status=pb.ChunkStatus(code=code, message=message))
+
+
+def packed_from_pb(r: pb.PackedStepBatch, deadline: float | None = None) -> PackedInput:
+    return PackedInput(session_ids=r.session_ids, lengths=r.lengths, tokens=r.tokens, features=r.features,
+                       expected_offsets=r.expected_offsets, return_logits=r.return_logits, final_only=r.final_only,
+                       top_k=r.top_k, deadline=deadline)
+
+
+def packed_to_pb(r: PackedResult, request_id: str, status: Callable[[Exception], tuple[int, str]]
+                 ) -> pb.PackedStepBatchResponse:
+    """The columnar reply; `status` maps a refused chunk's error to its (code, message)."""
+    failed = sorted(r.errors)
+    statuses = [pb.ChunkStatus(code=code, message=message) for code, message in (status(r.errors[i]) for i in failed)]
+    out = pb.PackedStepBatchResponse(offsets=r.offsets.tolist(), start_offsets=r.start_offsets.tolist(), failed=failed,
+                                     statuses=statuses, replayed=sorted(r.replayed), request_id=request_id,
+                                     argmax=r.argmax.astype("<i4", copy=False).tobytes())
+    if r.logits is not None:
+        out.logits = np.ascontiguousarray(r.logits, dtype="<f4").tobytes()
+        out.logits_shape.extend(r.logits.shape)
+    if r.top_ids is not None and r.top_probs is not None:
+        out.top_ids = np.ascontiguousarray(r.top_ids, dtype="<i4").tobytes()
+        out.top_probs = np.ascontiguousarray(r.top_probs, dtype="<f4").tobytes()
+    return out
+
+
+def packed_error_to_pb(request_id: str, code: int, message: str, n: int) -> pb.PackedStepBatchResponse:
+    """A whole PackedStepBatch refused (it does not parse, or its columns do not fit): every chunk
+    gets the same status."""
+    return pb.PackedStepBatchResponse(offsets=[-1] * n, start_offsets=[-1] * n, failed=list(range(n)),
+                                      statuses=[pb.ChunkStatus(code=code, message=message)] * n,
+                                      request_id=request_id)
 
 
 def generate_from_pb(r: pb.GenerateRequest) -> GenerateInput:

@@ -48,6 +48,12 @@ class _Job:
     deadline: float | None  # on the loop's clock; a job past it is not run
     done_steps: int = 0
     outputs: list[np.ndarray] = field(default_factory=list)  # (t, C) per slice
+    block: int = 0  # > 0: a block of that many equal-length chunks already batched (the packed path):
+    # x (B, T[, D]), states (L, B, H), outputs (B, t, C); it runs as its own call
+
+    @property
+    def length(self) -> int:
+        return self.x.shape[1] if self.block else len(self.x)
 
 
 @dataclass
@@ -85,20 +91,32 @@ class Engine:
                deadline: float | None = None) -> asyncio.Future:
         """Queue one chunk; the future gives (logits (T, C), new states each (L, H)). Over the
         queue bound the chunk is refused at once (shed), never queued."""
-        if self.admitted >= self.options.max_queue:
+        return self._queue(runtime, _Job(x, states, asyncio.get_running_loop().create_future(), deadline))
+
+    def submit_block(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray],
+                     deadline: float | None = None) -> asyncio.Future:
+        """Queue B equal-length chunks gathered already: x (B, T[, D]), states each (L, B, H); the
+        future gives (logits (B, T, C), new states each (L, B, H)). It counts as B chunks of the
+        queue bound and runs as its own call(s), a slice at a time like any chunk."""
+        job = _Job(x, states, asyncio.get_running_loop().create_future(), deadline, block=len(x))
+        return self._queue(runtime, job)
+
+    def _queue(self, runtime: ModelRuntime, job: _Job) -> asyncio.Future:
+        n = job.block or 1
+        if self.admitted + n > self.options.max_queue:
             raise LimitExceeded(f"the server is overloaded: {self.admitted} chunks are queued, its limit "
                                 f"(--max-queue {self.options.max_queue}); retry shortly")
-        loop = asyncio.get_running_loop()
-        q = self._queues.setdefault(id(runtime), _ModelQueue(runtime))
-        job = _Job(x, states, loop.create_future(), deadline)
-        self.admitted += 1
-        job.future.add_done_callback(self._release)
+        q = self._queues.get(id(runtime))
+        if q is None:
+            q = self._queues[id(runtime)] = _ModelQueue(runtime)
+        self.admitted += n
+        job.future.add_done_callback(lambda _: self._release(n))
         q.jobs.append(job)
         self._schedule()
         return job.future
 
-    def _release(self, _: asyncio.Future) -> None:
-        self.admitted -= 1
+    def _release(self, n: int) -> None:
+        self.admitted -= n
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -139,6 +157,7 @@ class Engine:
     async def _run_batch(self, q: _ModelQueue, jobs: list[_Job]) -> None:
         try:
             groups: dict[int, list[_Job]] = {}
+            blocks: list[_Job] = []
             now = asyncio.get_running_loop().time()
             for job in jobs:
                 if job.future.done():  # cancelled
@@ -147,11 +166,16 @@ class Engine:
                     job.future.set_exception(DeadlineExceeded("the call's deadline passed before its chunk ran; "
                                                               "nothing was applied"))
                     continue
+                if job.block:
+                    blocks.append(job)
+                    continue
                 steps = min(self.options.slice_steps, len(job.x) - job.done_steps)
                 groups.setdefault(steps, []).append(job)
             for steps, group in groups.items():
                 for part, result in await self._run_isolating(q.runtime, group, steps):
                     self._scatter(q, part, steps, *result)
+            for job in blocks:
+                await self._run_block(q, job)
         finally:
             self._busy -= 1
             self._schedule()
@@ -191,6 +215,33 @@ class Engine:
             elif not job.future.done():
                 out = job.outputs[0] if len(job.outputs) == 1 else np.concatenate(job.outputs)
                 job.future.set_result((out, job.states))
+
+
+    async def _run_block(self, q: _ModelQueue, job: _Job) -> None:
+        steps = min(self.options.slice_steps, job.length - job.done_steps)
+        x = job.x[:, job.done_steps : job.done_steps + steps] if job.done_steps or steps < job.length else job.x
+        loop = asyncio.get_running_loop()
+        try:
+            started = time.perf_counter()
+            logits, states = await loop.run_in_executor(self._pool, q.runtime.run, x, job.states)
+            if self.on_call is not None:
+                self.on_call(job.block, time.perf_counter() - started)
+        except Exception as e:
+            log.warning("a packed block of %d chunks failed in ONNX Runtime: %s", job.block, e.__class__.__name__)
+            if not job.future.done():
+                job.future.set_exception(e)
+            return
+        self.stats.calls += 1
+        self.stats.slices += job.block
+        self.stats.steps += steps * job.block
+        job.outputs.append(logits)
+        job.states = states
+        job.done_steps += steps
+        if job.done_steps < job.length:
+            q.jobs.append(job)
+        elif not job.future.done():
+            out = job.outputs[0] if len(job.outputs) == 1 else np.concatenate(job.outputs, axis=1)
+            job.future.set_result((out, job.states))
 
 
 def _run_group(runtime: ModelRuntime, group: list[_Job], steps: int) -> tuple[np.ndarray, list[np.ndarray]]:

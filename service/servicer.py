@@ -231,24 +231,63 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
             await context.abort(*status_of(e))
         await context.send_initial_metadata(self.metadata)
         self.metrics.open_streams.labels("StreamBatch").inc()
-        pending: asyncio.Queue[asyncio.Task | None] = asyncio.Queue(maxsize=max(1, self.max_stream_inflight // 16))
-
-        async def read() -> None:
-            try:
-                async for batch in streams.messages(request_iterator, self.idle_timeout, idle):
-                    await pending.put(asyncio.ensure_future(self._batch(tenant, batch, _deadline(context))))
-            finally:
-                await pending.put(None)
-
-        idle = asyncio.Event()
-        reader = asyncio.create_task(read())
         try:
-            while (task := await pending.get()) is not None:
-                yield pb.StepBatchResponse(steps=await task)
+            async for steps in streams.ordered(request_iterator,
+                                               lambda b: self._batch(tenant, b, _deadline(context)),
+                                               max(1, self.max_stream_inflight // 16), self.idle_timeout, context):
+                yield pb.StepBatchResponse(steps=steps)
         finally:
-            reader.cancel()
             self.metrics.open_streams.labels("StreamBatch").dec()
-        await streams.end_if_idle(idle, self.idle_timeout, context)
+
+    # -- the packed (columnar) batch ----------------------------------------------------------
+    async def _packed(self, rpc: str, tenant: str, request: pb.PackedStepBatch, deadline: float | None
+                      ) -> pb.PackedStepBatchResponse:
+        """One PackedStepBatch; each chunk's status is in the reply. Raises when the message as a whole
+        is refused (its columns do not fit, the server is draining)."""
+        started = time.perf_counter()
+        result = await self.core.step_packed(tenant, convert.packed_from_pb(request, deadline))
+        counted = self.metrics.rpc(rpc, tenant)
+        for i in range(len(request.session_ids)):
+            if i not in result.errors and i not in result.replayed:
+                counted.stepped(int(result.offsets[i] - result.start_offsets[i]), started)
+        for e in result.errors.values():
+            self.metrics.error(rpc, status_of(e)[0].name)
+        return convert.packed_to_pb(result, request.request_id, _code)
+
+    async def _packed_or_status(self, tenant: str, request: pb.PackedStepBatch | Malformed, deadline: float | None
+                                ) -> pb.PackedStepBatchResponse:
+        """On a stream, a refused message is answered (each chunk with the same status) and the stream goes on."""
+        try:
+            return await self._packed("StreamPacked", tenant, parsed(request), deadline)
+        except Exception as e:
+            code, message = status_of(e)
+            self.metrics.error("StreamPacked", code.name)
+            if isinstance(request, Malformed):
+                return convert.packed_error_to_pb("", code.value[0], message, 0)
+            return convert.packed_error_to_pb(request.request_id, code.value[0], message, len(request.session_ids))
+
+    @unary
+    async def StepPacked(self, request: pb.PackedStepBatch, context: grpc.aio.ServicerContext
+                         ) -> pb.PackedStepBatchResponse:
+        return await self._packed("StepPacked", self._tenant(context), request, _deadline(context))
+
+    async def StreamPacked(self, request_iterator: AsyncIterator[pb.PackedStepBatch | Malformed],
+                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PackedStepBatchResponse]:
+        """As StreamBatch: messages answered in order, a later one may start while an earlier one runs."""
+        try:
+            tenant = self._tenant(context)
+        except RecurError as e:
+            self.metrics.error("StreamPacked", status_of(e)[0].name)
+            await context.abort(*status_of(e))
+        await context.send_initial_metadata(self.metadata)
+        self.metrics.open_streams.labels("StreamPacked").inc()
+        try:
+            async for reply in streams.ordered(request_iterator,
+                                               lambda r: self._packed_or_status(tenant, r, _deadline(context)),
+                                               max(1, self.max_stream_inflight // 16), self.idle_timeout, context):
+                yield reply
+        finally:
+            self.metrics.open_streams.labels("StreamPacked").dec()
 
     # -- moving and listing sessions ------------------------------------------------------
     @unary

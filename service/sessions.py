@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import hashlib
 import logging
 import re
@@ -19,7 +18,7 @@ from collections.abc import AsyncGenerator, Callable
 
 import numpy as np
 
-from service import blob
+from service import blob, packed
 from service.auth import NO_LIMITS, TenantLimits
 from service.config import Settings
 from service.engine import Engine
@@ -27,6 +26,7 @@ from service.errors import InvalidInput, LimitExceeded, NoOutputYet, OffsetMisma
 from service.locks import CallGate, SessionLocks
 from service.models import Model, ModelRepository, StateSpec
 from service.outputs import OutputOptions, sample, step_outputs
+from service.packed import PackedInput, PackedResult
 from service.store import SessionRecord, Store
 from service.store.base import NO_EVENTS, Events, SessionSummary
 from service.types import GeneratedToken, GenerateInput, NamedTensor, SessionView, StepInput, StepResult
@@ -37,16 +37,59 @@ DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # ListSessions
 _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
-def _advanced(rec: SessionRecord, x: np.ndarray, digest: bytes, logits: np.ndarray, states: list[np.ndarray],
+def _advanced(rec: SessionRecord, steps: int, digest: bytes, logits: np.ndarray, states: list[np.ndarray],
               t: float, max_replay_bytes: int) -> SessionRecord:
-    """The record after chunk `x` (1, T[, D]) ran from its state, remembering the chunk for a replay:
+    """The record after a chunk of `steps` steps ran from its state, remembering the chunk for a replay:
     its outputs when they fit in `max_replay_bytes`, else the final step's and the state before it,
     from which a replay recomputes them."""
     if logits.nbytes <= max_replay_bytes:
-        return rec.copy(offset=rec.offset + x.shape[1], updated_at=t, state=states, last_digest=digest,
+        return rec.copy(offset=rec.offset + steps, updated_at=t, state=states, last_digest=digest,
                         last_start=rec.offset, last_logits=logits, last_prev_state=None)
-    return rec.copy(offset=rec.offset + x.shape[1], updated_at=t, state=states, last_digest=digest,
+    return rec.copy(offset=rec.offset + steps, updated_at=t, state=states, last_digest=digest,
                     last_start=rec.offset, last_logits=logits[-1:].copy(), last_prev_state=rec.state)
+
+
+class _PackedOutputs:
+    """The packed reply's output rows (rows, classes), filled block by block; when one block covers
+    every chunk in order, its logits are the rows as they are (no copy)."""
+
+    def __init__(self, lay: packed.Layout, final_only: bool) -> None:
+        self.lay, self.final_only = lay, final_only
+        self.rows = lay.n if final_only else lay.total
+        self.classes = 0
+        self.logits: np.ndarray | None = None
+
+    def accepts(self, model: Model) -> bool:
+        if not self.classes:
+            self.classes = model.classes
+        return model.classes == self.classes
+
+    def place(self, chunks: np.ndarray, logits: np.ndarray) -> None:
+        """Chunks' logits (B, T, C) into their rows."""
+        if self.final_only:
+            part, rows = logits[:, -1], chunks
+        else:
+            part, rows = logits.reshape(-1, logits.shape[-1]), packed.rows_of(self.lay, chunks, logits.shape[1]).ravel()
+        if self.logits is None:
+            if len(rows) == self.rows and (self.final_only or len(chunks) == self.lay.n):
+                self.logits = np.ascontiguousarray(part)  # the whole reply in order already
+                return
+            self.logits = np.zeros((self.rows, self.classes), np.float32)
+        self.logits[rows] = part
+
+    def finish(self, errors: dict[int, Exception], keep_logits: bool) -> tuple[np.ndarray, np.ndarray]:
+        """argmax (rows,) int32 and the logits, refused chunks' rows cleared (argmax -1, zeros)."""
+        logits = self.logits if self.logits is not None else np.zeros((self.rows, self.classes), np.float32)
+        argmax = logits.argmax(axis=-1).astype(np.int32) if self.classes else np.full(self.rows, -1, np.int32)
+        if errors:
+            failed = np.fromiter(errors, np.int64, len(errors))
+            rows = failed if self.final_only else np.concatenate(
+                [np.arange(self.lay.starts[i], self.lay.starts[i] + self.lay.lengths[i]) for i in failed.tolist()])
+            argmax[rows] = -1
+            if keep_logits and len(rows):
+                logits = logits.copy() if logits.base is not None else logits
+                logits[rows] = 0
+        return argmax, logits
 
 
 class VersionMismatch(RecurError):
@@ -272,7 +315,8 @@ class SessionService:
         """Run one chunk from the record's state and store the result (compare-and-set); the new
         record and the chunk's logits (T, C)."""
         logits, new_states = await self.engine.run(model.runtime, x[0], rec.state, deadline)  # batched
-        new = _advanced(rec, x, digest, logits, new_states, self.store.clock(), self.settings.max_replay_bytes)
+        new = _advanced(rec, x.shape[1], digest, logits, new_states, self.store.clock(),
+                        self.settings.max_replay_bytes)
         try:
             await self.store.put(new, prev_offset=rec.offset)  # settles even if this call is cancelled
         except StoreConflict as e:
@@ -308,20 +352,21 @@ class SessionService:
         if inp.expected_offset is not None and inp.expected_offset != rec.offset:
             if inp.expected_offset == rec.last_start and digest == rec.last_digest:
                 self.events.replayed(model.name, model.version, tenant)
-                return self._result(model, rec, await self._replayed_logits(model, rec, x, inp), inp.options,
-                                    replayed=True)
+                return self._result(model, rec, await self._replayed_logits(model, rec, x, inp.deadline),
+                                    inp.options, replayed=True)
             self.events.conflict(model.name, model.version, tenant)
             raise OffsetMismatch(f"session {inp.session_id} is at offset {rec.offset}, "
                                  f"not {inp.expected_offset}; resend from offset {rec.offset}", rec.offset)
         return model, rec, x, digest
 
-    async def _replayed_logits(self, model: Model, rec: SessionRecord, x: np.ndarray, inp: StepInput) -> np.ndarray:
+    async def _replayed_logits(self, model: Model, rec: SessionRecord, x: np.ndarray, deadline: float | None
+                               ) -> np.ndarray:
         """The last chunk's outputs: as recorded, or recomputed from the state before it (the retry
         carries the same chunk, checked by its digest); nothing is stored."""
         if rec.last_prev_state is None:
             assert rec.last_logits is not None
             return rec.last_logits
-        logits, _ = await self.engine.run(model.runtime, x[0], rec.last_prev_state, inp.deadline)
+        logits, _ = await self.engine.run(model.runtime, x[0], rec.last_prev_state, deadline)
         return logits
 
     async def step(self, tenant: str, inp: StepInput) -> StepResult:
@@ -334,10 +379,10 @@ class SessionService:
             return self._result(model, rec, logits, inp.options, replayed=False)
 
     async def step_batch(self, tenant: str, inputs: list[StepInput]) -> list[StepResult | Exception]:
-        """Many sessions' chunks as one unit: each session locked once (in sorted order, so two
-        batches cannot deadlock), one engine submission, one store write batch. A session named
-        again later in the batch runs those chunks afterwards, in order. Each chunk succeeds or
-        fails alone: the result list holds a StepResult or the error for each input."""
+        """Many sessions' chunks as one unit: each session locked once (all its locks' queues joined at
+        once, so batches keep arrival order and cannot deadlock), one engine submission, one store
+        write batch. A session named again later in the batch runs those chunks afterwards, in order.
+        Each chunk succeeds or fails alone: the result list holds a StepResult or the error for each input."""
         out: dict[int, StepResult | Exception] = {}
         first: list[int] = []
         later: list[int] = []
@@ -350,9 +395,7 @@ class SessionService:
                 continue
             (later if inp.session_id in seen else first).append(i)
             seen.add(inp.session_id)
-        async with self._calls, contextlib.AsyncExitStack() as held:
-            for sid in sorted({inputs[i].session_id for i in first}):
-                await held.enter_async_context(self._locks.hold((tenant, sid)))
+        async with self._calls, self._locks.hold_many([(tenant, inputs[i].session_id) for i in first]):
             await self._step_many(tenant, inputs, first, out)
         for i in later:
             try:
@@ -387,7 +430,7 @@ class SessionService:
                 out[i] = result if isinstance(result, Exception) else RuntimeError("cancelled")
                 continue
             logits, new_states = result
-            new = _advanced(rec, x, digest, logits, new_states, t, self.settings.max_replay_bytes)
+            new = _advanced(rec, x.shape[1], digest, logits, new_states, t, self.settings.max_replay_bytes)
             writes.append((new, rec.offset))
             done.append((i, model, new, logits))
         errors = await self.store.put_many(writes)
@@ -398,6 +441,172 @@ class SessionService:
                 if isinstance(err, StoreConflict):
                     self.events.conflict(model.name, model.version, tenant)
                 out[i] = self._conflict(err, new.session_id) if isinstance(err, StoreConflict) else err
+
+    # -- the packed (columnar) batch ---------------------------------------------------
+    async def step_packed(self, tenant: str, p: PackedInput) -> PackedResult:
+        """A PackedStepBatch: one pass of Python over the chunks (id, lock, record, offset, digest),
+        numpy for the rest; each chunk's equal-length peers on the same model version run as one
+        block. A session named again runs in a later round, so its chunks apply in order. Each
+        chunk succeeds or fails alone (PackedResult.errors)."""
+        lay = packed.layout(p, self.settings.max_batch_chunks)
+        n = lay.n
+        res = PackedResult(np.full(n, -1, np.int64), np.full(n, -1, np.int64))
+        errors = res.errors
+        max_chunk = self._max_chunk(tenant)
+        for i in np.flatnonzero((lay.lengths == 0) | (lay.lengths > max_chunk)).tolist():
+            steps = int(lay.lengths[i])
+            errors[i] = InvalidInput("a chunk needs 1 step or more" if steps == 0 else
+                                     f"chunk of {steps} steps is longer than the limit of {max_chunk}; "
+                                     "split it into smaller chunks")
+        if lay.expected is not None:
+            for i in np.flatnonzero(lay.expected < -1).tolist():
+                errors[i] = InvalidInput("expected_offsets must be 0 or more, or -1 (not checked)")
+        rounds: list[list[int]] = [[]]
+        seen: dict[str, int] = {}
+        for i, sid in enumerate(p.session_ids):
+            if i in errors:
+                continue
+            if not _ID.fullmatch(sid):
+                errors[i] = InvalidInput("session_id must be 1-128 characters of letters, digits and . _ : @ -")
+                continue
+            k = seen.get(sid, 0)
+            seen[sid] = k + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(i)
+        out = _PackedOutputs(lay, p.final_only)
+        async with self._calls:
+            for chunks in rounds:
+                if chunks:
+                    async with self._locks.hold_many([(tenant, p.session_ids[i]) for i in chunks]):
+                        await self._packed_round(tenant, p, lay, chunks, res, out)
+        res.argmax, res.logits = out.finish(errors, p.return_logits)
+        if p.top_k and res.logits is not None and out.classes:
+            res.top_ids, res.top_probs = packed.top_k(res.logits, p.top_k)
+        if not p.return_logits:
+            res.logits = None
+        return res
+
+    async def _packed_round(self, tenant: str, p: PackedInput, lay: packed.Layout, chunks: list[int],
+                            res: PackedResult, out: _PackedOutputs) -> None:
+        errors = res.errors
+        records = await self.store.get_many(tenant, [p.session_ids[i] for i in chunks])
+        models: dict[tuple[str, int], Model | Exception] = {}
+        bad_tokens: dict[int, dict[int, tuple[int, int]]] = {}
+        features: dict[int, np.ndarray | Exception] = {}
+        runs: dict[tuple[int, int], list[tuple[int, Model, SessionRecord, bytes]]] = {}
+        for i, rec in zip(chunks, records):
+            if isinstance(rec, Exception):
+                errors[i] = rec
+                continue
+            model = models.get((rec.model, rec.version))
+            if model is None:
+                try:
+                    model = self.models.get(rec.model, rec.version)
+                except RecurError as e:
+                    model = e
+                models[(rec.model, rec.version)] = model
+            if isinstance(model, Exception):
+                errors[i] = model
+                continue
+            a, steps = int(lay.starts[i]), int(lay.lengths[i])
+            if model.input_kind != lay.kind:
+                errors[i] = InvalidInput(f"model {model.name} takes {model.input_kind}, not {lay.kind or 'nothing'}")
+                continue
+            if lay.ids is not None:
+                bad = bad_tokens.get(len(model.vocab))
+                if bad is None:
+                    bad = bad_tokens[len(model.vocab)] = packed.first_bad_token(lay, len(model.vocab))
+                if i in bad:
+                    pos, tok = bad[i]
+                    errors[i] = InvalidInput(f"token id {tok} at position {pos} is out of range "
+                                             f"[0, {len(model.vocab)}) for model {model.name}")
+                    continue
+                data = lay.ids[a : a + steps]
+            else:
+                rows = features.get(model.feature_dim)
+                if rows is None:
+                    try:
+                        rows = packed.features_of(p, lay, model.feature_dim)
+                    except InvalidInput as e:
+                        rows = e
+                    features[model.feature_dim] = rows
+                if isinstance(rows, Exception):
+                    errors[i] = rows
+                    continue
+                data = rows[a : a + steps]
+                if not np.isfinite(data).all():
+                    errors[i] = InvalidInput("features contain values that are not finite (NaN or infinity)")
+                    continue
+            if not out.accepts(model):
+                errors[i] = InvalidInput(f"a packed batch has one output width: model {model.name} has "
+                                         f"{model.classes} outputs, the batch's first model {out.classes}")
+                continue
+            digest = hashlib.sha256(data.tobytes()).digest()
+            expected = -1 if lay.expected is None else int(lay.expected[i])
+            if expected >= 0 and expected != rec.offset:
+                if expected == rec.last_start and digest == rec.last_digest:
+                    self.events.replayed(model.name, model.version, tenant)
+                    try:
+                        logits = await self._replayed_logits(model, rec, data[None], p.deadline)
+                    except Exception as e:
+                        errors[i] = e
+                        continue
+                    out.place(np.array([i]), logits[None])
+                    res.offsets[i], res.start_offsets[i] = rec.offset, rec.last_start
+                    res.replayed.append(i)
+                    continue
+                self.events.conflict(model.name, model.version, tenant)
+                errors[i] = OffsetMismatch(f"session {p.session_ids[i]} is at offset {rec.offset}, not {expected}; "
+                                           f"resend from offset {rec.offset}", rec.offset)
+                res.offsets[i] = rec.offset
+                continue
+            runs.setdefault((id(model), steps), []).append((i, model, rec, digest))
+        submitted = []
+        for (_, steps), items in runs.items():
+            idx = np.fromiter((i for i, *_ in items), np.int64, len(items))
+            model = items[0][1]
+            if lay.ids is not None:
+                if len(items) == lay.n and steps * lay.n == lay.total:  # every chunk, in order: no gather
+                    x = lay.ids.reshape(lay.n, steps)
+                else:
+                    x = lay.ids[packed.rows_of(lay, idx, steps)]
+            else:
+                rows = features[model.feature_dim]
+                assert isinstance(rows, np.ndarray)
+                x = rows[packed.rows_of(lay, idx, steps)]
+            states = [np.stack([rec.state[k] for _, _, rec, _ in items], axis=1) for k in range(len(model.states))]
+            try:
+                submitted.append((items, idx, steps, self.engine.submit_block(model.runtime, x, states, p.deadline)))
+            except LimitExceeded as e:
+                for i, *_ in items:
+                    errors[i] = e
+        ran = await asyncio.gather(*(f for *_, f in submitted), return_exceptions=True)
+        writes, done = [], []
+        t, max_replay = self.store.clock(), self.settings.max_replay_bytes
+        for (items, idx, steps, _), result in zip(submitted, ran):
+            if isinstance(result, BaseException):
+                for i, *_ in items:
+                    errors[i] = result if isinstance(result, Exception) else RuntimeError("cancelled")
+                continue
+            logits, new_states = result
+            for j, (i, model, rec, digest) in enumerate(items):
+                own = logits[j]
+                own = own.copy() if own.nbytes <= max_replay else own  # a view would pin the whole batch
+                new = _advanced(rec, steps, digest, own, [np.ascontiguousarray(s[:, j]) for s in new_states], t,
+                                max_replay)
+                writes.append((new, rec.offset))
+                done.append((i, model, new))
+            out.place(idx, logits)
+        for (i, model, new), err in zip(done, await self.store.put_many(writes)):
+            if err is None:
+                res.offsets[i], res.start_offsets[i] = new.offset, new.last_start
+            elif isinstance(err, StoreConflict):
+                self.events.conflict(model.name, model.version, tenant)
+                errors[i] = self._conflict(err, new.session_id)
+                res.offsets[i] = -1 if err.actual is None else err.actual
+            else:
+                errors[i] = err
 
     async def _submit(self, model: Model, rec: SessionRecord, x: np.ndarray, deadline: float | None
                       ) -> tuple[np.ndarray, list[np.ndarray]]:

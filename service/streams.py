@@ -87,6 +87,29 @@ async def handled(requests: AsyncIterator[Req], handle: Callable[[Req], Awaitabl
     await end_if_idle(idle, idle_timeout, context)
 
 
+async def ordered(requests: AsyncIterator[Req], handle: Callable[[Req], Awaitable[Rep]], read_ahead: int,
+                  idle_timeout: float | None, context: grpc.aio.ServicerContext) -> AsyncIterator[Rep]:
+    """Replies in the order of the requests (batch messages), each request handled as soon as it is
+    read, at most `read_ahead` requests read ahead of the replies sent. `handle` answers every request."""
+    pending: asyncio.Queue[asyncio.Future | None] = asyncio.Queue(maxsize=read_ahead)
+    idle = asyncio.Event()
+
+    async def read() -> None:
+        try:
+            async for request in messages(requests, idle_timeout, idle):
+                await pending.put(asyncio.ensure_future(handle(request)))
+        finally:
+            await pending.put(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (task := await pending.get()) is not None:
+            yield await task
+    finally:
+        reader.cancel()
+    await end_if_idle(idle, idle_timeout, context)
+
+
 async def end_if_idle(idle: asyncio.Event, idle_timeout: float | None, context: grpc.aio.ServicerContext) -> None:
     if idle.is_set():
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,

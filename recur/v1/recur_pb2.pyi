@@ -145,7 +145,7 @@ class ForkSessionRequest(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., new_session_id: _Optional[str] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("session_id", "tokens", "text", "features", "expected_offset", "top_k", "return_logits", "final_only", "return_state", "request_id", "compact")
+    __slots__ = ("session_id", "tokens", "text", "features", "expected_offset", "top_k", "return_logits", "final_only", "return_state", "request_id", "compact", "return_activations", "activation_layers", "activation_units", "activation_states")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,10 @@ class StepRequest(_message.Message):
     RETURN_STATE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     COMPACT_FIELD_NUMBER: _ClassVar[int]
+    RETURN_ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_UNITS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_STATES_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     tokens: _containers.RepeatedScalarFieldContainer[int]
     text: str
@@ -168,7 +172,11 @@ class StepRequest(_message.Message):
     return_state: bool
     request_id: str
     compact: bool
-    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., features: _Optional[bytes] = ..., expected_offset: _Optional[int] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ..., final_only: _Optional[bool] = ..., return_state: _Optional[bool] = ..., request_id: _Optional[str] = ..., compact: _Optional[bool] = ...) -> None: ...
+    return_activations: bool
+    activation_layers: _containers.RepeatedScalarFieldContainer[int]
+    activation_units: _containers.RepeatedScalarFieldContainer[int]
+    activation_states: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., features: _Optional[bytes] = ..., expected_offset: _Optional[int] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ..., final_only: _Optional[bool] = ..., return_state: _Optional[bool] = ..., request_id: _Optional[str] = ..., compact: _Optional[bool] = ..., return_activations: _Optional[bool] = ..., activation_layers: _Optional[_Iterable[int]] = ..., activation_units: _Optional[_Iterable[int]] = ..., activation_states: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StepOutput(_message.Message):
     __slots__ = ("argmax", "top_ids", "top_probs", "label", "text")
@@ -193,7 +201,7 @@ class ChunkStatus(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StepResponse(_message.Message):
-    __slots__ = ("session_id", "offset", "replayed", "outputs", "text", "logits", "logits_shape", "state", "status", "request_id", "start_offset", "argmax")
+    __slots__ = ("session_id", "offset", "replayed", "outputs", "text", "logits", "logits_shape", "state", "status", "request_id", "start_offset", "argmax", "activations")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +214,7 @@ class StepResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_OFFSET_FIELD_NUMBER: _ClassVar[int]
     ARGMAX_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     offset: int
     replayed: bool
@@ -218,7 +227,8 @@ class StepResponse(_message.Message):
     request_id: str
     start_offset: int
     argmax: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., replayed: _Optional[bool] = ..., outputs: _Optional[_Iterable[_Union[StepOutput, _Mapping]]] = ..., text: _Optional[str] = ..., logits: _Optional[bytes] = ..., logits_shape: _Optional[_Iterable[int]] = ..., state: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., status: _Optional[_Union[ChunkStatus, _Mapping]] = ..., request_id: _Optional[str] = ..., start_offset: _Optional[int] = ..., argmax: _Optional[_Iterable[int]] = ...) -> None: ...
+    activations: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, session_id: _Optional[str] = ..., offset: _Optional[int] = ..., replayed: _Optional[bool] = ..., outputs: _Optional[_Iterable[_Union[StepOutput, _Mapping]]] = ..., text: _Optional[str] = ..., logits: _Optional[bytes] = ..., logits_shape: _Optional[_Iterable[int]] = ..., state: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., status: _Optional[_Union[ChunkStatus, _Mapping]] = ..., request_id: _Optional[str] = ..., start_offset: _Optional[int] = ..., argmax: _Optional[_Iterable[int]] = ..., activations: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class StepBatch(_message.Message):
     __slots__ = ("steps",)
@@ -231,6 +241,64 @@ class StepBatchResponse(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     steps: _containers.RepeatedCompositeFieldContainer[StepResponse]
     def __init__(self, steps: _Optional[_Iterable[_Union[StepResponse, _Mapping]]] = ...) -> None: ...
+
+class PackedStepBatch(_message.Message):
+    __slots__ = ("session_ids", "expected_offsets", "lengths", "tokens", "features", "return_logits", "final_only", "top_k", "request_id", "return_activations", "activation_layers", "activation_units", "activation_states")
+    SESSION_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    FINAL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RETURN_ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_UNITS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_STATES_FIELD_NUMBER: _ClassVar[int]
+    session_ids: _containers.RepeatedScalarFieldContainer[str]
+    expected_offsets: _containers.RepeatedScalarFieldContainer[int]
+    lengths: _containers.RepeatedScalarFieldContainer[int]
+    tokens: bytes
+    features: bytes
+    return_logits: bool
+    final_only: bool
+    top_k: int
+    request_id: str
+    return_activations: bool
+    activation_layers: _containers.RepeatedScalarFieldContainer[int]
+    activation_units: _containers.RepeatedScalarFieldContainer[int]
+    activation_states: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_ids: _Optional[_Iterable[str]] = ..., expected_offsets: _Optional[_Iterable[int]] = ..., lengths: _Optional[_Iterable[int]] = ..., tokens: _Optional[bytes] = ..., features: _Optional[bytes] = ..., return_logits: _Optional[bool] = ..., final_only: _Optional[bool] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., return_activations: _Optional[bool] = ..., activation_layers: _Optional[_Iterable[int]] = ..., activation_units: _Optional[_Iterable[int]] = ..., activation_states: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PackedStepBatchResponse(_message.Message):
+    __slots__ = ("offsets", "start_offsets", "failed", "statuses", "replayed", "argmax", "logits", "logits_shape", "top_ids", "top_probs", "request_id", "activations")
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    START_OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    ARGMAX_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    TOP_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_PROBS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    start_offsets: _containers.RepeatedScalarFieldContainer[int]
+    failed: _containers.RepeatedScalarFieldContainer[int]
+    statuses: _containers.RepeatedCompositeFieldContainer[ChunkStatus]
+    replayed: _containers.RepeatedScalarFieldContainer[int]
+    argmax: bytes
+    logits: bytes
+    logits_shape: _containers.RepeatedScalarFieldContainer[int]
+    top_ids: bytes
+    top_probs: bytes
+    request_id: str
+    activations: _containers.RepeatedCompositeFieldContainer[Tensor]
+    def __init__(self, offsets: _Optional[_Iterable[int]] = ..., start_offsets: _Optional[_Iterable[int]] = ..., failed: _Optional[_Iterable[int]] = ..., statuses: _Optional[_Iterable[_Union[ChunkStatus, _Mapping]]] = ..., replayed: _Optional[_Iterable[int]] = ..., argmax: _Optional[bytes] = ..., logits: _Optional[bytes] = ..., logits_shape: _Optional[_Iterable[int]] = ..., top_ids: _Optional[bytes] = ..., top_probs: _Optional[bytes] = ..., request_id: _Optional[str] = ..., activations: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("session_id", "prompt", "prompt_tokens", "max_tokens", "temperature", "top_k", "top_p", "seed", "stop", "expected_offset")

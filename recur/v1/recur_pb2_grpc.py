@@ -74,6 +74,16 @@ class RecurStub:
                 request_serializer=recur_dot_v1_dot_recur__pb2.StepBatch.SerializeToString,
                 response_deserializer=recur_dot_v1_dot_recur__pb2.StepBatchResponse.FromString,
                 _registered_method=True)
+        self.StepPacked = channel.unary_unary(
+                '/recur.v1.Recur/StepPacked',
+                request_serializer=recur_dot_v1_dot_recur__pb2.PackedStepBatch.SerializeToString,
+                response_deserializer=recur_dot_v1_dot_recur__pb2.PackedStepBatchResponse.FromString,
+                _registered_method=True)
+        self.StreamPacked = channel.stream_stream(
+                '/recur.v1.Recur/StreamPacked',
+                request_serializer=recur_dot_v1_dot_recur__pb2.PackedStepBatch.SerializeToString,
+                response_deserializer=recur_dot_v1_dot_recur__pb2.PackedStepBatchResponse.FromString,
+                _registered_method=True)
         self.Generate = channel.unary_stream(
                 '/recur.v1.Recur/Generate',
                 request_serializer=recur_dot_v1_dot_recur__pb2.GenerateRequest.SerializeToString,
@@ -155,6 +165,21 @@ class RecurServicer:
     def StreamBatch(self, request_iterator, context):
         """Several sessions' chunks in one message, as a gateway serving many users sends one message per
         tick. One reply message per request message, in order; each chunk has its own status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StepPacked(self, request, context):
+        """The columnar form of a batch: ids, offsets and lengths as packed arrays, all chunks' tokens in
+        one blob, and a columnar reply (argmax and logits as blobs). The fast path for gateways.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamPacked(self, request_iterator, context):
+        """PackedStepBatch messages on one stream, answered in order (as StreamBatch).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -242,6 +267,16 @@ def add_RecurServicer_to_server(servicer, server):
                     servicer.StreamBatch,
                     request_deserializer=recur_dot_v1_dot_recur__pb2.StepBatch.FromString,
                     response_serializer=recur_dot_v1_dot_recur__pb2.StepBatchResponse.SerializeToString,
+            ),
+            'StepPacked': grpc.unary_unary_rpc_method_handler(
+                    servicer.StepPacked,
+                    request_deserializer=recur_dot_v1_dot_recur__pb2.PackedStepBatch.FromString,
+                    response_serializer=recur_dot_v1_dot_recur__pb2.PackedStepBatchResponse.SerializeToString,
+            ),
+            'StreamPacked': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamPacked,
+                    request_deserializer=recur_dot_v1_dot_recur__pb2.PackedStepBatch.FromString,
+                    response_serializer=recur_dot_v1_dot_recur__pb2.PackedStepBatchResponse.SerializeToString,
             ),
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
@@ -485,6 +520,60 @@ class Recur:
             '/recur.v1.Recur/StreamBatch',
             recur_dot_v1_dot_recur__pb2.StepBatch.SerializeToString,
             recur_dot_v1_dot_recur__pb2.StepBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StepPacked(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recur.v1.Recur/StepPacked',
+            recur_dot_v1_dot_recur__pb2.PackedStepBatch.SerializeToString,
+            recur_dot_v1_dot_recur__pb2.PackedStepBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamPacked(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/recur.v1.Recur/StreamPacked',
+            recur_dot_v1_dot_recur__pb2.PackedStepBatch.SerializeToString,
+            recur_dot_v1_dot_recur__pb2.PackedStepBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,5 @@
-"""Invariant 1: a sequence fed in any split, over Step, Stream and StreamBatch, gives one pass's outputs
-and state."""
+"""Invariant 1: a sequence fed in any split, over Step, Stream, StreamBatch and the packed batch, gives one
+pass's outputs and state."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recur.client import RecurClient
+from recur.client import RecurClient, packed_request
 from recur.v1 import recur_pb2 as pb
 from tests.helpers import TOL, Server, logits_of, state_of
 
@@ -31,8 +31,8 @@ def splits(draw: st.DrawFn) -> tuple[str, int, list[int], list[str], int]:
     model = draw(st.sampled_from(MODELS))
     length = draw(st.integers(1, 120))
     cuts = sorted(draw(st.sets(st.integers(1, length - 1), max_size=12))) if length > 1 else []
-    via = draw(st.lists(st.sampled_from(["Step", "Stream", "StreamBatch"]), min_size=len(cuts) + 1,
-                        max_size=len(cuts) + 1))
+    apis = ["Step", "Stream", "StreamBatch", "StepPacked", "StreamPacked"]
+    via = draw(st.lists(st.sampled_from(apis), min_size=len(cuts) + 1, max_size=len(cuts) + 1))
     return model, length, cuts, via, draw(st.integers(0, 2**31))
 
 
@@ -49,6 +49,13 @@ def test_any_split_equals_one_pass(shared: RecurClient, reference, case) -> None
     for (a, b), api in zip(zip([0, *cuts], [*cuts, length]), via):
         body = {"features": x[a:b].astype("<f4").tobytes()} if features else {"tokens": [int(t) for t in x[a:b]]}
         req = pb.StepRequest(session_id=sid, expected_offset=a, return_logits=True, return_state=True, **body)
+        if api in ("StepPacked", "StreamPacked"):
+            packed = packed_request([sid], [x[a:b]], expected_offsets=[a], return_logits=True)
+            got = shared.stub.StepPacked(packed) if api == "StepPacked" else \
+                next(shared.stub.StreamPacked(iter([packed])))
+            assert not got.failed and list(got.offsets) == [b] and list(got.start_offsets) == [a]
+            parts.append(logits_of(got))
+            continue
         if api == "Step":
             reply = shared.stub.Step(req)
         elif api == "Stream":
@@ -59,5 +66,5 @@ def test_any_split_equals_one_pass(shared: RecurClient, reference, case) -> None
         parts.append(logits_of(reply))
     want_logits, want_state = ref.run(x.astype(np.float32) if features else x.astype(np.int64))
     assert np.abs(np.concatenate(parts) - want_logits).max() <= TOL
-    for got, want in zip(state_of(reply), want_state):
+    for got, want in zip(state_of(shared.get(sid, include_state=True)), want_state):
         assert np.abs(got - want).max() <= TOL
