@@ -1,7 +1,8 @@
-"""The baseline: the server a typical user would write first. grpcio, one unary call per chunk,
-a dict of states, PyTorch eager, no batching. Kept here to measure recur against.
+"""The baselines: the server a typical user would write first. grpcio, one unary call per chunk,
+a dict of states, no batching; the model in PyTorch eager (--engine torch) or in ONNX Runtime with
+its default threads (--engine ort). Kept here to measure recur against.
 
-    python -m bench.naive_server --model models/pylm/1 --port 50061
+    python -m bench.naive_server --model models/pylm/1 --port 50061 [--engine ort]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import numpy as np
 import torch
 
 from recur.v1 import recur_pb2 as pb
@@ -47,14 +49,47 @@ class NaiveServicer(recur_pb2_grpc.RecurServicer):
         return out
 
 
+class NaiveOrtServicer(recur_pb2_grpc.RecurServicer):
+    """The same, with ONNX Runtime: a dict of numpy states, one session.run per unary call."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+        self.name = model_dir.parent.name
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.shapes = [(i.shape[0], 1, i.shape[2]) for i in self.session.get_inputs()[1:]]
+        self.states: dict[str, list[np.ndarray]] = {}
+        self.offsets: dict[str, int] = {}
+
+    def CreateSession(self, request, context):  # type: ignore[no-untyped-def]
+        sid = request.session_id or uuid.uuid4().hex
+        self.states[sid] = [np.zeros(s, np.float32) for s in self.shapes]
+        self.offsets[sid] = 0
+        return pb.Session(session_id=sid, model=self.name, version=1)
+
+    def Step(self, request, context):  # type: ignore[no-untyped-def]
+        sid = request.session_id
+        x = np.array([list(request.tokens)], dtype=np.int64)
+        logits, *self.states[sid] = self.session.run(None, dict(zip(self.inputs, [x, *self.states[sid]])))
+        self.offsets[sid] += x.shape[1]
+        out = pb.StepResponse(session_id=sid, offset=self.offsets[sid], argmax=logits[0].argmax(-1).tolist())
+        if request.return_logits:
+            out.logits = logits[0].astype("<f4").tobytes()
+            out.logits_shape.extend(logits[0].shape)
+        return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--engine", choices=["torch", "ort"], default="torch")
     args = p.parse_args()
     torch.set_num_threads(1)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    recur_pb2_grpc.add_RecurServicer_to_server(NaiveServicer(args.model), server)
+    servicer = NaiveServicer(args.model) if args.engine == "torch" else NaiveOrtServicer(args.model)
+    recur_pb2_grpc.add_RecurServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
     print(f"recur listening on port {port}", flush=True)

@@ -2,10 +2,17 @@
 
 For S concurrent sessions each streaming a sequence in chunks of C tokens (every chunk from the
 state its session's previous chunk left):
-  limit      in-process ONNX Runtime, all S sessions batched per call (batch S, time C)
+  limit      in-process ONNX Runtime, all S sessions batched per call (batch S, time C), with one
+             intra-op thread and with ONNX Runtime's default; the better of the two is the limit
   per-call   in-process ONNX Runtime, one call per session per chunk
-  recur      recur over loopback gRPC (Stream; Step too for S = 1), memory store and SQLite sync
-  naive      bench/naive_server.py: grpcio, unary calls, dict of states, PyTorch eager, no batching
+  recur      recur over loopback gRPC: StepPacked/StreamPacked (packed), Stream, StreamBatch, and
+             Step for S = 1; memory store and SQLite sync
+  naive      bench/naive_server.py: grpcio, unary calls, dict of states, no batching; PyTorch eager
+             and ONNX Runtime
+Every gRPC row asks every chunk's full logits back (return_logits, compact), and the load generator
+builds all its request messages before the clock starts. For each recur row the server process's
+own CPU time per chunk (user + system, /proc) is recorded next to ONNX Runtime's time per chunk
+(its calls' summed duration, from the server's /metrics), over the measured window.
 Writes BENCHMARKS.md and bench/throughput.png.
 
     python -m bench.run                 # the full suite (make bench)
@@ -48,6 +55,12 @@ class Result:
     latencies: list[float]  # per chunk (per call for in-process batched)
     rss_mb: float = 0.0
     checked: int = 0  # sessions compared with their one-pass reference
+    chunks: int = 0  # chunks answered
+    server_cpu: float = 0.0  # seconds of the server process's CPU over the window
+    ort_seconds: float = 0.0  # seconds inside ONNX Runtime calls over the window (recur only)
+
+    def per_chunk_us(self, seconds: float) -> float:
+        return 1e6 * seconds / self.chunks if self.chunks else float("nan")
 
     @property
     def rate(self) -> float:
@@ -58,6 +71,7 @@ class Result:
 
 
 def _session(threads: int = 1) -> ort.InferenceSession:
+    """threads 0: ONNX Runtime's default (one per core)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -75,8 +89,8 @@ def reference(seq: np.ndarray) -> np.ndarray:
     return s.run(["logits"], {"tokens": seq[None], "state_h": zeros, "state_c": zeros})[0][0]
 
 
-def in_process(seqs: np.ndarray, chunk: int, batched: bool) -> Result:
-    s = _session()
+def in_process(seqs: np.ndarray, chunk: int, batched: bool, threads: int = 1) -> Result:
+    s = _session(threads)
     n, length = seqs.shape
     h = np.zeros((2, n, 256), np.float32)
     c = np.zeros((2, n, 256), np.float32)
@@ -94,7 +108,10 @@ def in_process(seqs: np.ndarray, chunk: int, batched: bool) -> Result:
                                                                    "state_h": h[:, j : j + 1],
                                                                    "state_c": c[:, j : j + 1]})
                 lat.append(time.perf_counter() - t1)
-    return Result("limit" if batched else "per-call", n, chunk, seqs.size, time.perf_counter() - t0, lat)
+    mode = f"limit ({'default' if threads == 0 else threads} thread{'s' if threads != 1 else ''})" if batched \
+        else "per-call"
+    return Result(mode, n, chunk, seqs.size, time.perf_counter() - t0, lat, chunks=len(lat) if not batched
+                  else n * len(lat))
 
 
 class Process:
@@ -104,12 +121,32 @@ class Process:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         assert self.proc.stdout is not None
+        self.metrics_port = 0
         for line in self.proc.stdout:
+            if line.startswith("metrics on port "):
+                self.metrics_port = int(line.split()[-1])
             if line.startswith("recur listening on port "):
                 self.port = int(line.split()[-1])
                 break
         else:
             raise RuntimeError(f"{cmd} did not start")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def ort_seconds(self) -> float:
+        """Seconds spent in ONNX Runtime calls so far (recur's /metrics); 0 without metrics."""
+        if not self.metrics_port:
+            return 0.0
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith("recur_engine_call_duration_seconds_sum"):
+                    return float(line.split()[-1])
+        return 0.0
 
     def reset_peak(self) -> None:
         Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
@@ -128,32 +165,54 @@ class Process:
             self.proc.kill()
 
 
-def recur_server(store: str) -> Process:
+def recur_server(store: str, *extra: str) -> Process:
     return Process([sys.executable, "-m", "recur.cli", "--log-level", "WARNING", "serve", "--models-dir",
-                    str(ROOT / "models"), "--store", store, "--host", "127.0.0.1", "--port", "0"])
+                    str(ROOT / "models"), "--store", store, "--host", "127.0.0.1", "--port", "0", "--metrics-port",
+                    "-1", *extra])
 
 
-def naive_server() -> Process:
-    return Process([sys.executable, "-m", "bench.naive_server", "--model", str(MODEL_DIR), "--port", "0"])
+def naive_server(engine: str = "torch") -> Process:
+    return Process([sys.executable, "-m", "bench.naive_server", "--model", str(MODEL_DIR), "--port", "0",
+                    "--engine", engine])
 
 
-async def _drive(port: int, seqs: np.ndarray, chunk: int, api: str, check: int, budget: float) -> Result:
-    """S sessions, each sending its next chunk when the previous reply arrives."""
+def _prebuilt(sids: list[str], seqs: np.ndarray, chunk: int, api: str) -> list:
+    """Every request message of the run, built before the clock starts: per session (step, stream)
+    or per tick (batch, packed), each asking its full logits back."""
     n, length = seqs.shape
+    ticks = range(0, length, chunk)
+    if api in ("step", "stream"):
+        return [[pb.StepRequest(session_id=sids[i], tokens=seqs[i, a : a + chunk].tolist(), expected_offset=a,
+                                return_logits=True, compact=True, request_id=str(i)) for a in ticks]
+                for i in range(n)]
+    if api == "batch":
+        return [pb.StepBatch(steps=[pb.StepRequest(session_id=sids[i], tokens=seqs[i, a : a + chunk].tolist(),
+                                                   expected_offset=a, return_logits=True, compact=True)
+                                    for i in range(n)]) for a in ticks]
+    return [pb.PackedStepBatch(session_ids=sids, expected_offsets=[a] * n,
+                               lengths=[min(chunk, length - a)] * n,
+                               tokens=np.ascontiguousarray(seqs[:, a : a + chunk], dtype="<i4").tobytes(),
+                               return_logits=True) for a in ticks]
+
+
+async def _drive(server: Process | int, seqs: np.ndarray, chunk: int, api: str, check: int, budget: float
+                 ) -> Result:
+    """S sessions, each sending its next chunk when the previous reply arrives (the batch APIs: all
+    sessions' next chunks in one message per tick). `server`: a Process (its CPU is measured) or a port."""
+    proc = server if isinstance(server, Process) else None
+    port = server.port if isinstance(server, Process) else server
+    n = len(seqs)
     lat: list[float] = []
     logits: dict[int, list[np.ndarray]] = {i: [] for i in range(check)}
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = recur_pb2_grpc.RecurStub(ch)
         sids = [(await stub.CreateSession(pb.CreateSessionRequest(model="pylm"))).session_id for _ in range(n)]
+        requests = _prebuilt(sids, seqs, chunk, api)
         pos = [0] * n
         done = 0
+        cpu0, ort0 = (proc.cpu_seconds(), proc.ort_seconds()) if proc else (0.0, 0.0)
         t0 = time.perf_counter()
         deadline = t0 + budget
-
-        def request(i: int) -> pb.StepRequest:
-            return pb.StepRequest(session_id=sids[i], tokens=seqs[i, pos[i] : pos[i] + chunk].tolist(),
-                                  expected_offset=pos[i], return_logits=i < check, request_id=str(i),
-                                  compact=True)
 
         def record(i: int, reply: pb.StepResponse, sent: float) -> None:
             lat.append(time.perf_counter() - sent)
@@ -161,42 +220,58 @@ async def _drive(port: int, seqs: np.ndarray, chunk: int, api: str, check: int, 
                 logits[i].append(np.frombuffer(reply.logits, "<f4").reshape(tuple(reply.logits_shape)))
             pos[i] = reply.offset
 
-        if api == "batch":
-            call = stub.StreamBatch()
-            while min(pos) < length and time.perf_counter() < deadline:
-                live = [i for i in range(n) if pos[i] < length]
+        if api in ("batch", "packed"):
+            call = stub.StreamBatch() if api == "batch" else stub.StreamPacked()
+            for message in requests:
+                if time.perf_counter() >= deadline:
+                    break
                 sent = time.perf_counter()
-                await call.write(pb.StepBatch(steps=[request(i) for i in live]))
+                await call.write(message)
                 reply = await call.read()
-                for i, r in zip(live, reply.steps):
-                    assert not r.HasField("status"), r.status.message
-                    record(i, r, sent)
+                if api == "batch":
+                    for i, r in enumerate(reply.steps):
+                        assert not r.HasField("status"), r.status.message
+                        record(i, r, sent)
+                else:
+                    assert not reply.failed, reply.statuses[0].message
+                    rows = np.frombuffer(reply.logits, "<f4").reshape(tuple(reply.logits_shape))
+                    steps = len(rows) // n
+                    now = time.perf_counter() - sent
+                    lat.extend([now] * n)
+                    for i in range(check):
+                        logits[i].append(rows[i * steps : (i + 1) * steps])
+                    pos[:] = reply.offsets
             await call.done_writing()
         elif api == "step":
             async def one(i: int) -> None:
-                while pos[i] < length and time.perf_counter() < deadline:
+                for req in requests[i]:
+                    if time.perf_counter() >= deadline:
+                        return
                     sent = time.perf_counter()
-                    record(i, await stub.Step(request(i)), sent)
+                    record(i, await stub.Step(req), sent)
 
             await asyncio.gather(*(one(i) for i in range(n)))
         else:
             call = stub.Stream()
             sent_at = [0.0] * n
+            k = [0] * n
             for i in range(n):
                 sent_at[i] = time.perf_counter()
-                await call.write(request(i))
+                await call.write(requests[i][0])
             async for reply in call:
                 assert not reply.HasField("status"), reply.status.message
                 i = int(reply.request_id)
                 record(i, reply, sent_at[i])
-                if pos[i] < length and time.perf_counter() < deadline:
+                k[i] += 1
+                if k[i] < len(requests[i]) and time.perf_counter() < deadline:
                     sent_at[i] = time.perf_counter()
-                    await call.write(request(i))
+                    await call.write(requests[i][k[i]])
                 else:
                     done += 1
                     if done == n:
                         await call.done_writing()
         seconds = time.perf_counter() - t0
+        cpu, ort_s = (proc.cpu_seconds() - cpu0, proc.ort_seconds() - ort0) if proc else (0.0, 0.0)
     checked = 0
     for i, parts in logits.items():
         if parts:
@@ -206,39 +281,52 @@ async def _drive(port: int, seqs: np.ndarray, chunk: int, api: str, check: int, 
             if err > TOL:
                 raise AssertionError(f"session {i}: logits differ from the one-pass reference by {err}")
             checked += 1
-    return Result(api, n, chunk, sum(pos), seconds, lat, checked=checked)
+    return Result(api, n, chunk, sum(pos), seconds, lat, checked=checked, chunks=len(lat), server_cpu=cpu,
+                  ort_seconds=ort_s)
 
 
 def over_grpc(server: Process, mode: str, seqs: np.ndarray, chunk: int, api: str, budget: float) -> Result:
     server.reset_peak()
-    r = asyncio.run(_drive(server.port, seqs, chunk, api, check=min(2, len(seqs)), budget=budget))
+    r = asyncio.run(_drive(server, seqs, chunk, api, check=min(2, len(seqs)), budget=budget))
     r.mode, r.rss_mb = mode, server.peak_mb()
     return r
 
 
-def run_suite(sessions: list[int], chunks: list[int], length: int, budget: float, naive: bool) -> list[Result]:
+def run_suite(sessions: list[int], chunks: list[int], length: int, budget: float, naive: bool,
+              only: set[str] | None = None) -> list[Result]:
+    """`only`: a subset of the row labels (packed, Stream, StreamBatch, Step, naive) for a spot check."""
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
         servers = {"recur memory": recur_server("memory:"), "recur sqlite-sync": recur_server(f"sqlite:{tmp}/b.db")}
         if naive:
-            servers["naive"] = naive_server()
+            servers["naive torch"] = naive_server("torch")
+            servers["naive ort"] = naive_server("ort")
         try:
             for c in chunks:
                 for s in sessions:
                     seqs = _sequences(s, length, seed=s * 100 + c)
-                    results.append(in_process(seqs, c, batched=True))
+                    first = len(results)
+                    results.append(in_process(seqs, c, batched=True, threads=1))
+                    results.append(in_process(seqs, c, batched=True, threads=0))
                     results.append(in_process(seqs, c, batched=False))
-                    cells = [("recur memory", "Stream", "stream"), ("recur sqlite-sync", "Stream", "stream"),
-                             ("recur memory", "StreamBatch", "batch"), ("recur sqlite-sync", "StreamBatch", "batch")]
+                    cells = [("recur memory", "packed", "packed"), ("recur sqlite-sync", "packed", "packed"),
+                             ("recur memory", "Stream", "stream"), ("recur sqlite-sync", "Stream", "stream"),
+                             ("recur memory", "StreamBatch", "batch")]
                     if s == 1:
                         cells.append(("recur memory", "Step", "step"))
-                    if naive:
-                        cells.append(("naive", "unary, torch", "step"))
+                    if naive and s <= 64:
+                        cells += [("naive ort", "naive", "step"), ("naive torch", "naive", "step")]
                     for name, label, api in cells:
-                        results.append(over_grpc(servers[name], f"{name} ({label})", seqs, c, api, budget))
-                    for r in results[-(2 + len(cells)) :]:
-                        print(f"S={s:<4} C={c:<3} {r.mode:28} {r.rate:>10,.0f} tok/s  p50 {r.p(50):7.3f} ms  "
-                              f"p99 {r.p(99):7.3f} ms", flush=True)
+                        if only is None or label in only:
+                            shown = "unary" if label == "naive" else label
+                            results.append(over_grpc(servers[name], f"{name} ({shown})", seqs, c, api, budget))
+                    for r in results[first:]:
+                        extra = ""
+                        if r.server_cpu:
+                            extra = (f"  server CPU {r.per_chunk_us(r.server_cpu):6.1f} us/chunk"
+                                     f"  ORT {r.per_chunk_us(r.ort_seconds):6.1f} us/chunk")
+                        print(f"S={s:<4} C={c:<3} {r.mode:30} {r.rate:>10,.0f} tok/s  p50 {r.p(50):7.3f} ms  "
+                              f"p99 {r.p(99):7.3f} ms{extra}", flush=True)
         finally:
             for p in servers.values():
                 p.stop()
@@ -252,14 +340,30 @@ def machine() -> str:
             f"ONNX Runtime {ort.__version__}, grpcio {grpc.__version__}")
 
 
+def limits(results: list[Result]) -> dict[tuple[int, int], Result]:
+    """The limit of each (S, C): the best in-process batched run over the thread settings tried."""
+    best: dict[tuple[int, int], Result] = {}
+    for r in results:
+        key = (r.sessions, r.chunk)
+        if r.mode.startswith("limit") and (key not in best or r.rate > best[key].rate):
+            best[key] = r
+    return best
+
+
 def table(results: list[Result]) -> str:
-    limits = {(r.sessions, r.chunk): r.rate for r in results if r.mode == "limit"}
-    rows = ["| S | C | mode | tokens/s | p50 chunk ms | p99 chunk ms | server peak RSS MB | ratio to limit |",
-            "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    best = limits(results)
+    rows = ["| S | C | mode | tokens/s | p50 chunk ms | p99 chunk ms | server CPU µs/chunk | ORT µs/chunk | "
+            "ORT share of server CPU | server peak RSS MB | ratio to limit |",
+            "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         rss = f"{r.rss_mb:.0f}" if r.rss_mb else "-"
-        rows.append(f"| {r.sessions} | {r.chunk} | {r.mode} | {r.rate:,.0f} | {r.p(50):.3f} | {r.p(99):.3f} | {rss} | "
-                    f"{r.rate / limits[(r.sessions, r.chunk)]:.2f} |")
+        cpu = f"{r.per_chunk_us(r.server_cpu):.1f}" if r.server_cpu else "-"
+        ort_us = f"{r.per_chunk_us(r.ort_seconds):.1f}" if r.ort_seconds else "-"
+        share = f"{r.ort_seconds / r.server_cpu:.2f}" if r.ort_seconds and r.server_cpu else "-"
+        limit = best[(r.sessions, r.chunk)]
+        mode = f"**{r.mode}**" if r is limit else r.mode
+        rows.append(f"| {r.sessions} | {r.chunk} | {mode} | {r.rate:,.0f} | {r.p(50):.3f} | {r.p(99):.3f} | {cpu} | "
+                    f"{ort_us} | {share} | {rss} | {r.rate / limit.rate:.2f} |")
     return "\n".join(rows)
 
 
@@ -295,22 +399,35 @@ def main() -> None:
     p.add_argument("--budget", type=float, default=30.0, help="seconds per gRPC cell before it stops early")
     p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
+    p.add_argument("--sessions", help="comma-separated S values (a spot check; BENCHMARKS.md is not written)")
+    p.add_argument("--chunks", help="comma-separated C values (a spot check)")
+    p.add_argument("--only", help="comma-separated rows: packed, Stream, StreamBatch, Step, naive (a spot check)")
     args = p.parse_args()
     if args.quick:
         sessions, chunks, length, budget = [1, 4], [1, 4], 32, 10.0
     else:
         sessions, chunks, length, budget = [1, 16, 64, 256], [1, 16], args.length, args.budget
+    spot = bool(args.sessions or args.chunks or args.only)
+    if args.sessions:
+        sessions = [int(v) for v in args.sessions.split(",")]
+    if args.chunks:
+        chunks = [int(v) for v in args.chunks.split(",")]
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    results = run_suite(sessions, chunks, length, budget, naive=True)
+    only = set(args.only.split(",")) if args.only else None
+    results = run_suite(sessions, chunks, length, budget, naive=True, only=only)
     if args.json:
         args.json.write_text(json.dumps([{**r.__dict__, "rate": r.rate, "p50": r.p(50), "p99": r.p(99),
                                           "latencies": None} for r in results], indent=1))
-    if args.quick:
+    if args.quick or spot:
         return
     plot(results, ROOT / "bench" / "throughput.png")
     section = (f"## Throughput and latency\n\nMeasured {started} on {machine()}.\n"
                f"Command: `make bench` (`python -m bench.run`). Each session streams {length} tokens; "
-               f"a gRPC cell stops early after {budget:.0f} s and counts what completed.\n\n"
+               f"a gRPC cell stops early after {budget:.0f} s and counts what completed. Every gRPC row asks "
+               "every chunk's full logits back, from request messages built before the clock starts. The limit "
+               "(bold) is the better of the in-process batched runs with 1 and with the default ONNX Runtime "
+               "threads; ratios are to it. Server CPU: the server process's user + system time per chunk over "
+               "the window (/proc); ORT: its ONNX Runtime calls' time per chunk (/metrics).\n\n"
                + table(results) + "\n\n![throughput](bench/throughput.png)\n")
     write_section(args.out, "## Throughput and latency", section)
 

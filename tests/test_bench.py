@@ -16,10 +16,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
                    timeout=180, capture_output=True)
     results = json.loads(out.read_text())
     modes = {r["mode"] for r in results}
-    assert {"limit", "per-call", "recur memory (Stream)", "recur sqlite-sync (StreamBatch)",
-            "naive (unary, torch)"} <= modes
+    assert {"limit (1 thread)", "limit (default threads)", "per-call", "recur memory (Stream)",
+            "recur memory (StreamBatch)", "recur memory (packed)", "recur sqlite-sync (packed)",
+            "naive ort (unary)", "naive torch (unary)"} <= modes
     grpc_cells = [r for r in results if r["mode"].startswith("recur")]
     assert all(r["tokens"] == r["sessions"] * 32 and r["checked"] >= 1 for r in grpc_cells)
+    assert all(r["server_cpu"] > 0 and r["ort_seconds"] > 0 for r in grpc_cells)
 
 
 def test_soak_smoke() -> None:
