@@ -1,4 +1,5 @@
-"""The model repository: models/NAME/VERSION/{model.onnx, manifest.json}.
+"""The model repository: models/NAME/VERSION/{model.onnx, manifest.json} (and activations.onnx, the
+graph with per-step activations, for models exported with them).
 
 A model is loaded only when its manifest and its graph agree: sha256, input name,
 dtype and shape, state tensors, output. A mismatch is refused with a message that
@@ -18,7 +19,7 @@ from typing import cast
 import numpy as np
 
 from service.errors import InvalidInput, ModelInvalid, ModelNotFound, RecurError
-from service.runtime import ModelRuntime, RuntimeOptions
+from service.runtime import ActivationGraph, ModelRuntime, RuntimeOptions
 from service.schema import problem as schema_problem
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,19 @@ def graph_opset(blob: bytes) -> int | None:
     return None
 
 
+def graph_output_names(blob: bytes) -> list[str]:
+    """The output names of an ONNX ModelProto's graph (field 7; GraphProto.output is field 12, its name field 1),
+    read without onnx, which the serving image lacks."""
+    names = []
+    for number, graph in _fields(blob):
+        if number == 7 and isinstance(graph, bytes):
+            for gnum, info in _fields(graph):
+                if gnum == 12 and isinstance(info, bytes):
+                    name = dict(_fields(info)).get(1, b"")
+                    names.append(name.decode() if isinstance(name, bytes) else "")
+    return names
+
+
 class ModelUnloaded(RecurError):
     """A session's model version was unloaded (forced while sessions used it)."""
 
@@ -87,6 +101,16 @@ class StateSpec:
     output: str  # graph output carrying the new value
     layers: int
     hidden: int
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """One per-step activation a model can return: `state` (h or c) of `layer` at every step, (B, T, units)."""
+
+    output: str  # output of the activation graph
+    state: str  # h, c
+    layer: int
+    units: int
 
 
 @dataclass
@@ -107,6 +131,8 @@ class Model:
     metrics: dict[str, float]
     runtime: ModelRuntime
     sha256: str = ""  # of model.onnx, as the manifest says: a reload loads a version again when it changes
+    activations: list[ActivationSpec] = field(default_factory=list)  # empty: exported without them
+    activations_sha256: str = ""  # of the activation graph: a re-export may change only that
     _char_ids: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -223,10 +249,12 @@ def _load_model(directory: Path, options: RuntimeOptions) -> Model:
         raise ModelInvalid(f"{where}: model.onnx is not an ONNX model ({e.__class__.__name__})") from e
     if manifest.get("opset") != opset:
         raise ModelInvalid(f"{where}: the manifest says opset {manifest.get('opset')!r} but the graph imports {opset}")
+    graph = _activation_graph(directory, manifest)
     try:
         inp, head, states = manifest["input"], manifest["head"], manifest["state"]
         runtime = ModelRuntime(blob, options, input_name=inp["name"], output_name=head["output"],
-                               state_inputs=[s["name"] for s in states], state_outputs=[s["output"] for s in states])
+                               state_inputs=[s["name"] for s in states], state_outputs=[s["output"] for s in states],
+                               activations=graph)
     except KeyError as e:
         raise ModelInvalid(f"{where}: manifest lacks {e}") from e
     _check_io(where, "input", inp["name"], inp["dtype"], inp["shape"], runtime.graph_inputs)
@@ -242,6 +270,7 @@ def _load_model(directory: Path, options: RuntimeOptions) -> Model:
     extra = set(runtime.graph_inputs) - {inp["name"], *(s["name"] for s in states)}
     if extra:
         raise ModelInvalid(f"{where}: the graph has inputs {sorted(extra)} that the manifest does not describe")
+    acts = _activation_specs(where, manifest)
     vocab = manifest.get("vocabulary") or {}
     classes = int(head["shape"][2])
     if inp["kind"] == "tokens" and len(vocab.get("tokens", [])) != int(inp["vocab_size"]):
@@ -257,8 +286,80 @@ def _load_model(directory: Path, options: RuntimeOptions) -> Model:
         input_kind=inp["kind"],
         feature_dim=int(inp["shape"][2]) if inp["kind"] == "features" else 0,
         vocab=list(vocab.get("tokens", [])), unk_id=vocab.get("unk_id"), labels=list(labels), classes=classes,
-        states=specs, metrics=metrics, runtime=runtime, sha256=digest,
+        states=specs, metrics=metrics, runtime=runtime, sha256=digest, activations=acts,
+        activations_sha256=graph.sha256 if graph is not None else "",
     )
+
+
+def _activation_specs(where: str, manifest: dict) -> list[ActivationSpec]:
+    """The manifest's activations, checked against the model's layers and states (the schema checked the types)."""
+    section = manifest.get("activations")
+    if section is None:
+        return []
+    states = {s["name"].removeprefix("state_") for s in manifest["state"]}
+    specs, seen = [], set()
+    for i, a in enumerate(section["outputs"]):
+        spec = ActivationSpec(a["output"], a["state"], int(a["layer"]), int(a["units"]))
+        if spec.layer >= int(manifest["layers"]):
+            raise ModelInvalid(f"{where}: manifest field activations.outputs[{i}].layer is {spec.layer} but the "
+                               f"model has {manifest['layers']} layers")
+        if spec.state not in states:
+            raise ModelInvalid(f"{where}: manifest field activations.outputs[{i}].state is {spec.state!r} but the "
+                               f"model's states are {sorted(states)}")
+        if spec.output in seen:
+            raise ModelInvalid(f"{where}: manifest field activations.outputs[{i}].output {spec.output!r} is named "
+                               "twice")
+        seen.add(spec.output)
+        specs.append(spec)
+    return specs
+
+
+def _activation_graph(directory: Path, manifest: dict) -> ActivationGraph | None:
+    """The activation graph the manifest names, checked as far as is cheap at load (file, sha256, opset, output
+    names); the runtime opens it on the first request for activations and then checks its shapes."""
+    section = manifest.get("activations")
+    if section is None:
+        return None
+    where, file = str(directory), section["file"]
+    if not file or "/" in file or "\\" in file or file.startswith(".") or file == "model.onnx":
+        raise ModelInvalid(f"{where}: manifest field activations.file must name a file beside model.onnx, "
+                           f"not {file!r}")
+    try:
+        blob = (directory / file).read_bytes()
+    except FileNotFoundError as e:
+        raise ModelInvalid(f"{where}: {file} is missing (the manifest's activations name it)") from e
+    except OSError as e:
+        raise ModelInvalid(f"{where}: cannot read {file} ({e.__class__.__name__})") from e
+    digest = hashlib.sha256(blob).hexdigest()
+    if section["sha256"] != digest:
+        raise ModelInvalid(f"{where}: {file} has sha256 {digest} but the manifest says {section['sha256']}")
+    try:
+        opset, names = graph_opset(blob), set(graph_output_names(blob))
+    except (IndexError, ValueError) as e:
+        raise ModelInvalid(f"{where}: {file} is not an ONNX model ({e.__class__.__name__})") from e
+    if manifest.get("opset") != opset:
+        raise ModelInvalid(f"{where}: the manifest says opset {manifest.get('opset')!r} but {file} imports {opset}")
+    outputs = tuple(a["output"] for a in section["outputs"])
+    missing = [o for o in outputs if o not in names]
+    if missing:
+        raise ModelInvalid(f"{where}: manifest names activation outputs {missing} that {file} lacks")
+    inp, head, states = manifest["input"], manifest["head"], manifest["state"]
+    units = {a["output"]: a["units"] for a in section["outputs"]}
+
+    def check(inputs: dict, graph_outputs: dict) -> None:  # the same interface as model.onnx, plus activations
+        w = f"{where}/{file}"
+        _check_io(w, "input", inp["name"], inp["dtype"], inp["shape"], inputs)
+        _check_io(w, "output", head["output"], "float32", head["shape"], graph_outputs)
+        for s in states:
+            _check_io(w, "state", s["name"], s["dtype"], s["shape"], inputs)
+            _check_io(w, "state", s["output"], s["dtype"], s["shape"], graph_outputs)
+        for o in outputs:
+            _check_io(w, "activation", o, "float32", ["batch", "time", units[o]], graph_outputs)
+        extra = set(inputs) - {inp["name"], *(s["name"] for s in states)}
+        if extra:
+            raise ModelInvalid(f"{w}: the graph has inputs {sorted(extra)} that the manifest does not describe")
+
+    return ActivationGraph(directory / file, digest, outputs, check)
 
 
 @dataclass(frozen=True)
@@ -323,9 +424,12 @@ class ModelRepository:
         if loaded is None:
             return False
         try:
-            return read_manifest(directory).get("sha256") == loaded.sha256
+            manifest = read_manifest(directory)
         except ModelInvalid:
             return False
+        acts = manifest.get("activations")
+        acts_sha = acts.get("sha256", "") if isinstance(acts, dict) else ""
+        return manifest.get("sha256") == loaded.sha256 and acts_sha == loaded.activations_sha256
 
     def add(self, model: Model) -> Model | None:
         """Serve `model` (replacing the same version: new sessions and chunks use it); the one it replaced."""

@@ -84,6 +84,30 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         },
         "sha256": {"type": "string", "description": "of model.onnx, hex"},
         "exported_at": {"type": "string"},
+        "activations": {
+            "type": "object",
+            "description": "per-step activations, served from a second graph beside model.onnx (the same "
+                           "weights, with extra outputs); absent in models exported before them",
+            "required": ["file", "sha256", "outputs"],
+            "properties": {
+                "file": {"type": "string", "description": "the graph's file name in the version directory"},
+                "sha256": {"type": "string", "description": "of that file, hex"},
+                "outputs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["output", "state", "layer", "units"],
+                        "properties": {
+                            "output": {"type": "string", "description": "the graph output, float32 "
+                                                                        "[batch, time, units]"},
+                            "state": {"type": "string", "enum": ["h", "c"]},
+                            "layer": {"type": "integer", "minimum": 0},
+                            "units": {"type": "integer", "minimum": 1},
+                        },
+                    },
+                },
+            },
+        },
     },
 }
 
