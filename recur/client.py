@@ -195,15 +195,17 @@ class RecurClient:
     def step_packed(self, session_ids: Sequence[str], chunks: Sequence[Any] | None = None, *,
                     tokens: Any = None, lengths: Any = None, features: Any = None,
                     expected_offsets: Sequence[int] | None = None, return_logits: bool = False,
-                    final_only: bool = False, top_k: int = 0, request_id: str = "") -> PackedReply:
+                    final_only: bool = False, top_k: int = 0, request_id: str = "",
+                    **activations: Any) -> PackedReply:
         """Several sessions' chunks in one columnar message (StepPacked). Give either `chunks` (one
         array of token ids, or of float32 features [steps, dim], per session) or the columns:
         `tokens` (all chunks' ids concatenated) or `features` ([sum(lengths), dim]) with `lengths`.
-        `expected_offsets`: one per session (-1: not checked). Returns numpy arrays (PackedReply)."""
+        `expected_offsets`: one per session (-1: not checked). `return_activations=True` with
+        activation_layers/units/states as in StepRequest. Returns numpy arrays (PackedReply)."""
         return PackedReply.of(self.stub.StepPacked(
             packed_request(session_ids, chunks, tokens=tokens, lengths=lengths, features=features,
                            expected_offsets=expected_offsets, return_logits=return_logits, final_only=final_only,
-                           top_k=top_k, request_id=request_id),
+                           top_k=top_k, request_id=request_id, **activations),
             timeout=self.timeout, metadata=self.metadata()))
 
     def generate(self, session_id: str, **fields: Any) -> Iterator[pb.GenerateResponse]:
@@ -273,7 +275,7 @@ class RecurClient:
 def packed_request(session_ids: Sequence[str], chunks: Sequence[Any] | None = None, *, tokens: Any = None,
                    lengths: Any = None, features: Any = None, expected_offsets: Sequence[int] | None = None,
                    return_logits: bool = False, final_only: bool = False, top_k: int = 0,
-                   request_id: str = "") -> pb.PackedStepBatch:
+                   request_id: str = "", **activations: Any) -> pb.PackedStepBatch:
     """A PackedStepBatch from numpy arrays (see RecurClient.step_packed); build them ahead for speed."""
     import numpy as np
 
@@ -288,7 +290,8 @@ def packed_request(session_ids: Sequence[str], chunks: Sequence[Any] | None = No
     if lengths is None:
         raise ValueError("give lengths with tokens or features")
     req = pb.PackedStepBatch(session_ids=list(session_ids), lengths=np.asarray(lengths, np.int32).tolist(),
-                             return_logits=return_logits, final_only=final_only, top_k=top_k, request_id=request_id)
+                             return_logits=return_logits, final_only=final_only, top_k=top_k, request_id=request_id,
+                             **activations)
     if expected_offsets is not None:
         req.expected_offsets.extend(np.asarray(expected_offsets, np.int64).tolist())
     if tokens is not None:
@@ -317,6 +320,8 @@ class PackedReply:
         self.top_ids = np.frombuffer(reply.top_ids, "<i4").reshape(-1, k) if reply.top_ids else None
         self.top_probs = np.frombuffer(reply.top_probs, "<f4").reshape(-1, k) if reply.top_probs else None
         self.request_id = reply.request_id
+        # name (e.g. "h_l1") -> [rows, units]
+        self.activations = {t.name: np.frombuffer(t.data, "<f4").reshape(tuple(t.shape)) for t in reply.activations}
 
     @classmethod
     def of(cls, reply: pb.PackedStepBatchResponse) -> PackedReply:

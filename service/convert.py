@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from recur.v1 import recur_pb2 as pb
 from service.errors import InvalidInput
 from service.models import Model, Refusal
-from service.outputs import OutputOptions
+from service.outputs import MAX_SELECTION, ActivationRequest, OutputOptions
 from service.packed import PackedInput, PackedResult
 from service.store.base import SessionSummary
 from service.types import GeneratedToken, GenerateInput, NamedTensor, SessionView, StepInput, StepResult
@@ -84,7 +84,7 @@ def step_from_pb(r: pb.StepRequest, deadline: float | None = None) -> StepInput:
         session_id=r.session_id, tokens=r.tokens, text=r.text, features=r.features,
         expected_offset=r.expected_offset if r.HasField("expected_offset") else None,
         options=OutputOptions(top_k=r.top_k, return_logits=r.return_logits, final_only=r.final_only,
-                              return_state=r.return_state, compact=r.compact),
+                              return_state=r.return_state, compact=r.compact, activations=_activations_from_pb(r)),
         deadline=deadline,
     )
 
@@ -95,12 +95,23 @@ def step_to_pb(r: StepResult, request_id: str = "") -> pb.StepResponse:
         request_id=request_id, argmax=r.argmax,
         outputs=[pb.StepOutput(argmax=o.argmax, top_ids=o.top_ids, top_probs=o.top_probs, label=o.label, text=o.text)
                  for o in r.outputs],
-        state=[tensor_to_pb(t) for t in r.state or []],
+        state=[tensor_to_pb(t) for t in r.state or []], activations=[tensor_to_pb(t) for t in r.activations or []],
     )
     if r.logits is not None:
         out.logits = np.ascontiguousarray(r.logits, dtype="<f4").tobytes()
         out.logits_shape.extend(r.logits.shape)
     return out
+
+
+def _activations_from_pb(r: pb.StepRequest | pb.PackedStepBatch) -> ActivationRequest | None:
+    if not r.return_activations:
+        if r.activation_layers or r.activation_units or r.activation_states:
+            raise InvalidInput("activation_layers, activation_units and activation_states need return_activations")
+        return None
+    n = max(len(r.activation_layers), len(r.activation_units), len(r.activation_states))
+    if n > MAX_SELECTION:  # before copying them
+        raise InvalidInput(f"an activation selection names at most {MAX_SELECTION} layers, units or states")
+    return ActivationRequest(tuple(r.activation_layers), tuple(r.activation_units), tuple(r.activation_states))
 
 
 def step_error_to_pb(r: pb.StepRequest, code: int, message: str) -> pb.StepResponse:
@@ -111,7 +122,7 @@ def step_error_to_pb(r: pb.StepRequest, code: int, message: str) -> pb.StepRespo
 def packed_from_pb(r: pb.PackedStepBatch, deadline: float | None = None) -> PackedInput:
     return PackedInput(session_ids=r.session_ids, lengths=r.lengths, tokens=r.tokens, features=r.features,
                        expected_offsets=r.expected_offsets, return_logits=r.return_logits, final_only=r.final_only,
-                       top_k=r.top_k, deadline=deadline)
+                       top_k=r.top_k, deadline=deadline, activations=_activations_from_pb(r))
 
 
 def packed_to_pb(r: PackedResult, request_id: str, status: Callable[[Exception], tuple[int, str]]
@@ -125,6 +136,7 @@ def packed_to_pb(r: PackedResult, request_id: str, status: Callable[[Exception],
     if r.logits is not None:
         out.logits = np.ascontiguousarray(r.logits, dtype="<f4").tobytes()
         out.logits_shape.extend(r.logits.shape)
+    out.activations.extend(tensor_to_pb(t) for t in r.activations or [])
     if r.top_ids is not None and r.top_probs is not None:
         out.top_ids = np.ascontiguousarray(r.top_ids, dtype="<i4").tobytes()
         out.top_probs = np.ascontiguousarray(r.top_probs, dtype="<f4").tobytes()

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, LimitExceeded
+from service.errors import DeadlineExceeded, LimitExceeded, RecurError
 from service.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class _Job:
     outputs: list[np.ndarray] = field(default_factory=list)  # (t, C) per slice
     block: int = 0  # > 0: a block of that many equal-length chunks already batched (the packed path):
     # x (B, T[, D]), states (L, B, H), outputs (B, t, C); it runs as its own call
+    activations: list[list[np.ndarray]] | None = None  # a block asking for them: each slice's (B, t, H)
 
     @property
     def length(self) -> int:
@@ -94,11 +95,13 @@ class Engine:
         return self._queue(runtime, _Job(x, states, asyncio.get_running_loop().create_future(), deadline))
 
     def submit_block(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray],
-                     deadline: float | None = None) -> asyncio.Future:
+                     deadline: float | None = None, activations: bool = False) -> asyncio.Future:
         """Queue B equal-length chunks gathered already: x (B, T[, D]), states each (L, B, H); the
-        future gives (logits (B, T, C), new states each (L, B, H)). It counts as B chunks of the
-        queue bound and runs as its own call(s), a slice at a time like any chunk."""
-        job = _Job(x, states, asyncio.get_running_loop().create_future(), deadline, block=len(x))
+        future gives (logits (B, T, C), new states each (L, B, H)), and with `activations` a third
+        item, the model's per-step activations each (B, T, H) (its activation graph runs). It counts
+        as B chunks of the queue bound and runs as its own call(s), a slice at a time like any chunk."""
+        job = _Job(x, states, asyncio.get_running_loop().create_future(), deadline, block=len(x),
+                   activations=[] if activations else None)
         return self._queue(runtime, job)
 
     def _queue(self, runtime: ModelRuntime, job: _Job) -> asyncio.Future:
@@ -223,11 +226,17 @@ class Engine:
         loop = asyncio.get_running_loop()
         try:
             started = time.perf_counter()
-            logits, states = await loop.run_in_executor(self._pool, q.runtime.run, x, job.states)
+            if job.activations is None:
+                logits, states = await loop.run_in_executor(self._pool, q.runtime.run, x, job.states)
+            else:
+                logits, states, acts = await loop.run_in_executor(self._pool, q.runtime.run_activations, x,
+                                                                  job.states)
+                job.activations.append(acts)
             if self.on_call is not None:
                 self.on_call(job.block, time.perf_counter() - started)
         except Exception as e:
-            log.warning("a packed block of %d chunks failed in ONNX Runtime: %s", job.block, e.__class__.__name__)
+            if not isinstance(e, RecurError):
+                log.warning("a block of %d chunks failed in ONNX Runtime: %s", job.block, e.__class__.__name__)
             if not job.future.done():
                 job.future.set_exception(e)
             return
@@ -241,7 +250,12 @@ class Engine:
             q.jobs.append(job)
         elif not job.future.done():
             out = job.outputs[0] if len(job.outputs) == 1 else np.concatenate(job.outputs, axis=1)
-            job.future.set_result((out, job.states))
+            if job.activations is None:
+                job.future.set_result((out, job.states))
+            else:
+                parts = job.activations
+                acts = parts[0] if len(parts) == 1 else [np.concatenate(a, axis=1) for a in zip(*parts)]
+                job.future.set_result((out, job.states, acts))
 
 
 def _run_group(runtime: ModelRuntime, group: list[_Job], steps: int) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -6,7 +6,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.errors import InvalidInput
 from service.models import Model
+from service.runtime import ActivationsUnavailable
+
+
+@dataclass(frozen=True)
+class ActivationRequest:
+    """Which per-step activations to return: layers (empty: all; negative from the last), units
+    (empty: all), states ("h", "c"; empty: all of the model's)."""
+
+    layers: tuple[int, ...] = ()
+    units: tuple[int, ...] = ()
+    states: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -16,6 +28,7 @@ class OutputOptions:
     final_only: bool = False  # many-to-one: only the last step's output
     return_state: bool = False
     compact: bool = False  # argmax ids and text only, no per-step StepOutput
+    activations: ActivationRequest | None = None  # None: no activations (the graph without them runs)
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,47 @@ def step_outputs(model: Model, logits: np.ndarray, top_k: int) -> list[StepOutpu
     else:
         labels, texts = [model.labels[a] for a in argmax], [""] * len(argmax)
     return [StepOutput(a, i, p, lab, t) for a, i, p, lab, t in zip(argmax, top_ids, top_probs, labels, texts)]
+
+
+MAX_SELECTION = 4096  # layers, units or states named in one request
+
+
+def select_activations(model: Model, req: ActivationRequest) -> list[tuple[int, str, np.ndarray | None]]:
+    """The request resolved against the model: (index into model.activations, tensor name, unit
+    indices or None for all), in the model's order of states, then the requested order of layers.
+    Refused (never run) when the model has no activations or the selection does not fit it."""
+    if not model.activations:
+        raise ActivationsUnavailable(f"model {model.name} version {model.version} was exported without activation "
+                                     "outputs; export it again (recur export, or training.export.reexport on its "
+                                     "directory) to serve them")
+    if max(len(req.layers), len(req.units), len(req.states)) > MAX_SELECTION:
+        raise InvalidInput(f"an activation selection names at most {MAX_SELECTION} layers, units or states")
+    layers = max(a.layer for a in model.activations) + 1
+    have = list(dict.fromkeys(a.state for a in model.activations))
+    for s in req.states:
+        if s not in have:
+            raise InvalidInput(f"activation_states: model {model.name} has states {have}, not {s[:16]!r}")
+    picked_layers = []
+    for layer in req.layers or range(layers):
+        if not -layers <= layer < layers:
+            raise InvalidInput(f"activation_layers: model {model.name} has layers 0..{layers - 1} (or -1 for the "
+                               f"last), not {layer}")
+        picked_layers.append(layer % layers)
+    index = {(a.state, a.layer): i for i, a in enumerate(model.activations)}
+    out = []
+    for s in [s for s in have if s in (req.states or have)]:
+        for layer in picked_layers:
+            i = index[(s, layer)]
+            units = model.activations[i].units
+            picked: np.ndarray | None = None
+            if req.units:
+                picked = np.array(req.units, dtype=np.int64)
+                bad = picked[(picked < 0) | (picked >= units)]
+                if len(bad):
+                    raise InvalidInput(f"activation_units: layer {layer} of {s} has units 0..{units - 1}, not "
+                                       f"{int(bad[0])}")
+            out.append((i, f"{s}_l{layer}", picked))
+    return out
 
 
 def sample(logits: np.ndarray, rng: np.random.Generator, *, temperature: float, top_k: int, top_p: float) -> int:

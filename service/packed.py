@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import InvalidInput, LimitExceeded
-from service.outputs import softmax
+from service.outputs import ActivationRequest, softmax
+from service.types import NamedTensor
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class PackedInput:
     final_only: bool = False
     top_k: int = 0
     deadline: float | None = None
+    activations: ActivationRequest | None = None
 
 
 @dataclass
@@ -40,6 +42,7 @@ class PackedResult:
     logits: np.ndarray | None = None  # (rows, C) when asked
     top_ids: np.ndarray | None = None  # (rows, k)
     top_probs: np.ndarray | None = None
+    activations: list[NamedTensor] | None = None  # each (rows, units) when asked
 
 
 @dataclass

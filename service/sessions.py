@@ -25,7 +25,7 @@ from service.engine import Engine
 from service.errors import InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, RecurError, StoreConflict
 from service.locks import CallGate, SessionLocks
 from service.models import Model, ModelRepository, StateSpec
-from service.outputs import OutputOptions, sample, step_outputs
+from service.outputs import OutputOptions, sample, select_activations, step_outputs
 from service.packed import PackedInput, PackedResult
 from service.store import SessionRecord, Store
 from service.store.base import NO_EVENTS, Events, SessionSummary
@@ -58,6 +58,8 @@ class _PackedOutputs:
         self.rows = lay.n if final_only else lay.total
         self.classes = 0
         self.logits: np.ndarray | None = None
+        self.picks: list[tuple[str, int]] | None = None  # the activation tensors' (name, width) of the batch
+        self.acts: list[np.ndarray] = []
 
     def accepts(self, model: Model) -> bool:
         if not self.classes:
@@ -76,6 +78,31 @@ class _PackedOutputs:
                 return
             self.logits = np.zeros((self.rows, self.classes), np.float32)
         self.logits[rows] = part
+
+    def accepts_activations(self, model: Model, picks: list[tuple[int, str, np.ndarray | None]]) -> bool:
+        shape = [(name, model.activations[i].units if units is None else len(units)) for i, name, units in picks]
+        if self.picks is None:
+            self.picks = shape
+            self.acts = [np.zeros((self.rows, width), np.float32) for _, width in shape]
+        return shape == self.picks
+
+    def place_activations(self, chunks: np.ndarray, picks: list[tuple[int, str, np.ndarray | None]],
+                          acts: list[np.ndarray]) -> None:
+        """Chunks' activations (each (B, T, H), the model's order) into their rows, as selected."""
+        steps = acts[0].shape[1]
+        rows = chunks if self.final_only else packed.rows_of(self.lay, chunks, steps).ravel()
+        for out, (i, _, units) in zip(self.acts, picks):
+            a = acts[i][:, -1] if self.final_only else acts[i].reshape(-1, acts[i].shape[-1])
+            out[rows] = a if units is None else a[:, units]
+
+    def named_activations(self, errors: dict[int, Exception]) -> list[NamedTensor]:
+        if self.picks is None:
+            return []
+        for i in errors:
+            rows = [i] if self.final_only else slice(self.lay.starts[i], self.lay.starts[i] + self.lay.lengths[i])
+            for a in self.acts:
+                a[rows] = 0
+        return [NamedTensor(name, a) for (name, _), a in zip(self.picks, self.acts)]
 
     def finish(self, errors: dict[int, Exception], keep_logits: bool) -> tuple[np.ndarray, np.ndarray]:
         """argmax (rows,) int32 and the logits, refused chunks' rows cleared (argmax -1, zeros)."""
@@ -311,18 +338,28 @@ class SessionService:
         return x, hashlib.sha256(x.tobytes()).digest()
 
     async def _advance(self, model: Model, rec: SessionRecord, x: np.ndarray, digest: bytes,
-                       deadline: float | None = None) -> tuple[SessionRecord, np.ndarray]:
+                       deadline: float | None = None, activations: bool = False
+                       ) -> tuple[SessionRecord, np.ndarray, list[np.ndarray] | None]:
         """Run one chunk from the record's state and store the result (compare-and-set); the new
-        record and the chunk's logits (T, C)."""
-        logits, new_states = await self.engine.run(model.runtime, x[0], rec.state, deadline)  # batched
-        new = _advanced(rec, x.shape[1], digest, logits, new_states, self.store.clock(),
-                        self.settings.max_replay_bytes)
+        record, the chunk's logits (T, C), and with `activations` the model's per-step activations
+        (each (T, H)). A chunk run for its activations keeps the state before it, so that a replay
+        can recompute them."""
+        acts = None
+        max_replay = self.settings.max_replay_bytes
+        if activations:
+            logits3, states3, acts3 = await self.engine.submit_block(model.runtime, x, [s[:, None] for s in rec.state],
+                                                                     deadline, activations=True)
+            logits, new_states = logits3[0], [np.ascontiguousarray(s[:, 0]) for s in states3]
+            acts, max_replay = [a[0] for a in acts3], -1
+        else:
+            logits, new_states = await self.engine.run(model.runtime, x[0], rec.state, deadline)  # batched
+        new = _advanced(rec, x.shape[1], digest, logits, new_states, self.store.clock(), max_replay)
         try:
             await self.store.put(new, prev_offset=rec.offset)  # settles even if this call is cancelled
         except StoreConflict as e:
             self.events.conflict(model.name, model.version, rec.tenant)
             raise self._conflict(e, rec.session_id) from e
-        return new, logits
+        return new, logits, acts
 
     @staticmethod
     def _conflict(e: StoreConflict, session_id: str) -> OffsetMismatch:
@@ -330,7 +367,13 @@ class SessionService:
                               e.actual if e.actual is not None else -1)
 
     def _result(self, model: Model, rec: SessionRecord, logits: np.ndarray, options: OutputOptions,
-                replayed: bool) -> StepResult:
+                replayed: bool, acts: list[np.ndarray] | None = None) -> StepResult:
+        activations = None
+        if options.activations is not None and acts is not None:
+            activations = []
+            for i, name, units in select_activations(model, options.activations):
+                a = acts[i][-1:] if options.final_only else acts[i]
+                activations.append(NamedTensor(name, a if units is None else a[:, units]))
         if options.final_only:
             logits = logits[-1:]
         argmax = logits.argmax(axis=-1).tolist()
@@ -338,7 +381,7 @@ class SessionService:
         text = "".join(model.decode_token(a) for a in argmax) if model.head == "lm" else ""
         state = [NamedTensor(s.name, v) for s, v in zip(model.states, rec.state)] if options.return_state else None
         return StepResult(rec.session_id, rec.last_start, rec.offset, replayed, argmax, outputs, text,
-                          logits if options.return_logits else None, state)
+                          logits if options.return_logits else None, state, activations)
 
     async def _prepare(self, tenant: str, inp: StepInput, rec: SessionRecord | None = None
                        ) -> tuple[Model, SessionRecord, np.ndarray, bytes] | StepResult:
@@ -348,10 +391,15 @@ class SessionService:
         if rec is None:
             rec = await self.store.get(tenant, _checked(inp.session_id))
         model = self.models.get(rec.model, rec.version)
+        if inp.options.activations is not None:
+            select_activations(model, inp.options.activations)  # refused before anything runs
         x, digest = self._chunk(model, inp, self._max_chunk(tenant))
         if inp.expected_offset is not None and inp.expected_offset != rec.offset:
             if inp.expected_offset == rec.last_start and digest == rec.last_digest:
                 self.events.replayed(model.name, model.version, tenant)
+                if inp.options.activations is not None:
+                    logits, acts = await self._replayed_activations(model, rec, x, inp.deadline)
+                    return self._result(model, rec, logits, inp.options, replayed=True, acts=acts)
                 return self._result(model, rec, await self._replayed_logits(model, rec, x, inp.deadline),
                                     inp.options, replayed=True)
             self.events.conflict(model.name, model.version, tenant)
@@ -369,14 +417,25 @@ class SessionService:
         logits, _ = await self.engine.run(model.runtime, x[0], rec.last_prev_state, deadline)
         return logits
 
+    async def _replayed_activations(self, model: Model, rec: SessionRecord, x: np.ndarray, deadline: float | None
+                                    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """A replay's logits and activations, recomputed from the state before the chunk."""
+        if rec.last_prev_state is None:
+            raise NoOutputYet(f"session {rec.session_id}'s last chunk was applied without return_activations, so "
+                              "its activations were not kept; its retry cannot return them")
+        logits3, _, acts3 = await self.engine.submit_block(model.runtime, x, [s[:, None] for s in rec.last_prev_state],
+                                                           deadline, activations=True)
+        return logits3[0], [a[0] for a in acts3]
+
     async def step(self, tenant: str, inp: StepInput) -> StepResult:
         async with self._calls, self._locks.hold((tenant, inp.session_id)):
             prepared = await self._prepare(tenant, inp)
             if isinstance(prepared, StepResult):
                 return prepared
             model, rec, x, digest = prepared
-            rec, logits = await self._advance(model, rec, x, digest, inp.deadline)
-            return self._result(model, rec, logits, inp.options, replayed=False)
+            rec, logits, acts = await self._advance(model, rec, x, digest, inp.deadline,
+                                                    inp.options.activations is not None)
+            return self._result(model, rec, logits, inp.options, replayed=False, acts=acts)
 
     async def step_batch(self, tenant: str, inputs: list[StepInput]) -> list[StepResult | Exception]:
         """Many sessions' chunks as one unit: each session locked once (all its locks' queues joined at
@@ -393,7 +452,8 @@ class SessionService:
             except InvalidInput as e:
                 out[i] = e
                 continue
-            (later if inp.session_id in seen else first).append(i)
+            # a chunk asking for activations runs on its own afterwards (the activation graph)
+            (later if inp.session_id in seen or inp.options.activations is not None else first).append(i)
             seen.add(inp.session_id)
         async with self._calls, self._locks.hold_many([(tenant, inputs[i].session_id) for i in first]):
             await self._step_many(tenant, inputs, first, out)
@@ -480,6 +540,8 @@ class SessionService:
                 if chunks:
                     async with self._locks.hold_many([(tenant, p.session_ids[i]) for i in chunks]):
                         await self._packed_round(tenant, p, lay, chunks, res, out)
+        if p.activations is not None:
+            res.activations = out.named_activations(errors)
         res.argmax, res.logits = out.finish(errors, p.return_logits)
         if p.top_k and res.logits is not None and out.classes:
             res.top_ids, res.top_probs = packed.top_k(res.logits, p.top_k)
@@ -495,6 +557,7 @@ class SessionService:
         bad_tokens: dict[int, dict[int, tuple[int, int]]] = {}
         features: dict[int, np.ndarray | Exception] = {}
         runs: dict[tuple[int, int], list[tuple[int, Model, SessionRecord, bytes]]] = {}
+        picks: dict[int, list[tuple[int, str, np.ndarray | None]] | Exception] = {}
         for i, rec in zip(chunks, records):
             if isinstance(rec, Exception):
                 errors[i] = rec
@@ -542,13 +605,34 @@ class SessionService:
                 errors[i] = InvalidInput(f"a packed batch has one output width: model {model.name} has "
                                          f"{model.classes} outputs, the batch's first model {out.classes}")
                 continue
+            if p.activations is not None:
+                chosen = picks.get(id(model))
+                if chosen is None:
+                    try:
+                        chosen = select_activations(model, p.activations)
+                    except RecurError as e:
+                        chosen = e
+                    picks[id(model)] = chosen
+                if isinstance(chosen, Exception):
+                    errors[i] = chosen
+                    continue
+                if not out.accepts_activations(model, chosen):
+                    errors[i] = InvalidInput(f"a packed batch has one activation layout: model {model.name}'s "
+                                             "selected activations differ from the batch's first model's")
+                    continue
             digest = hashlib.sha256(data.tobytes()).digest()
             expected = -1 if lay.expected is None else int(lay.expected[i])
             if expected >= 0 and expected != rec.offset:
                 if expected == rec.last_start and digest == rec.last_digest:
                     self.events.replayed(model.name, model.version, tenant)
                     try:
-                        logits = await self._replayed_logits(model, rec, data[None], p.deadline)
+                        if p.activations is not None:
+                            logits, acts = await self._replayed_activations(model, rec, data[None], p.deadline)
+                            chosen = picks[id(model)]
+                            assert not isinstance(chosen, Exception)
+                            out.place_activations(np.array([i]), chosen, [a[None] for a in acts])
+                        else:
+                            logits = await self._replayed_logits(model, rec, data[None], p.deadline)
                     except Exception as e:
                         errors[i] = e
                         continue
@@ -577,19 +661,25 @@ class SessionService:
                 x = rows[packed.rows_of(lay, idx, steps)]
             states = [np.stack([rec.state[k] for _, _, rec, _ in items], axis=1) for k in range(len(model.states))]
             try:
-                submitted.append((items, idx, steps, self.engine.submit_block(model.runtime, x, states, p.deadline)))
+                submitted.append((items, idx, steps, self.engine.submit_block(model.runtime, x, states, p.deadline,
+                                                                              p.activations is not None)))
             except LimitExceeded as e:
                 for i, *_ in items:
                     errors[i] = e
         ran = await asyncio.gather(*(f for *_, f in submitted), return_exceptions=True)
         writes, done = [], []
-        t, max_replay = self.store.clock(), self.settings.max_replay_bytes
+        t = self.store.clock()
+        max_replay = self.settings.max_replay_bytes if p.activations is None else -1  # replays recompute them
         for (items, idx, steps, _), result in zip(submitted, ran):
             if isinstance(result, BaseException):
                 for i, *_ in items:
                     errors[i] = result if isinstance(result, Exception) else RuntimeError("cancelled")
                 continue
-            logits, new_states = result
+            logits, new_states = result[0], result[1]
+            if p.activations is not None:
+                chosen = picks[id(items[0][1])]
+                assert not isinstance(chosen, Exception)
+                out.place_activations(idx, chosen, result[2])
             for j, (i, model, rec, digest) in enumerate(items):
                 own = logits[j]
                 own = own.copy() if own.nbytes <= max_replay else own  # a view would pin the whole batch
@@ -642,7 +732,7 @@ class SessionService:
             if g.prompt or g.prompt_tokens:
                 x, digest = self._chunk(model, StepInput(g.session_id, tokens=g.prompt_tokens, text=g.prompt),
                                         self._max_chunk(tenant))
-                rec, _ = await self._advance(model, rec, x, digest)
+                rec, _, _ = await self._advance(model, rec, x, digest)
             if rec.last_logits is None:  # the last chunk's final step is always kept
                 raise NoOutputYet(f"session {g.session_id} has consumed no token yet: give a prompt")
             rng = np.random.default_rng(g.seed)
@@ -650,7 +740,7 @@ class SessionService:
             for i in range(g.max_tokens):
                 token = sample(rec.last_logits[-1], rng, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
                 x = np.array([[token]], dtype=np.int64)
-                rec, _ = await self._advance(model, rec, x, hashlib.sha256(x.tobytes()).digest())
+                rec, _, _ = await self._advance(model, rec, x, hashlib.sha256(x.tobytes()).digest())
                 piece = model.decode_token(token)
                 made += piece
                 stopped = any(made.endswith(s) for s in g.stop if s)

@@ -51,6 +51,7 @@ class StepResult:
     text: str
     logits: np.ndarray | None  # (steps, classes) when asked
     state: list[NamedTensor] | None
+    activations: list[NamedTensor] | None = None  # each (steps, units) when asked
 
 
 @dataclass(frozen=True)
