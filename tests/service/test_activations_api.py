@@ -4,6 +4,7 @@ a model exported without them and for selections that do not fit."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -65,7 +66,7 @@ def test_last_layer_h_equals_pytorch_across_chunks_and_a_restart(tiny_models: Pa
         c = server.client()
         sid = c.create(name).session_id
         cuts = [0, 7, 8, 30, 45, 60]
-        for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        for k, (a, b) in enumerate(itertools.pairwise(cuts)):
             if k == 3:  # a restart in the middle: the state comes from the store
                 c.close()
                 server.kill()
