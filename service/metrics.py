@@ -28,7 +28,8 @@ _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 # The RPCs whose chunks are counted (recur_chunks_total, recur_tokens_total, recur_step_duration_seconds).
-STEP_RPCS = ("Step", "Stream", "StreamBatch", "Generate", "ModelInfer", "ModelStreamInfer")
+STEP_RPCS = ("Step", "Stream", "StreamBatch", "StepPacked", "StreamPacked", "Generate", "ModelInfer",
+             "ModelStreamInfer")
 
 
 class RpcMetrics:
@@ -44,6 +45,13 @@ class RpcMetrics:
     def stepped(self, steps: int, started: float) -> None:
         """One chunk answered (`steps` newly applied: 0 for a replay), begun at perf_counter `started`."""
         self.chunks.inc()
+        if steps:
+            self.tokens.inc(steps)
+        self.latency.observe(time.perf_counter() - started)
+
+    def stepped_many(self, chunks: int, steps: int, started: float) -> None:
+        """A packed message's chunks answered: counted per chunk, its time observed once (one per message)."""
+        self.chunks.inc(chunks)
         if steps:
             self.tokens.inc(steps)
         self.latency.observe(time.perf_counter() - started)

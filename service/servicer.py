@@ -246,10 +246,12 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         is refused (its columns do not fit, the server is draining)."""
         started = time.perf_counter()
         result = await self.core.step_packed(tenant, convert.packed_from_pb(request, deadline))
-        counted = self.metrics.rpc(rpc, tenant)
-        for i in range(len(request.session_ids)):
-            if i not in result.errors and i not in result.replayed:
-                counted.stepped(int(result.offsets[i] - result.start_offsets[i]), started)
+        answered = len(request.session_ids) - len(result.errors)
+        if answered:
+            applied = result.start_offsets >= 0  # answered; replays apply nothing
+            applied[list(result.replayed)] = False
+            steps = int((result.offsets - result.start_offsets)[applied].sum())
+            self.metrics.rpc(rpc, tenant).stepped_many(answered, steps, started)
         for e in result.errors.values():
             self.metrics.error(rpc, status_of(e)[0].name)
         return convert.packed_to_pb(result, request.request_id, _code)

@@ -11,7 +11,14 @@ from __future__ import annotations
 import heapq
 import time
 
-from service.errors import AlreadyExists, LimitExceeded, SessionExpired, SessionNotFound, StoreConflict
+from service.errors import (
+    AlreadyExists,
+    LimitExceeded,
+    RecurError,
+    SessionExpired,
+    SessionNotFound,
+    StoreConflict,
+)
 from service.store.base import (
     DEFAULT_CAPACITY,
     DEFAULT_MEMORY_BYTES,
@@ -61,13 +68,17 @@ class MemoryStore(Store):
         old = self._records.get(key)
         if old is None:
             self._tenants[key[0]] = self._tenants.get(key[0], 0) + 1
+            # one heap entry per record, pushed on create: a renewal only moves the expiry later, and
+            # _expire_due pushes a renewed record's entry again when the old time comes (no push per write)
+            heapq.heappush(self._expiry, (rec.expires_at, key[0], key[1]))
         else:
             self._bytes -= old.nbytes
-            self._uncount((old.model, old.version))
-        self._models[(rec.model, rec.version)] = self._models.get((rec.model, rec.version), 0) + 1
+        if old is None or old.model != rec.model or old.version != rec.version:
+            if old is not None:
+                self._uncount((old.model, old.version))
+            self._models[(rec.model, rec.version)] = self._models.get((rec.model, rec.version), 0) + 1
         self._records[key] = rec
         self._bytes += rec.nbytes
-        heapq.heappush(self._expiry, (rec.expires_at, key[0], key[1]))
         if len(self._expiry) > 2 * len(self._records) + 1024:  # drop the stale entries
             self._expiry = [(r.expires_at, k[0], k[1]) for k, r in self._records.items()]
             heapq.heapify(self._expiry)
@@ -100,9 +111,13 @@ class MemoryStore(Store):
         while self._expiry and self._expiry[0][0] <= t:
             _, tenant, sid = heapq.heappop(self._expiry)
             rec = self._records.get((tenant, sid))
-            if rec is not None and rec.expires_at <= t:
+            if rec is None:
+                continue
+            if rec.expires_at <= t:
                 self._expire((tenant, sid), rec)
                 n += 1
+            else:  # renewed since it was pushed
+                heapq.heappush(self._expiry, (rec.expires_at, tenant, sid))
         return n
 
     def _live(self, key: Key) -> SessionRecord:
@@ -139,7 +154,29 @@ class MemoryStore(Store):
         self._tombstones.pop(key, None)
         self._add(key, record)
 
+    async def get_many(self, tenant: str, session_ids: list[str]) -> list[SessionRecord | Exception]:
+        out: list[SessionRecord | Exception] = []
+        for session_id in session_ids:  # no await per record: the packed path's batches
+            try:
+                out.append(self._live((tenant, session_id)))
+            except RecurError as e:
+                out.append(e)
+        return out
+
     async def put(self, record: SessionRecord, prev_offset: int) -> None:
+        self._put(record, prev_offset)
+
+    async def put_many(self, writes: list[tuple[SessionRecord, int]]) -> list[Exception | None]:
+        out: list[Exception | None] = []
+        for record, prev_offset in writes:
+            try:
+                self._put(record, prev_offset)
+                out.append(None)
+            except RecurError as e:
+                out.append(e)
+        return out
+
+    def _put(self, record: SessionRecord, prev_offset: int) -> None:
         key = (record.tenant, record.session_id)
         current = self._live(key)
         if current.offset != prev_offset:

@@ -9,7 +9,7 @@ PyTorch's (train steps only); serving speed is the exported ONNX graph in an in-
 session, the way `recur serve` runs it.
 
 Outputs in --out: compare.png (validation bpc against step), compare.md (the table), compare.json
-(the table and curves), and runs/CELL and models/CELL/1 (the runs and exported models).
+(the table and curves), and runs/CELL and runs/models/CELL/1 (the runs and the exported models).
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
     for cell in cells:
         t0 = time.perf_counter()
         r = _train(cell, hidden[cell], args, out)
-        model_dir = export(out / "runs" / cell / "final.pt", name=cell, version=1, models_dir=out / "models",
+        model_dir = export(out / "runs" / cell / "final.pt", name=cell, version=1, models_dir=out / "runs" / "models",
                            command="recur report compare")
         r.serve_tokens_per_s = serving_throughput(model_dir, val_ids, seconds=args.serve_seconds)
         print(f"{cell}: final val bpc {r.final_val_bpc:.3f}, train {r.train_tokens_per_s:,.0f} tok/s, serve "

@@ -298,15 +298,17 @@ def clipping_summary(without: dict, with_clip: dict) -> dict:
         loss = [v for v in r["loss"] if math.isfinite(v)]
         tail = loss[-max(1, len(loss) // 10) :]
         median = float(np.median(n)) if len(n) else math.nan
+        final = float(np.mean(tail)) if tail else math.nan
+        start = loss[0] if loss else math.nan
         return {"max_grad_norm": float(n.max()) if len(n) else math.nan, "median_grad_norm": median,
-                "spikes": int((n > 10 * median).sum()) if len(n) else 0, "final_loss": float(np.mean(tail)),
-                "diverged": r["diverged"], "steps_run": r["steps_run"]}
+                "spikes": int((n > 10 * median).sum()) if len(n) else 0, "first_loss": start, "final_loss": final,
+                "diverged": r["diverged"], "blew_up": bool(r["diverged"] or not final < start),
+                "steps_run": r["steps_run"]}
 
     a, b = stats(without), stats(with_clip)
-    tamed = (a["diverged"] and not b["diverged"]) or (
-        not b["diverged"] and b["final_loss"] < a["final_loss"] - 0.05 and b["spikes"] <= a["spikes"])
-    hurt = not b["diverged"] and not a["diverged"] and b["final_loss"] > a["final_loss"] + 0.05
-    return {"without_clip": a, "with_clip": b, "clipping_tamed_spikes": bool(tamed), "clipping_hurt": bool(hurt)}
+    tamed = not b["blew_up"] and (a["blew_up"] or b["final_loss"] < a["final_loss"] - 0.05)
+    hurt = not a["blew_up"] and (b["blew_up"] or b["final_loss"] > a["final_loss"] + 0.05)
+    return {"without_clip": a, "with_clip": b, "clipping_tamed_explosion": bool(tamed), "clipping_hurt": bool(hurt)}
 
 
 def plot_gradients(curves: dict, path: Path, *, title: str) -> None:
@@ -417,15 +419,15 @@ def run(args: argparse.Namespace) -> int:
         report["clipping"] = {"optimizer": args.clip_optimizer, "lr": args.clip_lr, "without_clip": without,
                               "with_clip": with_clip, "summary": clip_summary}
         a, b = clip_summary["without_clip"], clip_summary["with_clip"]
-        lines.append(
-            f"clipping (vanilla RNN, {args.clip_optimizer} lr {args.clip_lr:g}, {args.clip_steps} steps): without: max "
-            f"|grad| {a['max_grad_norm']:.3g}, {a['spikes']} spikes (>10x median), final loss {a['final_loss']:.3f}"
-            + (", diverged" if a["diverged"] else "") + f"; with clip {args.clip:g}: max |grad| "
-            f"{b['max_grad_norm']:.3g}, {b['spikes']} spikes, final loss {b['final_loss']:.3f}"
-            + (", diverged" if b["diverged"] else "") + " -> "
-            + ("clipping tamed them" if clip_summary["clipping_tamed_spikes"] else
-               "clipping made training worse" if clip_summary["clipping_hurt"] else
-               "clipping made no clear difference here"))
+        lines.append(f"clipping (vanilla RNN, {args.clip_optimizer} at constant lr {args.clip_lr:g}, "
+                     f"{args.clip_steps} steps): " + "; ".join(
+                         f"{name}: loss {r['first_loss']:.2f} -> {r['final_loss']:.2f} (mean of the last 10%)"
+                         + (" BLEW UP" if r["blew_up"] else "") + f", |grad| median {r['median_grad_norm']:.3g} max "
+                         f"{r['max_grad_norm']:.3g}, {r['spikes']} spikes > 10x median"
+                         for name, r in (("without clipping", a), (f"clip {args.clip:g}", b))) + " -> "
+                     + ("clipping tamed the explosion" if clip_summary["clipping_tamed_explosion"] else
+                        "clipping made training worse" if clip_summary["clipping_hurt"] else
+                        "clipping made no clear difference here"))
         plot_clipping(without, with_clip, out / "clipping.png",
                       title=f"vanilla RNN, {args.clip_optimizer} at constant lr {args.clip_lr:g}")
     report["summary"] = lines
