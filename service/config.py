@@ -61,9 +61,11 @@ class Settings:
         "help": "memory store: most sessions held; creating more is RESOURCE_EXHAUSTED (none is evicted)."})
     memory_bytes: int = field(default=DEFAULT_MEMORY_BYTES, metadata={
         "help": "memory store: most bytes of session records held; a create beyond is RESOURCE_EXHAUSTED."})
-    cache_size: int = field(default=DEFAULT_CAPACITY, metadata={"help": "sqlite store: records cached in process."})
+    cache_size: int = field(default=DEFAULT_CAPACITY, metadata={
+        "help": "sqlite store: records cached in process; redis store: records kept as replica-local hints "
+        "(the write script still decides; 0: none)."})
     cache_bytes: int = field(default=DEFAULT_CACHE_BYTES, metadata={
-        "help": "sqlite store: most bytes of committed records cached in process."})
+        "help": "sqlite store: most bytes of committed records cached in process; redis store: of hints."})
     max_pending_writes: int = field(default=DEFAULT_MAX_PENDING_WRITES, metadata={
         "help": "sqlite store, async durability: most sessions with an acknowledged write not yet committed; "
         "beyond, replies wait for the commit (backpressure, never loss)."})

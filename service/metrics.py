@@ -198,6 +198,7 @@ class TimedStore(Store):
     def __init__(self, inner: Store, metrics: Metrics) -> None:
         self.inner, self._read, self._write = inner, metrics.read_seconds, metrics.write_seconds
         self.clock = inner.clock
+        self.hints = inner.hints
 
     # Store's own (non-abstract) methods that a store overrides must be delegated here too: they
     # would otherwise run on this wrapper. __getattr__ covers only what Store does not define.
@@ -208,6 +209,13 @@ class TimedStore(Store):
         t = time.perf_counter()
         try:
             return await self.inner.get(tenant, session_id)
+        finally:
+            self._read.observe(time.perf_counter() - t)
+
+    async def fresh(self, tenant: str, session_id: str) -> SessionRecord:
+        t = time.perf_counter()
+        try:
+            return await self.inner.fresh(tenant, session_id)
         finally:
             self._read.observe(time.perf_counter() - t)
 

@@ -220,7 +220,7 @@ class SessionService:
 
     async def get(self, tenant: str, session_id: str, include_state: bool = False) -> SessionView:
         async with self._locks.hold((tenant, _checked(session_id))):  # after the chunks in flight: settled
-            rec = await self.store.get(tenant, session_id)
+            rec = await self.store.fresh(tenant, session_id)
         # the state's names: of the version, even one unloaded since (its shapes are kept)
         specs = self.models.state_specs(rec.model, rec.version) if include_state else None
         return self._view(rec, specs, include_state)
@@ -234,7 +234,7 @@ class SessionService:
     async def fork(self, tenant: str, session_id: str, new_id: str = "", ttl: float = 0) -> SessionView:
         sid, ttl = self._new_id(new_id), self._ttl(ttl)
         async with self._calls, self._locks.hold((tenant, _checked(session_id))):
-            src = await self.store.get(tenant, session_id)
+            src = await self.store.fresh(tenant, session_id)
             self.models.get(src.model, src.version)  # refused when that version was unloaded
             t = self.store.clock()
             rec = src.copy(session_id=sid, created_at=t, updated_at=t, ttl=ttl,
@@ -252,7 +252,7 @@ class SessionService:
         have the same names and shapes; offset and state are kept, the next chunk runs on the new
         weights. The last chunk's replay is forgotten (its outputs came from the old weights)."""
         async with self._calls, self._locks.hold((tenant, _checked(session_id))):
-            rec = await self.store.get(tenant, session_id)
+            rec = await self.store.fresh(tenant, session_id)
             if expected_offset is not None and expected_offset != rec.offset:
                 raise OffsetMismatch(f"session {session_id} is at offset {rec.offset}, not {expected_offset}",
                                      rec.offset)
@@ -363,7 +363,8 @@ class SessionService:
 
     @staticmethod
     def _conflict(e: StoreConflict, session_id: str) -> OffsetMismatch:
-        return OffsetMismatch(f"session {session_id} was advanced elsewhere; it is at offset {e.actual}",
+        where = f"it is at offset {e.actual}" if e.actual is not None else "read it again for its offset"
+        return OffsetMismatch(f"session {session_id} was advanced elsewhere; {where}",
                               e.actual if e.actual is not None else -1)
 
     def _result(self, model: Model, rec: SessionRecord, logits: np.ndarray, options: OutputOptions,
@@ -383,9 +384,10 @@ class SessionService:
         return StepResult(rec.session_id, rec.last_start, rec.offset, replayed, argmax, outputs, text,
                           logits if options.return_logits else None, state, activations)
 
-    async def _prepare(self, tenant: str, inp: StepInput, rec: SessionRecord | None = None
+    async def _prepare(self, tenant: str, inp: StepInput, rec: SessionRecord | None = None, fresh: bool = False
                        ) -> tuple[Model, SessionRecord, np.ndarray, bytes] | StepResult:
-        """Validate a chunk against its session (held locked): what to run, or the replayed reply."""
+        """Validate a chunk against its session (held locked): what to run, or the replayed reply.
+        `fresh`: the record was read from the store itself, not from a replica-local hint."""
         if inp.options.top_k < 0:
             raise InvalidInput("top_k must be 0 or more")
         if rec is None:
@@ -394,6 +396,8 @@ class SessionService:
         if inp.options.activations is not None:
             select_activations(model, inp.options.activations)  # refused before anything runs
         x, digest = self._chunk(model, inp, self._max_chunk(tenant))
+        if inp.expected_offset is not None and inp.expected_offset != rec.offset and self.store.hints and not fresh:
+            return await self._prepare(tenant, inp, await self.store.fresh(tenant, inp.session_id), fresh=True)
         if inp.expected_offset is not None and inp.expected_offset != rec.offset:
             if inp.expected_offset == rec.last_start and digest == rec.last_digest:
                 self.events.replayed(model.name, model.version, tenant)
@@ -433,8 +437,19 @@ class SessionService:
             if isinstance(prepared, StepResult):
                 return prepared
             model, rec, x, digest = prepared
-            rec, logits, acts = await self._advance(model, rec, x, digest, inp.deadline,
-                                                    inp.options.activations is not None)
+            try:
+                rec, logits, acts = await self._advance(model, rec, x, digest, inp.deadline,
+                                                        inp.options.activations is not None)
+            except OffsetMismatch:
+                if not self.store.hints:
+                    raise
+                # the session was read from a hint another replica made stale: decide on what is stored
+                prepared = await self._prepare(tenant, inp, await self.store.fresh(tenant, inp.session_id), fresh=True)
+                if isinstance(prepared, StepResult):
+                    return prepared
+                model, rec, x, digest = prepared
+                rec, logits, acts = await self._advance(model, rec, x, digest, inp.deadline,
+                                                        inp.options.activations is not None)
             return self._result(model, rec, logits, inp.options, replayed=False, acts=acts)
 
     async def step_batch(self, tenant: str, inputs: list[StepInput]) -> list[StepResult | Exception]:
@@ -457,6 +472,9 @@ class SessionService:
             seen.add(inp.session_id)
         async with self._calls, self._locks.hold_many([(tenant, inputs[i].session_id) for i in first]):
             await self._step_many(tenant, inputs, first, out)
+        if self.store.hints:  # a stale hint's conflict: again on its own, reading what is stored
+            retry = [i for i in first if isinstance(out[i], OffsetMismatch)]
+            later = sorted(later + retry)
         for i in later:
             try:
                 out[i] = await self.step(tenant, inputs[i])
@@ -539,7 +557,9 @@ class SessionService:
             for chunks in rounds:
                 if chunks:
                     async with self._locks.hold_many([(tenant, p.session_ids[i]) for i in chunks]):
-                        await self._packed_round(tenant, p, lay, chunks, res, out)
+                        stale = await self._packed_round(tenant, p, lay, chunks, res, out)
+                        if stale:  # read from hints another replica made stale: again, from the store
+                            await self._packed_round(tenant, p, lay, stale, res, out, fresh=True)
         if p.activations is not None:
             res.activations = out.named_activations(errors)
         res.argmax, res.logits = out.finish(errors, p.return_logits)
@@ -550,9 +570,21 @@ class SessionService:
         return res
 
     async def _packed_round(self, tenant: str, p: PackedInput, lay: packed.Layout, chunks: list[int],
-                            res: PackedResult, out: _PackedOutputs) -> None:
+                            res: PackedResult, out: _PackedOutputs, fresh: bool = False) -> list[int]:
+        """One round of distinct sessions. Returns the chunks to run again from `fresh` reads: those whose
+        offset disagreed with a replica-local hint, or whose compare-and-set failed on one."""
         errors = res.errors
-        records = await self.store.get_many(tenant, [p.session_ids[i] for i in chunks])
+        stale: list[int] = []
+        retry = self.store.hints and not fresh
+        if fresh:
+            records: list[SessionRecord | Exception] = []
+            for i in chunks:
+                try:
+                    records.append(await self.store.fresh(tenant, p.session_ids[i]))
+                except RecurError as e:
+                    records.append(e)
+        else:
+            records = await self.store.get_many(tenant, [p.session_ids[i] for i in chunks])
         models: dict[tuple[str, int], Model | Exception] = {}
         bad_tokens: dict[int, dict[int, tuple[int, int]]] = {}
         features: dict[int, np.ndarray | Exception] = {}
@@ -622,6 +654,9 @@ class SessionService:
                     continue
             digest = hashlib.sha256(data.tobytes()).digest()
             expected = -1 if lay.expected is None else int(lay.expected[i])
+            if expected >= 0 and expected != rec.offset and retry:
+                stale.append(i)
+                continue
             if expected >= 0 and expected != rec.offset:
                 if expected == rec.last_start and digest == rec.last_digest:
                     self.events.replayed(model.name, model.version, tenant)
@@ -691,12 +726,15 @@ class SessionService:
         for (i, model, new), err in zip(done, await self.store.put_many(writes)):
             if err is None:
                 res.offsets[i], res.start_offsets[i] = new.offset, new.last_start
+            elif isinstance(err, StoreConflict) and retry:
+                stale.append(i)
             elif isinstance(err, StoreConflict):
                 self.events.conflict(model.name, model.version, tenant)
                 errors[i] = self._conflict(err, new.session_id)
                 res.offsets[i] = -1 if err.actual is None else err.actual
             else:
                 errors[i] = err
+        return sorted(stale)
 
     async def _submit(self, model: Model, rec: SessionRecord, x: np.ndarray, deadline: float | None
                       ) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -721,7 +759,7 @@ class SessionService:
         the session at the offset of the last token sent."""
         self._check_generate(g)
         async with self._calls, self._locks.hold((tenant, _checked(g.session_id))):
-            rec = await self.store.get(tenant, g.session_id)
+            rec = await self.store.fresh(tenant, g.session_id)
             model = self.models.get(rec.model, rec.version)
             if model.head != "lm":
                 raise InvalidInput(f"model {model.name} has a {model.head} head; Generate needs a language model")
@@ -754,7 +792,7 @@ class SessionService:
     async def export_session(self, tenant: str, session_id: str) -> bytes:
         """The session as a blob (service/blob.py), read after the chunks in flight have settled."""
         async with self._calls, self._locks.hold((tenant, _checked(session_id))):
-            rec = await self.store.get(tenant, session_id)
+            rec = await self.store.fresh(tenant, session_id)
         model = self.models.described(rec.model, rec.version)  # a version unloaded since is exported too
         return blob.encode(blob.ExportedSession(
             rec.session_id, rec.model, rec.version, model.sha256, rec.offset, rec.created_at, rec.updated_at,

@@ -57,5 +57,5 @@ async def open_store(url: str, *, durability: str, memory_capacity: int, cache_s
             raise ValueError("the redis store replies after Redis acknowledged each write: use --durability sync")
         from service.store.redis import RedisStore
 
-        return RedisStore(url, tombstone_seconds=tombstone_seconds)
+        return RedisStore(url, tombstone_seconds=tombstone_seconds, cache_size=cache_size, cache_bytes=cache_bytes)
     raise ValueError(f"unknown store URL {redact_url(url)!r}: expected memory:, sqlite:PATH or redis://HOST:PORT/DB")

@@ -56,6 +56,7 @@ class SessionRecord:
     # The state before the last applied chunk, kept only when its logits were too large to keep
     # (over --max-replay-bytes), so that a replay can recompute them.
     last_prev_state: list[np.ndarray] | None = None
+    token: bytes = b""  # the store's version of the record, where it keeps one (redis: the last write's id)
     _nbytes: int = field(default=-1, init=False, repr=False, compare=False)  # computed once (records are not mutated)
 
     @property
@@ -173,8 +174,16 @@ class Store(ABC):
         """Seconds the oldest acknowledged write has waited for its commit (0: none waits)."""
         return 0.0
 
+    # A store whose reads may answer from a replica-local hint (redis) sets this: the core then
+    # re-reads with `fresh` before refusing a chunk for its offset, so a stale hint costs one read.
+    hints: bool = False
+
     @abstractmethod
     async def get(self, tenant: str, session_id: str) -> SessionRecord: ...
+
+    async def fresh(self, tenant: str, session_id: str) -> SessionRecord:
+        """The record as stored, never a hint."""
+        return await self.get(tenant, session_id)
 
     async def get_many(self, tenant: str, session_ids: list[str]) -> list[SessionRecord | Exception]:
         """Several records at once (one round trip where the store allows); an error per missing one."""

@@ -4,9 +4,16 @@ A session is one hash, `recur:{tenant}:s:{id}`, expiring with its idle TTL. Besi
 key `recur:{tenant}:t:{id}` holds the session's expiry time and outlives it by
 `tombstone_seconds`, so an expired id is answered "expired at ..." rather than "does not exist".
 
-Every write is one Lua script, atomic in Redis: a put applies only if the stored offset is
-the one the write started from (compare-and-set), so two replicas can never both advance one
-session. There is no in-process cache: every chunk reads the record, and the script decides.
+Every write is one Lua script, atomic in Redis: a put applies only if the stored offset and write
+id (`wid`, random per write) are the ones the write started from (compare-and-set), so two
+replicas can never both advance one session, and a session deleted and created again, or moved to
+another version, is never written from its old state. Scripts run by EVALSHA (pipelined ones too,
+without redis-py's SCRIPT EXISTS round trip per pipeline); a NOSCRIPT answer loads them once.
+
+Each replica keeps the records it wrote or read last as hints (bounded by count and bytes): a
+chunk reads its session from the hint, and the script stays the judge. A hint another replica
+made stale fails the compare-and-set, or disagrees with the client's offset; either way the core
+reads the session again (`fresh`) and decides on what is stored, so a stale hint costs one read.
 A reply is sent after Redis acknowledged the write; how durable that is, is Redis's
 persistence setting (the compose file runs it with appendonly yes, appendfsync everysec).
 
@@ -21,14 +28,19 @@ before these sets existed are counted from their next write.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from typing import cast
+from collections import OrderedDict
+from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript as Script
+from redis.exceptions import NoScriptError, RedisError
 
 from service.errors import AlreadyExists, RecurError, SessionExpired, SessionNotFound, StoreConflict, Unavailable
 from service.store.base import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_CAPACITY,
     DEFAULT_TOMBSTONE_SECONDS,
     Clock,
     SessionRecord,
@@ -67,12 +79,13 @@ redis.call('ZADD', KEYS[3], now + tonumber(ARGV[1]), ARGV[6])
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[1]), ARGV[7])
 return 1
 """
-# KEYS: as _CREATE; ARGV: ttl_ms, tombstone_ms, prev_offset, expires, id, member, then field/value pairs
+# KEYS: as _CREATE; ARGV: ttl_ms, tombstone_ms, prev_offset, expires, id, member, prev_wid, then field/value pairs
 _PUT = _NOW + """
-local cur = redis.call('HGET', KEYS[1], 'offset')
-if not cur then return -1 end
-if tonumber(cur) ~= tonumber(ARGV[3]) then return tonumber(cur) end
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+local cur = redis.call('HMGET', KEYS[1], 'offset', 'wid')
+if not cur[1] then return -1 end
+if tonumber(cur[1]) ~= tonumber(ARGV[3]) then return tonumber(cur[1]) end
+if ARGV[7] ~= '' and (cur[2] or '') ~= ARGV[7] then return -3 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[1]), ARGV[5])
@@ -95,8 +108,11 @@ _GLOBAL = "recur-live"  # not under "recur:", so no tenant or id can name it
 
 
 class RedisStore(Store):
+    hints = True
+
     def __init__(self, url: str, *, tombstone_seconds: float = DEFAULT_TOMBSTONE_SECONDS, timeout: float = 2.0,
-                 clock: Clock = time.time) -> None:
+                 clock: Clock = time.time, cache_size: int = DEFAULT_CAPACITY,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self.url, self.clock = url, clock
         self.tombstone_seconds = tombstone_seconds
         self._r = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
@@ -104,6 +120,47 @@ class RedisStore(Store):
         self._put = self._r.register_script(_PUT)
         self._delete = self._r.register_script(_DELETE)
         self._count = self._r.register_script(_COUNT)
+        # hints: (tenant, id) -> the record as this replica last wrote or read it; least recent first
+        self._hints: OrderedDict[tuple[str, str], SessionRecord] = OrderedDict()
+        self._hint_bytes = 0
+        self.cache_size, self.cache_bytes = cache_size, cache_bytes
+        self.hint_hits = 0  # reads answered from a hint (tests, benchmarks)
+
+    # -- hints ---------------------------------------------------------------------------------
+    def _hint(self, key: tuple[str, str]) -> SessionRecord | None:
+        rec = self._hints.get(key)
+        if rec is None:
+            return None
+        if rec.expires_at <= self.clock():
+            self._forget(key)
+            return None
+        self._hints.move_to_end(key)
+        self.hint_hits += 1
+        return rec
+
+    def _remember(self, rec: SessionRecord) -> None:
+        key = (rec.tenant, rec.session_id)
+        self._forget(key)
+        if not self.cache_size or rec.nbytes > self.cache_bytes:
+            return
+        self._hints[key] = rec
+        self._hint_bytes += rec.nbytes
+        while len(self._hints) > self.cache_size or self._hint_bytes > self.cache_bytes:
+            _, old = self._hints.popitem(last=False)
+            self._hint_bytes -= old.nbytes
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        old = self._hints.pop(key, None)
+        if old is not None:
+            self._hint_bytes -= old.nbytes
+
+    async def _evalsha(self, script: Script, keys: list, args: list) -> Any:
+        """One EVALSHA; on NOSCRIPT (a restarted or flushed Redis) the script is loaded and run again."""
+        try:
+            return await self._r.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._r.script_load(script.script)
+            return await self._r.evalsha(script.sha, len(keys), *keys, *args)
 
     def __repr__(self) -> str:
         return f"RedisStore({redact_url(self.url)!r})"
@@ -123,41 +180,52 @@ class RedisStore(Store):
                            "nothing was applied, retry shortly")
 
     @staticmethod
-    def _fields(r: SessionRecord) -> list:
+    def _fields(r: SessionRecord, wid: bytes) -> list:
         logits = b"" if r.last_logits is None else pack_arrays([r.last_logits])
         prev = b"" if r.last_prev_state is None else pack_arrays(r.last_prev_state)
         return ["model", r.model, "version", r.version, "offset", r.offset, "created", repr(r.created_at),
                 "updated", repr(r.updated_at), "ttl", repr(r.ttl), "state", pack_arrays(r.state),
                 "last_digest", r.last_digest, "last_start", r.last_start, "last_logits", logits,
-                "last_prev_state", prev]
+                "last_prev_state", prev, "wid", wid]
 
     def _ms(self, r: SessionRecord) -> tuple[int, int]:
         ttl_ms = max(1, int(r.ttl * 1000))
         return ttl_ms, ttl_ms + int(self.tombstone_seconds * 1000)
 
     async def get(self, tenant: str, session_id: str) -> SessionRecord:
+        hint = self._hint((tenant, session_id))
+        return hint if hint is not None else await self.fresh(tenant, session_id)
+
+    async def fresh(self, tenant: str, session_id: str) -> SessionRecord:
+        self._forget((tenant, session_id))
         try:
             h = cast(dict[bytes, bytes], await self._r.hgetall(self._keys(tenant, session_id)[0]))
         except RedisError as e:
             raise self._down(e) from e
-        return await self._record(tenant, session_id, h)
+        rec = await self._record(tenant, session_id, h)
+        self._remember(rec)
+        return rec
 
     async def get_many(self, tenant: str, session_ids: list[str]) -> list[SessionRecord | Exception]:
-        """One pipelined round trip for the whole batch."""
-        try:
-            async with self._r.pipeline(transaction=False) as pipe:
-                for session_id in session_ids:
-                    pipe.hgetall(self._keys(tenant, session_id)[0])
-                hashes = await pipe.execute()
-        except RedisError as e:
-            return [self._down(e)] * len(session_ids)
-        results: list[SessionRecord | Exception] = []
-        for session_id, h in zip(session_ids, hashes):
+        """Hints where this replica has them; the rest in one pipelined round trip."""
+        results: list[SessionRecord | Exception | None] = [self._hint((tenant, sid)) for sid in session_ids]
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
             try:
-                results.append(await self._record(tenant, session_id, h))
-            except RecurError as e:
-                results.append(e)
-        return results
+                async with self._r.pipeline(transaction=False) as pipe:
+                    for i in missing:
+                        pipe.hgetall(self._keys(tenant, session_ids[i])[0])
+                    hashes = await pipe.execute()
+            except RedisError as e:
+                return [self._down(e)] * len(session_ids)
+            for i, h in zip(missing, hashes):
+                try:
+                    rec = await self._record(tenant, session_ids[i], h)
+                    self._remember(rec)
+                    results[i] = rec
+                except RecurError as e:
+                    results[i] = e
+        return cast(list[SessionRecord | Exception], results)
 
     async def _record(self, tenant: str, session_id: str, h: dict[bytes, bytes]) -> SessionRecord:
         if not h:
@@ -176,18 +244,21 @@ class RedisStore(Store):
             offset=int(h[b"offset"]), created_at=float(h[b"created"]), updated_at=float(h[b"updated"]),
             ttl=float(h[b"ttl"]), state=unpack_arrays(h[b"state"]), last_digest=h[b"last_digest"],
             last_start=int(h[b"last_start"]), last_logits=unpack_arrays(logits)[0] if logits else None,
-            last_prev_state=unpack_arrays(prev) if prev else None,
+            last_prev_state=unpack_arrays(prev) if prev else None, token=h.get(b"wid", b""),
         )
 
     async def create(self, record: SessionRecord, *, max_sessions: int = 0, max_tenant_sessions: int = 0) -> None:
         ttl_ms, tomb_ms = self._ms(record)
+        wid = os.urandom(8)
         try:
-            res = await self._create(keys=self._keys(record.tenant, record.session_id),
-                                     args=[ttl_ms, tomb_ms, repr(record.expires_at), max_sessions,
-                                           max_tenant_sessions, record.session_id,
-                                           self._member(record.tenant, record.session_id), *self._fields(record)])
+            res = await self._evalsha(self._create, self._keys(record.tenant, record.session_id),
+                                      [ttl_ms, tomb_ms, repr(record.expires_at), max_sessions, max_tenant_sessions,
+                                       record.session_id, self._member(record.tenant, record.session_id),
+                                       *self._fields(record, wid)])
         except RedisError as e:
             raise self._down(e) from e
+        if res == 1:
+            self._remember(record.copy(token=wid))
         if res == 0:
             raise AlreadyExists(f"session {record.session_id!r} already exists")
         if res == -1:
@@ -195,52 +266,76 @@ class RedisStore(Store):
         if res == -2:
             raise tenant_limit(record.tenant, max_tenant_sessions)
 
-    def _args(self, record: SessionRecord, prev_offset: int) -> list:
+    def _args(self, record: SessionRecord, prev_offset: int, wid: bytes) -> list:
+        """The put script's ARGV: the record's `token` is the write id it was read with (compared, when
+        there is one: a record read from a hash written before write ids existed has none)."""
         ttl_ms, tomb_ms = self._ms(record)
         return [ttl_ms, tomb_ms, prev_offset, repr(record.expires_at), record.session_id,
-                self._member(record.tenant, record.session_id), *self._fields(record)]
+                self._member(record.tenant, record.session_id), record.token, *self._fields(record, wid)]
 
-    @staticmethod
-    def _outcome(record: SessionRecord, res: object) -> RecurError | None:
-        """What the put script's answer means: -2 applied, -1 no such session, else the actual offset."""
+    def _outcome(self, record: SessionRecord, res: object, wid: bytes) -> RecurError | None:
+        """What the put script's answer means: -2 applied, -1 no such session, -3 written since it was
+        read (another version of the session at that offset), else the actual offset. Hints follow."""
+        key = (record.tenant, record.session_id)
         if res == -2:
+            self._remember(record.copy(token=wid))
             return None
+        self._forget(key)
         if res == -1:
             return SessionNotFound(f"session {record.session_id!r} does not exist")
+        if res == -3:
+            return StoreConflict(f"session {record.session_id!r} was written since it was read", None)
         return StoreConflict(f"session {record.session_id!r} is at offset {res}", int(res))  # type: ignore[call-overload]
 
     async def put(self, record: SessionRecord, prev_offset: int) -> None:
-        keys = self._keys(record.tenant, record.session_id)
+        keys, wid = self._keys(record.tenant, record.session_id), os.urandom(8)
         try:
-            res = await settled(self._put(keys=keys, args=self._args(record, prev_offset)))
+            res = await settled(self._evalsha(self._put, keys, self._args(record, prev_offset, wid)))
         except RedisError as e:
+            self._forget((record.tenant, record.session_id))
             raise self._down(e) from e
-        error = self._outcome(record, res)
+        error = self._outcome(record, res, wid)
         if error is not None:
             raise error
 
     async def put_many(self, writes: list[tuple[SessionRecord, int]]) -> list[Exception | None]:
-        """All the scripts in one pipelined round trip; each still atomic and compare-and-set."""
+        """All the scripts in one pipelined round trip (EVALSHA); each still atomic and compare-and-set."""
         if not writes:
             return []
-        pipe = self._r.pipeline(transaction=False)
-        for record, prev_offset in writes:
-            await self._put(keys=self._keys(record.tenant, record.session_id), args=self._args(record, prev_offset),
-                            client=pipe)
+        wids = [os.urandom(8) for _ in writes]
         try:
-            outcomes = await settled(pipe.execute(raise_on_error=False))
+            outcomes = await settled(self._put_pipeline(writes, wids))
         except RedisError as e:
+            for record, _ in writes:
+                self._forget((record.tenant, record.session_id))
             return [self._down(e)] * len(writes)
-        finally:
-            await pipe.reset()
-        return [self._down(res) if isinstance(res, Exception) else self._outcome(record, res)
-                for (record, _), res in zip(writes, outcomes)]
+        out: list[Exception | None] = []
+        for (record, _), res, wid in zip(writes, outcomes, wids):
+            if isinstance(res, Exception):
+                self._forget((record.tenant, record.session_id))
+                out.append(self._down(res))
+            else:
+                out.append(self._outcome(record, res, wid))
+        return out
+
+    async def _put_pipeline(self, writes: list[tuple[SessionRecord, int]], wids: list[bytes]) -> list:
+        for attempt in range(2):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for (record, prev_offset), wid in zip(writes, wids):
+                    pipe.evalsha(self._put.sha, 4, *self._keys(record.tenant, record.session_id),
+                                 *self._args(record, prev_offset, wid))
+                outcomes = await pipe.execute(raise_on_error=False)
+            if attempt or not any(isinstance(r, NoScriptError) for r in outcomes):
+                return outcomes
+            await self._r.script_load(_PUT)  # a NOSCRIPT command ran nothing: the whole pipeline again is safe
+        raise AssertionError("unreachable")
 
     async def delete(self, tenant: str, session_id: str) -> None:
+        self._forget((tenant, session_id))
         for _ in range(2):
             try:
-                deleted = await settled(self._delete(keys=self._keys(tenant, session_id),
-                                                     args=[session_id, self._member(tenant, session_id)]))
+                deleted = await settled(self._evalsha(self._delete, self._keys(tenant, session_id),
+                                                      [session_id, self._member(tenant, session_id)]))
             except RedisError as e:
                 raise self._down(e) from e
             if deleted:
@@ -251,7 +346,7 @@ class RedisStore(Store):
     async def count(self, tenant: str | None = None) -> int:
         key = _GLOBAL if tenant is None else f"{_GLOBAL}:{tenant}"
         try:
-            return int(await self._count(keys=[key]))
+            return int(await self._evalsha(self._count, [key], []))
         except RedisError as e:
             raise self._down(e) from e
 

@@ -1,0 +1,144 @@
+"""Two replicas (two in-process cores, each with its own RedisStore and its replica-local hints) on
+one real redis-server: a session fed alternately through both, deleted and created again, moved
+to another version, or retried after the other replica applied more, always ends equal to one
+pass; a stale hint costs a re-read, never a wrong state or a wrong refusal. Scripts run by EVALSHA
+and survive a SCRIPT FLUSH."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis as sync_redis
+
+from service.config import Settings
+from service.engine import Engine, EngineOptions
+from service.errors import OffsetMismatch
+from service.models import ModelRepository
+from service.packed import PackedInput
+from service.runtime import RuntimeOptions
+from service.sessions import SessionService
+from service.store.redis import RedisStore
+from service.types import StepInput
+from tests.helpers import TOL, Redis, Reference
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[Redis]:
+    r = Redis(tmp_path).start()
+    yield r
+    r.kill()
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_models: Path) -> ModelRepository:
+    return ModelRepository.load(tiny_models, RuntimeOptions())
+
+
+@asynccontextmanager
+async def _replicas(url: str, repository: ModelRepository) -> AsyncIterator[tuple[SessionService, SessionService]]:
+    cores = [SessionService(Settings(), repository, RedisStore(url), Engine(EngineOptions())) for _ in range(2)]
+    try:
+        yield cores[0], cores[1]
+    finally:
+        for core in cores:
+            await core.store.close()
+            await core.close()
+
+
+def _step(sid: str, tokens: np.ndarray, at: int) -> StepInput:
+    return StepInput(sid, tokens=[int(t) for t in tokens], expected_offset=at)
+
+
+async def test_alternating_replicas_equal_one_pass(redis: Redis, repository: ModelRepository,
+                                                   reference: Callable[[str], Reference]) -> None:
+    seq = np.random.default_rng(1).integers(0, 98, 60)
+    async with _replicas(redis.url, repository) as (a, b):
+        await a.create("t", "lstm-lm", 1, "s1")
+        offset = 0
+        for k, n in enumerate([5, 7, 1, 9, 3, 11, 4, 20]):
+            core = (a, b)[k % 2]
+            r = await core.step("t", _step("s1", seq[offset : offset + n], offset))
+            assert r.offset == offset + n
+            offset += n
+        # both replicas read the session from hints at some point, the script judging every write
+        assert isinstance(a.store, RedisStore) and isinstance(b.store, RedisStore)
+        assert a.store.hint_hits + b.store.hint_hits > 0
+        _, want = reference("lstm-lm").run(seq.astype(np.int64))
+        got = (await a.get("t", "s1", include_state=True)).state
+        assert got is not None
+        for g, w in zip(got, want):
+            assert np.abs(g.value - w).max() <= TOL
+
+
+async def test_a_retry_on_the_first_replica_after_the_second_moved_on(redis: Redis,
+                                                                      repository: ModelRepository) -> None:
+    seq = np.random.default_rng(2).integers(0, 98, 12)
+    async with _replicas(redis.url, repository) as (a, b):
+        await a.create("t", "gru-lm", 1, "s")
+        await a.step("t", _step("s", seq[:4], 0))  # a's hint: offset 4
+        await b.step("t", _step("s", seq[4:8], 4))  # the session moves on at b
+        # a retry of b's chunk at a: a's hint says offset 4, the store says the chunk was applied: replayed
+        r = await a.step("t", _step("s", seq[4:8], 4))
+        assert r.replayed and r.offset == 8
+        # a chunk for offset 8 at a: the hint is stale, the store agrees with the client: applied
+        r = await a.step("t", _step("s", seq[8:12], 8))
+        assert not r.replayed and r.offset == 12
+        # a truly stale chunk is refused with the stored offset
+        with pytest.raises(OffsetMismatch, match="at offset 12"):
+            await b.step("t", _step("s", seq[:4], 4))
+
+
+async def test_deleted_and_created_again_is_never_written_from_the_old_state(
+        redis: Redis, repository: ModelRepository, reference: Callable[[str], Reference]) -> None:
+    seq = np.random.default_rng(3).integers(0, 98, 10)
+    async with _replicas(redis.url, repository) as (a, b):
+        await a.create("t", "rnn-lm", 1, "s")
+        await a.step("t", _step("s", seq[:5], 0))  # a's hint: offset 5, that state
+        await b.delete("t", "s")
+        await b.create("t", "rnn-lm", 1, "s")
+        await b.step("t", _step("s", seq[5:10], 0))  # the new session at offset 5 too, another state
+        fresh = np.random.default_rng(4).integers(0, 98, 3)
+        r = await a.step("t", StepInput("s", tokens=[int(t) for t in fresh]))  # no offset named: runs on the hint
+        assert r.offset == 8
+        _, want = reference("rnn-lm").run(np.concatenate([seq[5:10], fresh]).astype(np.int64))
+        got = (await b.get("t", "s", include_state=True)).state
+        assert got is not None
+        for g, w in zip(got, want):
+            assert np.abs(g.value - w).max() <= TOL
+
+
+async def test_packed_batches_across_replicas(redis: Redis, repository: ModelRepository,
+                                              reference: Callable[[str], Reference]) -> None:
+    rng = np.random.default_rng(5)
+    seqs = rng.integers(0, 98, (6, 24))
+    sids = [f"p{i}" for i in range(6)]
+    async with _replicas(redis.url, repository) as (a, b):
+        for sid in sids:
+            await a.create("t", "lstm-lm", 1, sid)
+        for k in range(6):
+            core = (a, b)[k % 2]
+            chunk = seqs[:, 4 * k : 4 * k + 4].astype("<i4")
+            res = await core.step_packed("t", PackedInput(sids, [4] * 6, chunk.tobytes(), expected_offsets=[4 * k] * 6))
+            assert not res.errors and list(res.offsets) == [4 * k + 4] * 6
+        ref = reference("lstm-lm")
+        for i, sid in enumerate(sids):
+            _, want = ref.run(seqs[i].astype(np.int64))
+            got = (await b.get("t", sid, include_state=True)).state
+            assert got is not None
+            for g, w in zip(got, want):
+                assert np.abs(g.value - w).max() <= TOL
+
+
+async def test_scripts_survive_a_script_flush(redis: Redis, repository: ModelRepository) -> None:
+    async with _replicas(redis.url, repository) as (a, _):
+        await a.create("t", "gru-lm", 1, "s")
+        sync_redis.Redis(port=redis.port).script_flush()
+        r = await a.step("t", _step("s", np.arange(3), 0))
+        assert r.offset == 3
+        sync_redis.Redis(port=redis.port).script_flush()
+        res = await a.step_packed("t", PackedInput(["s"], [2], np.arange(2, dtype="<i4").tobytes()))
+        assert not res.errors and list(res.offsets) == [5]
