@@ -137,14 +137,14 @@ class Process:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def ort_seconds(self) -> float:
-        """Seconds spent in ONNX Runtime calls so far (recur's /metrics); 0 without metrics."""
+        """CPU seconds of ONNX Runtime calls so far, timed in their threads (recur's /metrics); 0 without."""
         if not self.metrics_port:
             return 0.0
         import urllib.request
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
             for line in r.read().decode().splitlines():
-                if line.startswith("recur_engine_call_duration_seconds_sum"):
+                if line.startswith("recur_engine_cpu_seconds_total"):
                     return float(line.split()[-1])
         return 0.0
 

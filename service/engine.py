@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from service.errors import DeadlineExceeded, LimitExceeded, RecurError
 from service.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ class Engine:
         self._calls: set[asyncio.Task] = set()
         self._dispatch_pending = False
         self.admitted = 0  # chunks queued or running
-        self.on_call: Callable[[int, float], None] | None = None  # (sessions, seconds) of each call: metrics
+        # (sessions, seconds, cpu seconds) of each call, timed in the thread that ran it: metrics
+        self.on_call: Callable[[int, float, float], None] | None = None
 
     async def run(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray],
                   deadline: float | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -188,10 +191,9 @@ class Engine:
         failing job fails, not the rest of its batch."""
         loop = asyncio.get_running_loop()
         try:
-            started = time.perf_counter()
-            result = await loop.run_in_executor(self._pool, _run_group, runtime, group, steps)
+            result, seconds, cpu = await loop.run_in_executor(self._pool, _timed, _run_group, runtime, group, steps)
             if self.on_call is not None:
-                self.on_call(len(group), time.perf_counter() - started)
+                self.on_call(len(group), seconds, cpu)
             return [(group, result)]
         except Exception as e:
             if len(group) == 1:
@@ -225,15 +227,15 @@ class Engine:
         x = job.x[:, job.done_steps : job.done_steps + steps] if job.done_steps or steps < job.length else job.x
         loop = asyncio.get_running_loop()
         try:
-            started = time.perf_counter()
             if job.activations is None:
-                logits, states = await loop.run_in_executor(self._pool, q.runtime.run, x, job.states)
+                (logits, states), seconds, cpu = await loop.run_in_executor(self._pool, _timed, q.runtime.run, x,
+                                                                            job.states)
             else:
-                logits, states, acts = await loop.run_in_executor(self._pool, q.runtime.run_activations, x,
-                                                                  job.states)
+                (logits, states, acts), seconds, cpu = await loop.run_in_executor(
+                    self._pool, _timed, q.runtime.run_activations, x, job.states)
                 job.activations.append(acts)
             if self.on_call is not None:
-                self.on_call(job.block, time.perf_counter() - started)
+                self.on_call(job.block, seconds, cpu)
         except Exception as e:
             if not isinstance(e, RecurError):
                 log.warning("a block of %d chunks failed in ONNX Runtime: %s", job.block, e.__class__.__name__)
@@ -256,6 +258,14 @@ class Engine:
                 parts = job.activations
                 acts = parts[0] if len(parts) == 1 else [np.concatenate(a, axis=1) for a in zip(*parts)]
                 job.future.set_result((out, job.states, acts))
+
+
+def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:
+    """fn(*args) with its wall and CPU time in this (worker) thread: ONNX Runtime's own time, without
+    the wait for the event loop to take the result (with one intra-op thread the CPU time is all of it)."""
+    started, cpu = time.perf_counter(), time.thread_time()
+    out = fn(*args)
+    return out, time.perf_counter() - started, time.thread_time() - cpu
 
 
 def _run_group(runtime: ModelRuntime, group: list[_Job], steps: int) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -104,7 +104,10 @@ class Metrics(Events):
                                       registry=r)
         self.batch = Histogram("recur_engine_batch_sessions", "Sessions per ONNX Runtime call.", buckets=_SIZES,
                                registry=r)
-        self.call_seconds = Histogram("recur_engine_call_duration_seconds", "Time of one ONNX Runtime call.",
+        self.call_cpu = Counter("recur_engine_cpu_seconds", "CPU time of the ONNX Runtime calls (in their own "
+                                "threads; with --ort-threads 1, all of ONNX Runtime's).", registry=r)
+        self.call_seconds = Histogram("recur_engine_call_duration_seconds", "Time of one ONNX Runtime call (in "
+                                      "its thread).",
                                       buckets=_LATENCY, registry=r)
         self.queue_depth = Gauge("recur_engine_queue_depth", "Chunks queued or running in the engine.", registry=r)
         self.read_seconds = Histogram("recur_store_read_duration_seconds", "Time of one store read (get, get_many).",
@@ -158,9 +161,10 @@ class Metrics(Events):
         self.errors.labels(rpc, code).inc()
 
     # -- engine hook ----------------------------------------------------------------------------
-    def engine_call(self, sessions: int, seconds: float) -> None:
+    def engine_call(self, sessions: int, seconds: float, cpu: float) -> None:
         self.batch.observe(sessions)
         self.call_seconds.observe(seconds)
+        self.call_cpu.inc(cpu)
 
     # -- Events (core and stores) ---------------------------------------------------------------
     def _child(self, counter: Counter, model: str, version: int, tenant: str) -> Any:

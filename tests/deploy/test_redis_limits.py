@@ -134,8 +134,8 @@ async def test_the_password_never_leaks_in_process(tmp_path: Path, caplog: pytes
         assert PASSWORD not in repr(store)
         r.kill()
         messages = []
-        for call in (store.fresh("t", "a"), store.get("t", "b"), store.put(_rec("a", offset=1), 0), store.create(_rec("b")),
-                     store.count(), store.ping(), store.delete("t", "a")):
+        for call in (store.fresh("t", "a"), store.get("t", "b"), store.put(_rec("a", offset=1), 0),
+                     store.create(_rec("b")), store.count(), store.ping(), store.delete("t", "a")):
             with pytest.raises(Unavailable) as e:
                 await call
             messages.append(str(e.value))
