@@ -1,6 +1,6 @@
 """What the shared Redis store costs against the in-process memory store, in one run: one replica,
 a local redis-server with the compose file's persistence (append-only, fsync every second), 64
-sessions, StreamBatch. Needs redis-server (`make test` installs it).
+sessions, the packed batch and Stream. Needs redis-server (`make test` installs it).
 
     python -m bench.redis_store
 """
@@ -53,26 +53,29 @@ def main() -> None:
             _wait_port(port, redis)
             servers["memory"] = recur_server("memory:")
             servers["redis"] = recur_server(f"redis://127.0.0.1:{port}/0")
-            for chunk in (1, 16):
-                seqs = _sequences(64, 512, seed=chunk)
-                for name, server in servers.items():
-                    r = asyncio.run(_drive(server.port, seqs, chunk, "batch", check=1, budget=60))
-                    rows.append((chunk, name, r.rate, r.p(50), r.p(99)))
-                    print(rows[-1], flush=True)
+            for api in ("packed", "stream"):
+                for chunk in (1, 16):
+                    seqs = _sequences(64, 512 if chunk == 16 else 256, seed=chunk)
+                    for name, server in servers.items():
+                        r = asyncio.run(_drive(server, seqs, chunk, api, check=1, budget=60))
+                        rows.append((api, chunk, name, r.rate, r.p(50), r.p(99)))
+                        print(rows[-1], flush=True)
         finally:
             for s in servers.values():
                 s.stop()
             redis.terminate()
-    memory = {c: rate for c, name, rate, _, _ in rows if name == "memory"}
-    table = ["| C | store | tokens/s | p50 chunk ms | p99 chunk ms | ratio to memory |",
-             "|---:|---|---:|---:|---:|---:|"]
-    table += [f"| {c} | {name} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {rate / memory[c]:.2f} |"
-              for c, name, rate, p50, p99 in rows]
+    memory = {(api, c): rate for api, c, name, rate, _, _ in rows if name == "memory"}
+    table = ["| API | C | store | tokens/s | p50 chunk ms | p99 chunk ms | ratio to memory |",
+             "|---|---:|---|---:|---:|---:|---:|"]
+    table += [f"| {api} | {c} | {name} | {rate:,.0f} | {p50:.2f} | {p99:.2f} | {rate / memory[api, c]:.2f} |"
+              for api, c, name, rate, p50, p99 in rows]
     write_section(ROOT / "BENCHMARKS.md", "## Redis store", (
         f"## Redis store\n\nMeasured {started} on {machine()}. Command: `python -m bench.redis_store`. One replica, "
-        "64 sessions streaming 512 tokens over StreamBatch; Redis on the same machine with an append-only file "
-        "(fsync every second). Each StreamBatch message reads its sessions in one pipelined round trip and "
-        "writes them in another (one compare-and-set script per session).\n\n" + "\n".join(table) + "\n"))
+        "64 sessions streaming 512 tokens (256 with 1-token chunks) over the packed batch (StreamPacked, two "
+        "messages of 32 sessions in flight) and over Stream, full logits returned; Redis on the same machine with "
+        "an append-only file (fsync every second). A packed message's sessions are read from the replica's hints "
+        "(else in one pipelined round trip) and written in one pipeline of EVALSHA compare-and-set scripts.\n\n"
+        + "\n".join(table) + "\n"))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -43,6 +44,7 @@ from recur.v1 import recur_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_DIR = ROOT / "models" / "pylm" / "1"
 TOL = 1e-5
+GROUP = 32  # sessions per batch message: S = 64 sends two messages per tick (see _drive)
 
 
 @dataclass
@@ -221,26 +223,49 @@ async def _drive(server: Process | int, seqs: np.ndarray, chunk: int, api: str, 
             pos[i] = reply.offset
 
         if api in ("batch", "packed"):
+            # sessions in groups of at most GROUP, each group one message per tick: several messages in
+            # flight on the stream, each session still sending its next chunk only after its reply
+            bounds = [*range(0, n, GROUP), n]
+            groups = [(a, b, _prebuilt(sids[a:b], seqs[a:b], chunk, api)) for a, b in itertools.pairwise(bounds)]
             call = stub.StreamBatch() if api == "batch" else stub.StreamPacked()
-            for message in requests:
-                if time.perf_counter() >= deadline:
-                    break
-                sent = time.perf_counter()
-                await call.write(message)
+            sent_at: list[float] = []
+            ticks = [0] * len(groups)
+            finished = [False] * len(groups)
+            for group in groups:
+                sent_at.append(time.perf_counter())
+                await call.write(group[2][0])
+            live = len(groups)
+            g = 0
+            while live:  # replies come in the order the messages were sent: round robin over the groups
+                a, b, msgs = groups[g]
                 reply = await call.read()
+                now = time.perf_counter() - sent_at[g]
                 if api == "batch":
-                    for i, r in enumerate(reply.steps):
+                    for i, r in enumerate(reply.steps, start=a):
                         assert not r.HasField("status"), r.status.message
-                        record(i, r, sent)
+                        lat.append(now)
+                        if i < check:
+                            logits[i].append(np.frombuffer(r.logits, "<f4").reshape(tuple(r.logits_shape)))
+                        pos[i] = r.offset
                 else:
                     assert not reply.failed, reply.statuses[0].message
-                    rows = np.frombuffer(reply.logits, "<f4").reshape(tuple(reply.logits_shape))
-                    steps = len(rows) // n
-                    now = time.perf_counter() - sent
-                    lat.extend([now] * n)
-                    for i in range(check):
-                        logits[i].append(rows[i * steps : (i + 1) * steps])
-                    pos[:] = reply.offsets
+                    lat.extend([now] * (b - a))
+                    pos[a:b] = reply.offsets
+                    if a < check:
+                        rows = np.frombuffer(reply.logits, "<f4").reshape(tuple(reply.logits_shape))
+                        steps = len(rows) // (b - a)
+                        for i in range(a, min(b, check)):
+                            logits[i].append(rows[(i - a) * steps : (i - a + 1) * steps])
+                ticks[g] += 1
+                if ticks[g] < len(msgs) and time.perf_counter() < deadline:
+                    sent_at[g] = time.perf_counter()
+                    await call.write(msgs[ticks[g]])
+                else:
+                    finished[g] = True
+                    live -= 1
+                g = (g + 1) % len(groups)
+                while live and finished[g]:
+                    g = (g + 1) % len(groups)
             await call.done_writing()
         elif api == "step":
             async def one(i: int) -> None:

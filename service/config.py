@@ -8,6 +8,7 @@ its metadata["help"] (recur/flags.py turns fields into flags).
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from service.store.base import (
 )
 
 _ENGINE = EngineOptions()  # the engine's defaults are the server's
+_CORES = os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,12 @@ class Settings:
     max_generate_tokens: int = field(default=4096, metadata={"help": "Most tokens one Generate call may ask for."})
     max_stream_inflight: int = field(default=256, metadata={
         "help": "Most chunks of one Stream being processed at once; more wait (flow control)."})
-    ort_threads: int = field(default=1, metadata={"help": "ONNX Runtime intra-op threads per call."})
+    ort_threads: int = field(default=1, metadata={"help": "ONNX Runtime intra-op threads of a small call."})
+    ort_threads_batch: int = field(default=_CORES, metadata={
+        "help": "ONNX Runtime intra-op threads of a call of at least --ort-batch-rows rows x steps (default: the "
+        "machine's cores; 0: as --ort-threads). Chosen by measurement (BENCHMARKS.md)."})
+    ort_batch_rows: int = field(default=512, metadata={
+        "help": "Rows x steps from which a call is large enough for --ort-threads-batch."})
     provider: str = field(default="cpu", metadata={
         "help": "ONNX Runtime execution provider: cpu; cuda (needs the gpu extra, onnxruntime-gpu, and a CUDA "
         "device; refused otherwise); auto (cuda when ONNX Runtime reports it, else cpu)."})

@@ -29,6 +29,7 @@ from service.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+INLINE_STEPS = 4  # a lone chunk of at most this many steps runs on the event loop's thread (see _run_isolating)
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,9 @@ class Engine:
             self._calls.add(task)  # a strong reference until it ends
             task.add_done_callback(self._calls.discard)
 
+    def _queued(self) -> bool:
+        return any(q.jobs for q in self._queues.values())
+
     def _take(self) -> tuple[_ModelQueue, list[_Job]] | None:
         """The longest-waiting model's next batch (round robin over models)."""
         for key in list(self._queues):
@@ -180,8 +184,8 @@ class Engine:
             for steps, group in groups.items():
                 for part, result in await self._run_isolating(q.runtime, group, steps):
                     self._scatter(q, part, steps, *result)
-            for job in blocks:
-                await self._run_block(q, job)
+            if blocks:
+                await self._run_blocks(q, blocks)
         finally:
             self._busy -= 1
             self._schedule()
@@ -191,7 +195,13 @@ class Engine:
         failing job fails, not the rest of its batch."""
         loop = asyncio.get_running_loop()
         try:
-            result, seconds, cpu = await loop.run_in_executor(self._pool, _timed, _run_group, runtime, group, steps)
+            if len(group) == 1 and steps <= INLINE_STEPS and self._busy == 1 and not self._queued():
+                # one short chunk and nothing else waiting: run it here, without the hop to a thread and
+                # back (a call of ~0.1 ms would wait longer for the loop to notice it had finished)
+                result, seconds, cpu = _timed(_run_group, runtime, group, steps)
+            else:
+                result, seconds, cpu = await loop.run_in_executor(self._pool, _timed, _run_group, runtime, group,
+                                                                  steps)
             if self.on_call is not None:
                 self.on_call(len(group), seconds, cpu)
             return [(group, result)]
@@ -222,42 +232,67 @@ class Engine:
                 job.future.set_result((out, job.states))
 
 
-    async def _run_block(self, q: _ModelQueue, job: _Job) -> None:
-        steps = min(self.options.slice_steps, job.length - job.done_steps)
-        x = job.x[:, job.done_steps : job.done_steps + steps] if job.done_steps or steps < job.length else job.x
+    async def _run_blocks(self, q: _ModelQueue, blocks: list[_Job]) -> None:
+        """Blocks whose next slices have equal length (and ask for activations alike) run as one call:
+        their rows concatenated, the results split back. A failed call fails those blocks only."""
+        groups: dict[tuple[int, bool], list[_Job]] = {}
+        for job in blocks:
+            steps = min(self.options.slice_steps, job.length - job.done_steps)
+            groups.setdefault((steps, job.activations is not None), []).append(job)
         loop = asyncio.get_running_loop()
-        try:
-            if job.activations is None:
-                (logits, states), seconds, cpu = await loop.run_in_executor(self._pool, _timed, q.runtime.run, x,
-                                                                            job.states)
+        for (steps, with_acts), group in groups.items():
+            xs = [job.x[:, job.done_steps : job.done_steps + steps] if job.done_steps or steps < job.length
+                  else job.x for job in group]
+            size = sum(job.block for job in group)
+            if len(group) == 1:
+                x, states = xs[0], group[0].states
             else:
-                (logits, states, acts), seconds, cpu = await loop.run_in_executor(
-                    self._pool, _timed, q.runtime.run_activations, x, job.states)
-                job.activations.append(acts)
-            if self.on_call is not None:
-                self.on_call(job.block, seconds, cpu)
-        except Exception as e:
-            if not isinstance(e, RecurError):
-                log.warning("a block of %d chunks failed in ONNX Runtime: %s", job.block, e.__class__.__name__)
-            if not job.future.done():
-                job.future.set_exception(e)
-            return
-        self.stats.calls += 1
-        self.stats.slices += job.block
-        self.stats.steps += steps * job.block
-        job.outputs.append(logits)
-        job.states = states
-        job.done_steps += steps
-        if job.done_steps < job.length:
-            q.jobs.append(job)
-        elif not job.future.done():
-            out = job.outputs[0] if len(job.outputs) == 1 else np.concatenate(job.outputs, axis=1)
-            if job.activations is None:
-                job.future.set_result((out, job.states))
-            else:
-                parts = job.activations
-                acts = parts[0] if len(parts) == 1 else [np.concatenate(a, axis=1) for a in zip(*parts)]
-                job.future.set_result((out, job.states, acts))
+                x = np.concatenate(xs)
+                states = [np.concatenate(parts, axis=1) for parts in zip(*(job.states for job in group))]
+            try:
+                if with_acts:
+                    (logits, new_states, acts), seconds, cpu = await loop.run_in_executor(
+                        self._pool, _timed, q.runtime.run_activations, x, states)
+                else:
+                    (logits, new_states), seconds, cpu = await loop.run_in_executor(self._pool, _timed,
+                                                                                    q.runtime.run, x, states)
+                    acts = None
+                if self.on_call is not None:
+                    self.on_call(size, seconds, cpu)
+            except Exception as e:
+                if not isinstance(e, RecurError):
+                    log.warning("a call of %d chunks failed in ONNX Runtime: %s", size, e.__class__.__name__)
+                for job in group:
+                    if not job.future.done():
+                        job.future.set_exception(e)
+                continue
+            self.stats.calls += 1
+            self.stats.slices += size
+            self.stats.steps += steps * size
+            at = 0
+            for job in group:
+                rows = slice(at, at + job.block)
+                at += job.block
+                whole = len(group) == 1
+                job.outputs.append(logits if whole else logits[rows])
+                job.states = new_states if whole else [s[:, rows] for s in new_states]
+                if job.activations is not None and acts is not None:
+                    job.activations.append(acts if whole else [a[rows] for a in acts])
+                job.done_steps += steps
+                if job.done_steps < job.length:
+                    q.jobs.append(job)
+                elif not job.future.done():
+                    self._finish_block(job)
+
+    @staticmethod
+    def _finish_block(job: _Job) -> None:
+        out = job.outputs[0] if len(job.outputs) == 1 else np.concatenate(job.outputs, axis=1)
+        if job.activations is None:
+            job.future.set_result((out, job.states))
+        else:
+            parts = job.activations
+            acts = parts[0] if len(parts) == 1 else [np.concatenate(a, axis=1) for a in zip(*parts)]
+            job.future.set_result((out, job.states, acts))
 
 
 def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:

@@ -48,6 +48,10 @@ class RuntimeOptions:
     intra_op_threads: int = 1  # per call; calls run in a thread pool beside the event loop
     inter_op_threads: int = 1
     provider: str = "cpu"  # cpu, cuda or auto (see execution_providers)
+    # calls of at least `large_rows` rows x steps run on a second session with this many intra-op
+    # threads (0: no second session); small calls keep `intra_op_threads` (BENCHMARKS.md, settings)
+    large_threads: int = 0
+    large_rows: int = 512
 
 
 @dataclass(frozen=True)
@@ -63,9 +67,9 @@ class ActivationGraph:
     check: Callable[[dict[str, Any], dict[str, Any]], None] | None = None
 
 
-def _session(blob: bytes, options: RuntimeOptions) -> ort.InferenceSession:
+def _session(blob: bytes, options: RuntimeOptions, threads: int | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
-    so.intra_op_num_threads = options.intra_op_threads
+    so.intra_op_num_threads = options.intra_op_threads if threads is None else threads
     so.inter_op_num_threads = options.inter_op_threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
@@ -81,6 +85,9 @@ class ModelRuntime:
                  activations: ActivationGraph | None = None) -> None:
         self._options = options
         self._session = _session(blob, options)
+        self._large = _session(blob, options, options.large_threads) \
+            if options.large_threads and options.large_threads != options.intra_op_threads else None
+        self._large_rows = options.large_rows
         self.provider = self._session.get_providers()[0]  # the one that runs the graph
         self.graph_inputs = {i.name: i for i in self._session.get_inputs()}
         self.graph_outputs = {o.name: o for o in self._session.get_outputs()}
@@ -93,7 +100,8 @@ class ModelRuntime:
     def run(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """x: (B, T) int64 or (B, T, D) float32; states: each (L, B, H). Returns (B, T, C) and new states."""
         feed = {self._input: x, **dict(zip(self._states, states))}
-        out = self._session.run(self._outputs, feed)
+        large = self._large is not None and x.shape[0] * x.shape[1] >= self._large_rows
+        out = (self._large if large else self._session).run(self._outputs, feed)  # type: ignore[union-attr]
         return out[0], out[1:]
 
     def run_activations(self, x: np.ndarray, states: list[np.ndarray]

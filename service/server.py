@@ -127,8 +127,9 @@ async def create_server(settings: Settings) -> Running:
     except ProviderUnavailable as e:
         raise SystemExit(f"recur serve: {e}") from None
     log.info("ONNX Runtime providers: %s", ", ".join(providers))
-    models = ModelRepository.load(settings.models_dir, RuntimeOptions(intra_op_threads=settings.ort_threads,
-                                                                      provider=settings.provider))
+    models = ModelRepository.load(settings.models_dir, RuntimeOptions(
+        intra_op_threads=settings.ort_threads, provider=settings.provider, large_threads=settings.ort_threads_batch,
+        large_rows=settings.ort_batch_rows))
     if not models.all():
         raise SystemExit(f"no valid model under {settings.models_dir}; see the errors above")
     store = await open_store(settings.store, durability=settings.durability,

@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from recur.client import RecurClient, retryable
+from recur.client import RecurClient, packed_request, retryable
 from recur.v1 import recur_pb2 as pb
 from recur.v1 import recur_pb2_grpc
 from service.auth import Authenticator, TenantLimits, add_key, hash_key
@@ -68,6 +68,7 @@ def _auth(k: str) -> list[tuple[str, str]]:
 def _rpcs(stub: recur_pb2_grpc.RecurStub, sid: str) -> dict[str, Callable[[list[tuple[str, str]]], object]]:
     """Each RPC of recur.v1.Recur as a call taking metadata; streams are read to their first reply."""
     step = pb.StepRequest(session_id=sid, tokens=[1, 2])
+    packed = packed_request([sid], [np.array([1, 2], np.int32)])
     return {
         "ListModels": lambda md: stub.ListModels(pb.ListModelsRequest(), metadata=md, timeout=10),
         "CreateSession": lambda md: stub.CreateSession(pb.CreateSessionRequest(model="gru-lm"), metadata=md,
@@ -80,6 +81,8 @@ def _rpcs(stub: recur_pb2_grpc.RecurStub, sid: str) -> dict[str, Callable[[list[
         "Stream": lambda md: next(stub.Stream(iter([step]), metadata=md, timeout=10)),
         "StreamBatch": lambda md: next(stub.StreamBatch(iter([pb.StepBatch(steps=[step])]), metadata=md,
                                                         timeout=10)),
+        "StepPacked": lambda md: stub.StepPacked(packed, metadata=md, timeout=10),
+        "StreamPacked": lambda md: next(stub.StreamPacked(iter([packed]), metadata=md, timeout=10)),
         "Generate": lambda md: next(stub.Generate(pb.GenerateRequest(session_id=sid, prompt="a", max_tokens=2),
                                                   metadata=md, timeout=10)),
         "MigrateSession": lambda md: stub.MigrateSession(pb.MigrateSessionRequest(session_id=sid, version=1),
