@@ -55,6 +55,7 @@ bench: $(VENV)/.dev $(VENV)-tritonclient/.done
 	$(BIN)/python -m bench.redis_store
 	$(BIN)/python -m bench.soak
 	$(BIN)/python -m bench.v2
+	$(BIN)/python -m bench.activations
 
 clean:
 	rm -rf $(VENV) $(VENV)-tritonclient var runs data

@@ -178,15 +178,15 @@ def naive_server(engine: str = "torch") -> Process:
                     "--engine", engine])
 
 
-def _prebuilt(sids: list[str], seqs: np.ndarray, chunk: int, api: str) -> list:
+def _prebuilt(sids: list[str], seqs: np.ndarray, chunk: int, api: str, options: dict | None = None) -> list:
     """Every request message of the run, built before the clock starts: per session (step, stream)
     or per tick (batch, packed), each asking its full logits back."""
     n, length = seqs.shape
     ticks = range(0, length, chunk)
     if api in ("step", "stream"):
         return [[pb.StepRequest(session_id=sids[i], tokens=seqs[i, a : a + chunk].tolist(), expected_offset=a,
-                                return_logits=True, compact=True, request_id=str(i)) for a in ticks]
-                for i in range(n)]
+                                return_logits=True, compact=True, request_id=str(i), **(options or {}))
+                 for a in ticks] for i in range(n)]
     if api == "batch":
         return [pb.StepBatch(steps=[pb.StepRequest(session_id=sids[i], tokens=seqs[i, a : a + chunk].tolist(),
                                                    expected_offset=a, return_logits=True, compact=True)
@@ -194,11 +194,11 @@ def _prebuilt(sids: list[str], seqs: np.ndarray, chunk: int, api: str) -> list:
     return [pb.PackedStepBatch(session_ids=sids, expected_offsets=[a] * n,
                                lengths=[min(chunk, length - a)] * n,
                                tokens=np.ascontiguousarray(seqs[:, a : a + chunk], dtype="<i4").tobytes(),
-                               return_logits=True) for a in ticks]
+                               return_logits=True, **(options or {})) for a in ticks]
 
 
-async def _drive(server: Process | int, seqs: np.ndarray, chunk: int, api: str, check: int, budget: float
-                 ) -> Result:
+async def _drive(server: Process | int, seqs: np.ndarray, chunk: int, api: str, check: int, budget: float,
+                 options: dict | None = None) -> Result:
     """S sessions, each sending its next chunk when the previous reply arrives (the batch APIs: all
     sessions' next chunks in one message per tick). `server`: a Process (its CPU is measured) or a port."""
     proc = server if isinstance(server, Process) else None
@@ -209,7 +209,7 @@ async def _drive(server: Process | int, seqs: np.ndarray, chunk: int, api: str, 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub = recur_pb2_grpc.RecurStub(ch)
         sids = [(await stub.CreateSession(pb.CreateSessionRequest(model="pylm"))).session_id for _ in range(n)]
-        requests = _prebuilt(sids, seqs, chunk, api)
+        requests = _prebuilt(sids, seqs, chunk, api, options)
         pos = [0] * n
         done = 0
         cpu0, ort0 = (proc.cpu_seconds(), proc.ort_seconds()) if proc else (0.0, 0.0)
@@ -226,7 +226,8 @@ async def _drive(server: Process | int, seqs: np.ndarray, chunk: int, api: str, 
             # sessions in groups of at most GROUP, each group one message per tick: several messages in
             # flight on the stream, each session still sending its next chunk only after its reply
             bounds = [*range(0, n, GROUP), n]
-            groups = [(a, b, _prebuilt(sids[a:b], seqs[a:b], chunk, api)) for a, b in itertools.pairwise(bounds)]
+            groups = [(a, b, _prebuilt(sids[a:b], seqs[a:b], chunk, api, options))
+                      for a, b in itertools.pairwise(bounds)]
             call = stub.StreamBatch() if api == "batch" else stub.StreamPacked()
             sent_at: list[float] = []
             ticks = [0] * len(groups)

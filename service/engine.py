@@ -29,7 +29,6 @@ from service.runtime import ModelRuntime
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-INLINE_STEPS = 4  # a lone chunk of at most this many steps runs on the event loop's thread (see _run_isolating)
 
 
 @dataclass(frozen=True)
@@ -151,9 +150,6 @@ class Engine:
             self._calls.add(task)  # a strong reference until it ends
             task.add_done_callback(self._calls.discard)
 
-    def _queued(self) -> bool:
-        return any(q.jobs for q in self._queues.values())
-
     def _take(self) -> tuple[_ModelQueue, list[_Job]] | None:
         """The longest-waiting model's next batch (round robin over models)."""
         for key in list(self._queues):
@@ -195,13 +191,7 @@ class Engine:
         failing job fails, not the rest of its batch."""
         loop = asyncio.get_running_loop()
         try:
-            if len(group) == 1 and steps <= INLINE_STEPS and self._busy == 1 and not self._queued():
-                # one short chunk and nothing else waiting: run it here, without the hop to a thread and
-                # back (a call of ~0.1 ms would wait longer for the loop to notice it had finished)
-                result, seconds, cpu = _timed(_run_group, runtime, group, steps)
-            else:
-                result, seconds, cpu = await loop.run_in_executor(self._pool, _timed, _run_group, runtime, group,
-                                                                  steps)
+            result, seconds, cpu = await loop.run_in_executor(self._pool, _timed, _run_group, runtime, group, steps)
             if self.on_call is not None:
                 self.on_call(len(group), seconds, cpu)
             return [(group, result)]

@@ -36,3 +36,10 @@ def test_v2_bench_smoke() -> None:
     out = subprocess.run([sys.executable, "-m", "bench.v2", "--sessions", "4", "--chunk", "4", "--length", "32",
                           "--no-write"], cwd=ROOT, check=True, timeout=300, capture_output=True, text=True).stdout
     assert "ModelStreamInfer (tritonclient, full logits)" in out and "v2 / native:" in out
+
+
+def test_activations_bench_smoke() -> None:
+    """Its four cells run and check their logits against the one-pass reference (a few seconds)."""
+    out = subprocess.run([sys.executable, "-m", "bench.activations", "--quick"], cwd=ROOT, check=True, timeout=300,
+                         capture_output=True, text=True).stdout
+    assert "exported without | not asked" in out and "asked: every layer's h and c" in out

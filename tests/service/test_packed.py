@@ -185,3 +185,31 @@ def test_a_features_model_rejects_tokens_per_chunk(client: RecurClient) -> None:
 def test_empty_message_is_answered_empty(client: RecurClient) -> None:
     reply = client.stub.StepPacked(pb.PackedStepBatch())
     assert not reply.failed and not reply.offsets and reply.argmax == b""
+
+
+def test_sigkill_and_restart_lose_nothing_and_a_lost_reply_is_replayed(start_server, reference) -> None:  # type: ignore[no-untyped-def]
+    """SQLite sync: packed chunks acknowledged before a SIGKILL are all there after the restart; the
+    last message, re-sent as if its reply had been lost, is replayed (not applied twice); the rest
+    of each sequence then continues to one pass's state."""
+    ref = reference("gru-lm")
+    rng = np.random.default_rng(21)
+    seqs = [rng.integers(0, 98, 30).astype(np.int32) for _ in range(8)]
+    server = start_server()
+    with server.client() as c:
+        sids = [c.create("gru-lm").session_id for _ in seqs]
+        c.step_packed(sids, [s[:10] for s in seqs], expected_offsets=[0] * 8)
+        last = c.step_packed(sids, [s[10:20] for s in seqs], expected_offsets=[10] * 8, return_logits=True)
+        assert not last.errors
+    server.kill()  # SIGKILL
+    again = start_server(server.store)
+    with again.client() as c:
+        retry = c.step_packed(sids, [s[10:20] for s in seqs], expected_offsets=[10] * 8, return_logits=True)
+        assert retry.replayed == set(range(8)) and list(retry.offsets) == [20] * 8
+        assert retry.logits is not None and last.logits is not None
+        assert np.abs(retry.logits - last.logits).max() <= TOL
+        rest = c.step_packed(sids, [s[20:] for s in seqs], expected_offsets=[20] * 8)
+        assert not rest.errors and list(rest.offsets) == [30] * 8
+        for sid, seq in zip(sids, seqs):
+            _, want = ref.run(seq.astype(np.int64))
+            for g, w in zip(state_of(c.get(sid, include_state=True)), want):
+                assert np.abs(g - w).max() <= TOL
