@@ -11,8 +11,8 @@ state its session's previous chunk left):
              and ONNX Runtime
 Every gRPC row asks every chunk's full logits back (return_logits, compact), and the load generator
 builds all its request messages before the clock starts. For each recur row the server process's
-own CPU time per chunk (user + system, /proc) is recorded next to ONNX Runtime's time per chunk
-(its calls' summed duration, from the server's /metrics), over the measured window.
+own CPU time per chunk (user + system, /proc) is recorded next to ONNX Runtime's CPU time per chunk
+(its threads', /proc/PID/task), over the measured window.
 Writes BENCHMARKS.md and bench/throughput.png.
 
     python -m bench.run                 # the full suite (make bench)
@@ -139,16 +139,21 @@ class Process:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def ort_seconds(self) -> float:
-        """CPU seconds of ONNX Runtime calls so far, timed in their threads (recur's /metrics); 0 without."""
-        if not self.metrics_port:
-            return 0.0
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith("recur_engine_cpu_seconds_total"):
-                    return float(line.split()[-1])
-        return 0.0
+        """CPU seconds so far of ONNX Runtime's threads: the server's inference thread (named recur-ort)
+        and the intra-op pool threads ONNX Runtime started (unnamed: "python", not the main thread);
+        not gRPC's threads, not the SQLite writer (recur-sqlite). 0 for a process without recur-ort."""
+        total, ours = 0.0, False
+        tick = os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            try:
+                comm = (task / "comm").read_text().strip()
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended meanwhile
+                continue
+            ours = ours or comm == "recur-ort"
+            if comm == "recur-ort" or (comm == "python" and task.name != str(self.proc.pid)):
+                total += (int(fields[11]) + int(fields[12])) / tick
+        return total if ours else 0.0
 
     def reset_peak(self) -> None:
         Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
@@ -453,7 +458,8 @@ def main() -> None:
                "every chunk's full logits back, from request messages built before the clock starts. The limit "
                "(bold) is the better of the in-process batched runs with 1 and with the default ONNX Runtime "
                "threads; ratios are to it. Server CPU: the server process's user + system time per chunk over "
-               "the window (/proc); ORT: its ONNX Runtime calls' time per chunk (/metrics).\n\n"
+               "the window (/proc); ORT: the CPU time per chunk of its ONNX Runtime threads (the inference "
+               "thread and ONNX Runtime's intra-op pool, read per thread from /proc).\n\n"
                + table(results) + "\n\n![throughput](bench/throughput.png)\n")
     write_section(args.out, "## Throughput and latency", section)
 

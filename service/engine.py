@@ -26,6 +26,7 @@ import numpy as np
 
 from service.errors import DeadlineExceeded, LimitExceeded, RecurError
 from service.runtime import ModelRuntime
+from service.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,7 +79,8 @@ class Engine:
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
         self.stats = EngineStats()
-        self._pool = ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="ort")
+        self._pool = ThreadPoolExecutor(max_workers=options.threads, thread_name_prefix="ort",
+                                        initializer=name_this_thread, initargs=("recur-ort",))
         self._queues: dict[int, _ModelQueue] = {}
         self._busy = 0  # calls in flight
         self._calls: set[asyncio.Task] = set()

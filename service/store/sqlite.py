@@ -60,6 +60,7 @@ from service.store.base import (
     tenant_limit,
     unpack_arrays,
 )
+from service.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,8 @@ class SqliteStore(Store):
         self.max_pending_writes = max(1, max_pending_writes)
         self.max_pages = max_pages  # PRAGMA max_page_count (0: SQLite's default); a real limit, for tests
         self.close_timeout = close_timeout
-        self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")
+        self._exec = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite", initializer=name_this_thread,
+                                        initargs=("recur-sqlite",))
         self._conn: sqlite3.Connection | None = None
         self._cache: OrderedDict[Key, SessionRecord] = OrderedDict()  # clean records only
         self._cache_size, self._cache_bytes = cache_size, cache_bytes
