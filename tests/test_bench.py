@@ -43,3 +43,9 @@ def test_activations_bench_smoke() -> None:
     out = subprocess.run([sys.executable, "-m", "bench.activations", "--quick"], cwd=ROOT, check=True, timeout=300,
                          capture_output=True, text=True).stdout
     assert "exported without | not asked" in out and "asked: every layer's h and c" in out
+
+
+def test_arena_bench_smoke() -> None:
+    out = subprocess.run([sys.executable, "-m", "bench.arena", "--quick"], cwd=ROOT, check=True, timeout=120,
+                         capture_output=True, text=True).stdout
+    assert out.count("\n") == 4 and "| 64 |" in out and "| 256 |" in out
