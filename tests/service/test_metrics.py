@@ -5,6 +5,7 @@ from __future__ import annotations
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -112,3 +113,19 @@ def test_metrics_port_zero_turns_the_endpoint_off(start_server) -> None:  # type
     server = start_server(store="memory:", extra=["--metrics-port", "0"])
     assert server.metrics_port == 0
     assert not any(line.startswith("metrics on port") for line in server.log)
+
+
+def test_packed_messages_count_their_chunks_and_steps(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(store="memory:")
+    with server.client() as c:
+        sids = [c.create(MODEL).session_id for _ in range(3)]
+        first = c.step_packed(sids, [np.array([1, 2, 3], np.int32)] * 3, expected_offsets=[0] * 3)
+        assert not first.errors
+        # chunk 0 replayed (0 steps), chunk 1 applied (2 steps), chunk 2 refused for its offset
+        c.step_packed(sids, [np.array([1, 2, 3], np.int32), np.array([4, 5], np.int32), np.array([6], np.int32)],
+                      expected_offsets=[0, 3, 0])
+    m = scrape(server)
+    assert value(m, "recur_chunks_total", rpc="StepPacked", tenant="default") == 5
+    assert value(m, "recur_tokens_total", rpc="StepPacked", tenant="default") == 11
+    assert value(m, "recur_errors_total", rpc="StepPacked", code="FAILED_PRECONDITION") == 1
+    assert value(m, "recur_engine_cpu_seconds_total") > 0
