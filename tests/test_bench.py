@@ -21,7 +21,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
             "naive ort (unary)", "naive torch (unary)"} <= modes
     grpc_cells = [r for r in results if r["mode"].startswith("recur")]
     assert all(r["tokens"] == r["sessions"] * 32 and r["checked"] >= 1 for r in grpc_cells)
-    assert all(r["server_cpu"] > 0 and r["ort_seconds"] > 0 for r in grpc_cells)
+    # CPU times come from /proc in clock ticks (10 ms): a tiny cell may read 0, the run as a whole may not
+    assert all(r["server_cpu"] >= 0 and r["ort_seconds"] >= 0 for r in grpc_cells)
+    assert sum(r["server_cpu"] for r in grpc_cells) > 0 and sum(r["ort_seconds"] for r in grpc_cells) > 0
 
 
 def test_soak_smoke() -> None:
