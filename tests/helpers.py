@@ -419,3 +419,36 @@ class Prometheus:
             self.proc.terminate()
             self.proc.wait(30)
         self.log.close()
+
+
+def torch_activations(net, x: np.ndarray, states: list[np.ndarray]) -> dict:  # type: ignore[no-untyped-def]
+    """Every layer's h (and c) at every step of `x` (B, T[, D]) from `states` (each (L, B, H)), keyed
+    (state, layer), from a training.model.SequenceModel run one layer and one step at a time in PyTorch."""
+    import torch  # only the tests that compare with PyTorch pay for importing it
+
+    cell, hidden = net.config.cell, net.config.hidden
+    out = {}
+    with torch.no_grad():
+        seq = torch.from_numpy(x)
+        if net.embed is not None:
+            seq = net.embed(seq)
+        for layer in range(net.config.layers):
+            module = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](
+                seq.shape[-1], hidden, batch_first=True)
+            module.load_state_dict({k.replace(f"_l{layer}", "_l0"): v for k, v in net.rnn.state_dict().items()
+                                    if k.endswith(f"_l{layer}")})
+            h = torch.from_numpy(states[0][layer : layer + 1])
+            c = torch.from_numpy(states[1][layer : layer + 1]) if cell == "lstm" else None
+            hs, cs = [], []
+            for t in range(seq.shape[1]):
+                if cell == "lstm":
+                    _, (h, c) = module(seq[:, t : t + 1], (h, c))
+                    cs.append(c[0])
+                else:
+                    _, h = module(seq[:, t : t + 1], h)
+                hs.append(h[0])
+            seq = torch.stack(hs, 1)
+            out[("h", layer)] = seq.numpy()
+            if cell == "lstm":
+                out[("c", layer)] = torch.stack(cs, 1).numpy()
+    return out

@@ -16,37 +16,23 @@ import torch
 
 from recur.client import RecurClient
 from recur.v1 import recur_pb2 as pb
-from tests.helpers import Server
+from tests.helpers import Server, torch_activations
 from training.export import model_from_repository
 
 TOL = 1e-5
 
 
 def _torch_layers(model_dir: Path, tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """Each layer's per-step h (and, for an LSTM, c) from PyTorch: h from the stacked module's output
-    run layer by layer, c by stepping one step at a time."""
+    """Each layer's per-step h (and c for an LSTM) from PyTorch, named as the API names them; the last
+    layer's h is also checked to be the model's own output."""
     model = model_from_repository(model_dir)
     cfg = model.config
-    out: dict[str, np.ndarray] = {}
+    x = tokens.astype(np.int64)[None]
+    zeros = [np.zeros((cfg.layers, 1, cfg.hidden), np.float32) for _ in model.state_names]
+    out = {f"{state}_l{layer}": v[0] for (state, layer), v in torch_activations(model, x, zeros).items()}
     with torch.no_grad():
-        x = model.embed(torch.from_numpy(tokens.astype(np.int64))[None])
-        y, _ = model.rnn(x)
-        out[f"h_l{cfg.layers - 1}"] = y[0].numpy()  # the model's own output: the last layer's h
-        inp = x
-        for layer in range(cfg.layers):
-            single = type(model.rnn)(inp.shape[-1], cfg.hidden, batch_first=True)
-            single.load_state_dict({k.replace(f"_l{layer}", "_l0"): v for k, v in model.rnn.state_dict().items()
-                                    if k.endswith(f"_l{layer}")})
-            inp, _ = single(inp)
-            out.setdefault(f"h_l{layer}", inp[0].numpy())
-            if cfg.cell == "lstm":
-                h = c = torch.zeros(1, 1, cfg.hidden)
-                cs = []
-                for t in range(x.shape[1]):
-                    source = x if layer == 0 else torch.from_numpy(out[f"h_l{layer - 1}"])[None]
-                    _, (h, c) = single(source[:, t : t + 1], (h, c))
-                    cs.append(c[0, 0].numpy().copy())
-                out[f"c_l{layer}"] = np.stack(cs)
+        y, _ = model.rnn(model.embed(torch.from_numpy(x)))
+    assert np.abs(out[f"h_l{cfg.layers - 1}"] - y[0].numpy()).max() <= TOL
     return out
 
 

@@ -20,9 +20,8 @@ from service.errors import ModelInvalid
 from service.models import Model, ModelRepository, load_model
 from service.runtime import ActivationsUnavailable, RuntimeOptions
 from service.schema import problem
-from tests.helpers import CELLS, HEADS, TOL
+from tests.helpers import CELLS, HEADS, TOL, torch_activations
 from training.export import build_graph, model_from_repository, reexport
-from training.model import SequenceModel
 
 CASES = [(c, h) for c in CELLS for h in HEADS]
 CUTS = [0, 7, 8, 30, 41]  # chunks of 7, 1, 22 and 11 steps
@@ -67,36 +66,6 @@ def _chunked(model: Model, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.
     return np.concatenate(logits, axis=1), states, joined
 
 
-def _torch_steps(net: SequenceModel, x: np.ndarray, states: list[np.ndarray]) -> dict:
-    """Every layer's h (and c) at every step, from PyTorch run one layer and one step at a time."""
-    cell, hidden = net.config.cell, net.config.hidden
-    out = {}
-    with torch.no_grad():
-        seq = torch.from_numpy(x)
-        if net.embed is not None:
-            seq = net.embed(seq)
-        for layer in range(net.config.layers):
-            module = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](
-                seq.shape[-1], hidden, batch_first=True)
-            module.load_state_dict({k.replace(f"_l{layer}", "_l0"): v for k, v in net.rnn.state_dict().items()
-                                    if k.endswith(f"_l{layer}")})
-            h = torch.from_numpy(states[0][layer : layer + 1])
-            c = torch.from_numpy(states[1][layer : layer + 1]) if cell == "lstm" else None
-            hs, cs = [], []
-            for t in range(seq.shape[1]):
-                if cell == "lstm":
-                    _, (h, c) = module(seq[:, t : t + 1], (h, c))
-                    cs.append(c[0])
-                else:
-                    _, h = module(seq[:, t : t + 1], h)
-                hs.append(h[0])
-            seq = torch.stack(hs, 1)
-            out[("h", layer)] = seq.numpy()
-            if cell == "lstm":
-                out[("c", layer)] = torch.stack(cs, 1).numpy()
-    return out
-
-
 @pytest.mark.parametrize("cell,head", CASES)
 def test_activations_equal_pytorch_across_chunks(tiny_models: Path, cell: str, head: str) -> None:
     d = tiny_models / f"{cell}-{head}" / "1"
@@ -116,7 +85,7 @@ def test_activations_equal_pytorch_across_chunks(tiny_models: Path, cell: str, h
         y, _ = net.rnn(net.embed(seq) if net.embed is not None else seq,
                        tuple(torch.from_numpy(s) for s in states) if cell == "lstm" else torch.from_numpy(states[0]))
     assert np.abs(acts[("h", 1)] - y.numpy()).max() <= TOL
-    for key, want in _torch_steps(net, x, states).items():  # every layer's h, and c, step by step
+    for key, want in torch_activations(net, x, states).items():  # every layer's h, and c, step by step
         assert np.abs(acts[key] - want).max() <= TOL, key
     for i, s in enumerate(states_names):  # the last step's activations are the new state
         for layer in range(2):
