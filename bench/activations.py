@@ -16,12 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.run import ROOT, Process, _drive, _sequences, machine, write_section
-
-
-def _server(models: Path) -> Process:
-    return Process([sys.executable, "-m", "recur.cli", "--log-level", "WARNING", "serve", "--models-dir",
-                    str(models), "--store", "memory:", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1"])
+from bench.run import ROOT, _drive, _sequences, machine, recur_server, write_section
 
 
 def _without_activations(models: Path) -> None:
@@ -43,7 +38,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         old = Path(tmp) / "models"
         _without_activations(old)
-        servers = {"with activations.onnx": _server(ROOT / "models"), "exported without": _server(old)}
+        servers = {"with activations.onnx": recur_server("memory:"),
+                   "exported without": recur_server("memory:", models=old)}
         cells = [("exported without", "not asked", None), ("with activations.onnx", "not asked", None),
                  ("with activations.onnx", "asked: last layer's h", {"return_activations": True,
                                                                      "activation_layers": [-1],

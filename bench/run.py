@@ -172,9 +172,9 @@ class Process:
             self.proc.kill()
 
 
-def recur_server(store: str, *extra: str) -> Process:
+def recur_server(store: str, *extra: str, models: Path = ROOT / "models") -> Process:
     return Process([sys.executable, "-m", "recur.cli", "--log-level", "WARNING", "serve", "--models-dir",
-                    str(ROOT / "models"), "--store", store, "--host", "127.0.0.1", "--port", "0", "--metrics-port",
+                    str(models), "--store", store, "--host", "127.0.0.1", "--port", "0", "--metrics-port",
                     "-1", *extra])
 
 

@@ -46,15 +46,21 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def top_k_of(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most likely ids (int32) of each row of `logits` (rows, C), most likely first, and their
+    probabilities (float32, from a float64 softmax)."""
+    k = min(k, logits.shape[-1])
+    probs = softmax(logits.astype(np.float64))
+    top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return top.astype(np.int32), np.take_along_axis(probs, top, axis=-1).astype(np.float32)
+
+
 def step_outputs(model: Model, logits: np.ndarray, top_k: int) -> list[StepOutput]:
     """One StepOutput per row of `logits` (T, C). Probabilities are computed only when top-k is asked."""
     argmax = logits.argmax(axis=-1).tolist()
-    k = min(top_k, logits.shape[-1])
-    if k:
-        probs = softmax(logits.astype(np.float64))
-        top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-        top_ids = top.tolist()
-        top_probs = np.take_along_axis(probs, top, axis=-1).tolist()
+    if top_k:
+        ids, probs = top_k_of(logits, top_k)
+        top_ids, top_probs = ids.tolist(), probs.tolist()
     else:
         top_ids = top_probs = [[]] * len(argmax)
     if model.head == "lm":

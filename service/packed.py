@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import InvalidInput, LimitExceeded
-from service.outputs import ActivationRequest, softmax
+from service.outputs import ActivationRequest
 from service.types import NamedTensor
 
 
@@ -121,11 +121,3 @@ def first_bad_token(lay: Layout, vocab_size: int) -> dict[int, tuple[int, int]]:
 def rows_of(lay: Layout, chunks: np.ndarray, steps: int) -> np.ndarray:
     """Row indices (len(chunks), steps) of equal-length chunks."""
     return lay.starts[chunks][:, None] + np.arange(steps)
-
-
-def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k ids (int32) and probabilities (float32) of each row, most likely first."""
-    k = min(k, logits.shape[-1])
-    probs = softmax(logits.astype(np.float64))
-    top = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    return top.astype(np.int32), np.take_along_axis(probs, top, axis=-1).astype(np.float32)

@@ -116,6 +116,18 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         return self.auth.tenant_of(context.invocation_metadata() or ())
 
+    async def _open_stream(self, rpc: str, context: grpc.aio.ServicerContext) -> str:
+        """A stream's start: its caller's tenant (or the call ends UNAUTHENTICATED), the replica header,
+        and one more open stream counted; the caller counts it closed."""
+        try:
+            tenant = self._tenant(context)
+        except RecurError as e:
+            self.metrics.error(rpc, status_of(e)[0].name)
+            await context.abort(*status_of(e))
+        await context.send_initial_metadata(self.metadata)
+        self.metrics.open_streams.labels(rpc).inc()
+        return tenant
+
     @unary
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -167,13 +179,7 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
         """Chunks of different sessions run concurrently, each session's in arrival order
         (the core's per-session locks are FIFO). A refused chunk gets its own status."""
-        try:
-            tenant = self._tenant(context)
-        except RecurError as e:
-            self.metrics.error("Stream", status_of(e)[0].name)
-            await context.abort(*status_of(e))
-        await context.send_initial_metadata(self.metadata)
-        self.metrics.open_streams.labels("Stream").inc()
+        tenant = await self._open_stream("Stream", context)
         try:
             async for reply in streams.handled(request_iterator,
                                                lambda r: self._step_or_status(tenant, r, _deadline(context)),
@@ -224,13 +230,7 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         """Each message's chunks run together; messages are answered in order, and a later message
         may start while an earlier one runs (each session's chunks still apply in arrival order).
         At most max(1, --max-stream-inflight / 16) messages are read ahead of the replies sent."""
-        try:
-            tenant = self._tenant(context)
-        except RecurError as e:
-            self.metrics.error("StreamBatch", status_of(e)[0].name)
-            await context.abort(*status_of(e))
-        await context.send_initial_metadata(self.metadata)
-        self.metrics.open_streams.labels("StreamBatch").inc()
+        tenant = await self._open_stream("StreamBatch", context)
         try:
             async for steps in streams.ordered(request_iterator,
                                                lambda b: self._batch(tenant, b, _deadline(context)),
@@ -276,13 +276,7 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
     async def StreamPacked(self, request_iterator: AsyncIterator[pb.PackedStepBatch | Malformed],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PackedStepBatchResponse]:
         """As StreamBatch: messages answered in order, a later one may start while an earlier one runs."""
-        try:
-            tenant = self._tenant(context)
-        except RecurError as e:
-            self.metrics.error("StreamPacked", status_of(e)[0].name)
-            await context.abort(*status_of(e))
-        await context.send_initial_metadata(self.metadata)
-        self.metrics.open_streams.labels("StreamPacked").inc()
+        tenant = await self._open_stream("StreamPacked", context)
         try:
             async for reply in streams.ordered(request_iterator,
                                                lambda r: self._packed_or_status(tenant, r, _deadline(context)),

@@ -25,7 +25,7 @@ from service.engine import Engine
 from service.errors import InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, RecurError, StoreConflict
 from service.locks import CallGate, SessionLocks
 from service.models import Model, ModelRepository, StateSpec
-from service.outputs import OutputOptions, sample, select_activations, step_outputs
+from service.outputs import OutputOptions, sample, select_activations, step_outputs, top_k_of
 from service.packed import PackedInput, PackedResult
 from service.store import SessionRecord, Store
 from service.store.base import NO_EVENTS, Events, SessionSummary
@@ -95,11 +95,19 @@ class _PackedOutputs:
             a = acts[i][:, -1] if self.final_only else acts[i].reshape(-1, acts[i].shape[-1])
             out[rows] = a if units is None else a[:, units]
 
+    def _failed_rows(self, errors: dict[int, Exception]) -> np.ndarray:
+        """The output rows of the refused chunks."""
+        failed = np.fromiter(errors, np.int64, len(errors))
+        if self.final_only or not len(failed):
+            return failed
+        return np.concatenate([np.arange(self.lay.starts[i], self.lay.starts[i] + self.lay.lengths[i])
+                               for i in failed.tolist()])
+
     def named_activations(self, errors: dict[int, Exception]) -> list[NamedTensor]:
         if self.picks is None:
             return []
-        for i in errors:
-            rows = [i] if self.final_only else slice(self.lay.starts[i], self.lay.starts[i] + self.lay.lengths[i])
+        if errors:
+            rows = self._failed_rows(errors)
             for a in self.acts:
                 a[rows] = 0
         return [NamedTensor(name, a) for (name, _), a in zip(self.picks, self.acts)]
@@ -109,9 +117,7 @@ class _PackedOutputs:
         logits = self.logits if self.logits is not None else np.zeros((self.rows, self.classes), np.float32)
         argmax = logits.argmax(axis=-1).astype(np.int32) if self.classes else np.full(self.rows, -1, np.int32)
         if errors:
-            failed = np.fromiter(errors, np.int64, len(errors))
-            rows = failed if self.final_only else np.concatenate(
-                [np.arange(self.lay.starts[i], self.lay.starts[i] + self.lay.lengths[i]) for i in failed.tolist()])
+            rows = self._failed_rows(errors)
             argmax[rows] = -1
             if keep_logits and len(rows):
                 logits = logits.copy() if logits.base is not None else logits
@@ -347,10 +353,8 @@ class SessionService:
         acts = None
         max_replay = self.settings.max_replay_bytes
         if activations:
-            logits3, states3, acts3 = await self.engine.submit_block(model.runtime, x, [s[:, None] for s in rec.state],
-                                                                     deadline, activations=True)
-            logits, new_states = logits3[0], [np.ascontiguousarray(s[:, 0]) for s in states3]
-            acts, max_replay = [a[0] for a in acts3], -1
+            logits, new_states, acts = await self._run_with_activations(model, x, rec.state, deadline)
+            max_replay = -1
         else:
             logits, new_states = await self.engine.run(model.runtime, x[0], rec.state, deadline)  # batched
         new = _advanced(rec, x.shape[1], digest, logits, new_states, self.store.clock(), max_replay)
@@ -427,9 +431,16 @@ class SessionService:
         if rec.last_prev_state is None:
             raise NoOutputYet(f"session {rec.session_id}'s last chunk was applied without return_activations, so "
                               "its activations were not kept; its retry cannot return them")
-        logits3, _, acts3 = await self.engine.submit_block(model.runtime, x, [s[:, None] for s in rec.last_prev_state],
-                                                           deadline, activations=True)
-        return logits3[0], [a[0] for a in acts3]
+        logits, _, acts = await self._run_with_activations(model, x, rec.last_prev_state, deadline)
+        return logits, acts
+
+    async def _run_with_activations(self, model: Model, x: np.ndarray, state: list[np.ndarray], deadline: float | None
+                                    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """One chunk x (1, T[, D]) from `state` on the activation graph, as a block of one: its logits
+        (T, C), new state (each (L, H)) and activations (each (T, H))."""
+        logits, states, acts = await self.engine.submit_block(model.runtime, x, [s[:, None] for s in state], deadline,
+                                                              activations=True)
+        return logits[0], [np.ascontiguousarray(s[:, 0]) for s in states], [a[0] for a in acts]
 
     async def step(self, tenant: str, inp: StepInput) -> StepResult:
         async with self._calls, self._locks.hold((tenant, inp.session_id)):
@@ -564,7 +575,7 @@ class SessionService:
             res.activations = out.named_activations(errors)
         res.argmax, res.logits = out.finish(errors, p.return_logits)
         if p.top_k and res.logits is not None and out.classes:
-            res.top_ids, res.top_probs = packed.top_k(res.logits, p.top_k)
+            res.top_ids, res.top_probs = top_k_of(res.logits, p.top_k)
         if not p.return_logits:
             res.logits = None
         return res
