@@ -522,13 +522,16 @@ class SqliteStore(Store):
         """Retried writes, then new ones, in one transaction; when that fails, what can go on goes."""
         batch = retry + new
         outcome = await self._attempt(batch)
-        if isinstance(outcome, sqlite3.OperationalError) and retry and new:
-            # The retried writes may be what cannot be stored (a full disk): the others, of other
-            # sessions, go alone (a delete among them may be what frees the space).
-            alone = await self._attempt(new)
+        waiting = {w.key for w in retry}
+        others = [w for w in new if w.key not in waiting]
+        if isinstance(outcome, sqlite3.OperationalError) and retry and others:
+            # The retried writes may be what cannot be stored (a full disk): the writes of other
+            # sessions go alone (a delete among them may be what frees the space). A later write of
+            # a retried session stays behind it, in order: alone it would meet the older row.
+            alone = await self._attempt(others)
             if not isinstance(alone, Exception):
-                self._settle_batch(retry, outcome)
-                self._settle_batch(new, alone)
+                self._settle_batch(retry + [w for w in new if w.key in waiting], outcome)
+                self._settle_batch(others, alone)
                 return
         elif isinstance(outcome, Exception) and not isinstance(outcome, sqlite3.OperationalError) and len(batch) > 1:
             for w in batch:  # one write cannot be stored (never expected): find it, let the others go on

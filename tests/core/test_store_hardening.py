@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -400,3 +401,37 @@ async def test_ping(tmp_path: Path) -> None:
     store = await SqliteStore(tmp_path / "ping.db").open()
     await store.ping()
     await store.close()
+
+
+async def test_a_write_queued_behind_a_retried_one_waits_for_it(tmp_path: Path) -> None:
+    """A session's write acknowledged while its earlier write was failing (a disk full for that one
+    write only) waits behind it: it is neither tried alone against the older row (a conflict that
+    would fence the session for good) nor lost; both are stored once there is room."""
+    path = tmp_path / "q.db"
+    store = await SqliteStore(path, durability="async", async_window=0.05).open()
+    await store.create(_rec("a"))
+    await store.create(_rec("b"))
+    real = store._apply
+    full = threading.Event()
+    full.set()
+    failing = threading.Event()
+
+    def apply(batch):  # type: ignore[no-untyped-def]
+        if full.is_set() and any(w.kind == "put" and w.key == ("default", "a") and w.record.offset == 1
+                                 for w in batch):
+            failing.set()
+            time.sleep(0.3)  # a slow failing commit: the next write of "a" is acknowledged meanwhile
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(batch)
+
+    store._apply = apply  # type: ignore[method-assign]
+    await store.put(_rec("a", 1), prev_offset=0)
+    await _until(failing.is_set)
+    await store.put(_rec("a", 2), prev_offset=1)  # acknowledged before the failure is known
+    await store.put(_rec("b", 1), prev_offset=0)
+    await _until(lambda: _disk_offsets(path)["b"] == 1)  # other sessions go on
+    full.clear()
+    await _until(lambda: not store._fenced)
+    assert (await store.get("default", "a")).offset == 2
+    await store.close()
+    assert await _reopened_offsets(path, ["a", "b"]) == [2, 1]
