@@ -22,8 +22,9 @@ key (hex); each maps to a tenant, and each tenant may have its own limits:
   removing the old entry).
 - `tenants` (optional): per-tenant limits, each 0 or absent for "no per-tenant limit" (the
   server-wide `--max-sessions` / `--max-chunk` still apply). `max_sessions`: live sessions of the
-  tenant; `max_chunk`: steps in one chunk; `requests_per_second`: calls per second (a token bucket
-  holding one second of calls, at least one). A tenant named by a key but not listed here has no
+  tenant; `max_chunk`: steps in one chunk; `requests_per_second`: chunks per second (a call counts
+  one, a stream or batch message one per chunk it carries; a token bucket holding one second of them,
+  at least one, which a larger message may leave in debt). A tenant named by a key but not listed here has no
   limits of its own. Tenant names: letters, digits, `.`, `_`, `-` (1 to 64).
 
 `recur keys add --file FILE --tenant NAME [--max-sessions N] [--max-chunk N]
@@ -45,6 +46,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import math
 import os
 import re
@@ -60,6 +62,8 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import LimitExceeded, RecurError, Unauthenticated
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TENANT = "default"
 MISSING_KEY = "missing API key: send 'authorization: Bearer KEY' metadata"
@@ -102,11 +106,13 @@ class _Bucket:
         self.rate, self.capacity = rate, max(1.0, rate)
         self.tokens, self.at = self.capacity, now
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float, n: int = 1) -> bool:
+        """Whether `n` chunks may go now. A message of more chunks than the bucket holds goes when the
+        bucket is not empty and leaves it in debt, so that over time the rate holds whatever the sizes."""
         self.tokens = min(self.capacity, self.tokens + (now - self.at) * self.rate)
         self.at = now
         if self.tokens >= 1.0:
-            self.tokens -= 1.0
+            self.tokens -= n
             return True
         return False
 
@@ -133,6 +139,7 @@ class Authenticator:
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
         self.source = source  # the key file, for log lines
+        self._seen = _file_version(source) if source else None
 
     # -- construction ------------------------------------------------------------------------------
 
@@ -172,6 +179,57 @@ class Authenticator:
     def limits(self, tenant: str) -> TenantLimits:
         return self._limits.get(tenant, NO_LIMITS)
 
+    def reload(self) -> bool:
+        """Read the key file again (SIGHUP, or a poll that saw it change): revoked keys are refused and new
+        ones served from now on. A file that does not parse leaves the keys as they were (logged).
+        Whether anything changed."""
+        if not self.source:
+            return False
+        self._seen = _file_version(self.source)
+        try:
+            keys, limits, admins = _parse(Path(self.source))
+            if not keys:
+                raise SystemExit(f"key file {self.source}: lists no keys")
+        except SystemExit as e:
+            log.error("keeping the API keys as they were: %s", e)
+            return False
+        new_keys = [(bytes.fromhex(digest), tenant) for digest, tenant in keys]
+        new_admins = {bytes.fromhex(d) for d in admins}
+        changed = (new_keys, new_admins, limits) != (self._keys, self._admins, self._limits)
+        with self._lock:
+            self._keys, self._admins, self._limits = new_keys, new_admins, dict(limits)
+            self._buckets = {t: b for t, b in self._buckets.items() if limits.get(t, NO_LIMITS).requests_per_second
+                             == b.rate}
+        if changed:
+            log.warning("API keys reloaded from %s: tenants %s", self.source, ", ".join(self.tenants))
+        return changed
+
+    def changed_on_disk(self) -> bool:
+        return bool(self.source) and _file_version(self.source) != self._seen
+
+    def identifies(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        """Whether the call carries a key this server knows (no rate charged): what may see the replica header."""
+        if self.is_open:
+            return True
+        key = _bearer(metadata)
+        if key is None:
+            return False
+        digest = hashlib.sha256(key).digest()
+        return any([hmac.compare_digest(stored, digest) for stored, _ in self._keys])
+
+    def is_admin(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> bool:
+        """Whether the call carries an admin key (an open server has one tenant: every caller sees it all)."""
+        if self.is_open:
+            return True
+        key = _bearer(metadata)
+        return key is not None and hashlib.sha256(key).digest() in self._admins
+
+    def charge(self, tenant: str, chunks: int) -> None:
+        """Count `chunks` more against the tenant's requests_per_second (a stream's messages, a batch's
+        chunks beyond the one its call was counted as); LimitExceeded when it is over."""
+        if chunks > 0:
+            self._admit(tenant, chunks)
+
     def tenant_of(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
         """The tenant a call's `authorization: Bearer KEY` metadata names, after its request-rate check.
 
@@ -208,7 +266,7 @@ class Authenticator:
         self._admit(tenant)
         return tenant, digest in self._admins
 
-    def _admit(self, tenant: str) -> None:
+    def _admit(self, tenant: str, n: int = 1) -> None:
         rate = self.limits(tenant).requests_per_second
         if rate <= 0:
             return
@@ -217,10 +275,18 @@ class Authenticator:
             bucket = self._buckets.get(tenant)
             if bucket is None:
                 bucket = self._buckets[tenant] = _Bucket(rate, now)
-            ok = bucket.take(now)
+            ok = bucket.take(now, n)
         if not ok:
-            raise LimitExceeded(f"tenant {tenant} is over its limit of {_number(rate)} requests per second; "
-                                "slow down and retry")
+            raise LimitExceeded(f"tenant {tenant} is over its limit of {_number(rate)} requests per second "
+                                "(each chunk counts as one); slow down and retry")
+
+
+def _file_version(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def _bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> bytes | None:

@@ -40,6 +40,8 @@ MAX_BLOB_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 256
 MAX_RANK = 4
+MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the last second a protobuf Timestamp holds
+MAX_NAME = 128  # characters of the session id, the model name and the last request id
 
 
 class ModelMismatch(RecurError):
@@ -65,6 +67,7 @@ class ExportedSession:
     last_start: int = -1
     last_logits: np.ndarray | None = None
     last_prev_state: list[np.ndarray] | None = None
+    last_request: str = ""  # the last chunk's replay key (Open Inference Protocol request id)
 
 
 def encode(s: ExportedSession) -> bytes:
@@ -80,6 +83,8 @@ def encode(s: ExportedSession) -> bytes:
               "model_sha256": s.model_sha256, "offset": s.offset, "created_at": s.created_at,
               "updated_at": s.updated_at, "ttl": s.ttl, "last_digest": s.last_digest.hex(),
               "last_start": s.last_start, "arrays": names}
+    if s.last_request:
+        header["last_request"] = s.last_request
     head = json.dumps(header, sort_keys=True).encode()
     parts = [MAGIC, struct.pack("<I", len(head)), head]
     for a in arrays:
@@ -169,10 +174,18 @@ def decode(blob: bytes) -> ExportedSession:
         offset=_field(header, "offset", int), created_at=float(_field(header, "created_at", (int, float))),
         updated_at=float(_field(header, "updated_at", (int, float))), ttl=float(_field(header, "ttl", (int, float))),
         state=states, last_digest=digest, last_start=_field(header, "last_start", int), last_logits=logits,
-        last_prev_state=prev or None,
+        last_prev_state=prev or None, last_request=_field(header, "last_request", str) if "last_request" in header
+        else "",
     )
-    if not 0 < s.version < 2**31 or s.offset >= 2**62 or not all(map(math.isfinite, (s.created_at, s.updated_at))):
-        raise _bad("version, offset or times out of range")
+    # every field in range before anything is stored: a value a store or a reply cannot hold is refused here
+    if not 0 < s.version < 2**31 or not 0 <= s.offset < 2**62:
+        raise _bad(f"version must be 1 to {2**31 - 1} and offset 0 to {2**62 - 1}")
+    for name, t in (("created_at", s.created_at), ("updated_at", s.updated_at), ("ttl", s.ttl)):
+        if not math.isfinite(t) or not 0 <= t <= MAX_TIME:
+            raise _bad(f"{name} must be a number of seconds from 0 to {MAX_TIME:.0f} (year 9999)")
+    if max(len(s.session_id), len(s.model), len(s.last_request)) > MAX_NAME or len(s.model_sha256) > 2 * MAX_NAME:
+        raise _bad(f"session_id, model and last_request hold at most {MAX_NAME} characters, model_sha256 "
+                   f"{2 * MAX_NAME}")
     if s.offset < 0 or not -1 <= s.last_start <= s.offset or (s.last_start >= 0) != bool(s.last_digest):
         raise _bad(f"offset {s.offset}, last_start {s.last_start} and last_digest do not agree")
     if len(s.last_digest) not in (0, 32):

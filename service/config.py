@@ -44,11 +44,18 @@ class Settings:
     admin_host: str = field(default="127.0.0.1", metadata={
         "help": "Address of --admin-port (default: this machine only)."})
     store: str = field(default="sqlite:var/recur.db", metadata={
-        "help": "Where session state lives: memory:, sqlite:PATH or redis://HOST:PORT/DB (shared by replicas)."})
+        "help": "Where session state lives: memory:, sqlite:PATH, or shared by replicas: redis://HOST:PORT/DB, "
+        "redis+sentinel://HOST:PORT,.../SERVICE (failover followed) or redis+cluster://HOST:PORT,.../."})
     durability: str = field(default="sync", metadata={
         "help": "sync: reply after the state is on disk; async: write-behind within async_window; none: memory only."})
     async_window: float = field(default=0.05, metadata={
         "help": "async durability: the most a crash can lose, in seconds of acknowledged writes."})
+    redis_min_replicas: int = field(default=0, metadata={
+        "help": "redis store: acknowledge a write only after Redis WAIT reports this many replicas have it, "
+        "within --redis-wait-timeout; fewer is UNAVAILABLE and the retry is answered as a replay (0: after the "
+        "primary alone)."})
+    redis_wait_timeout: float = field(default=1.0, metadata={
+        "help": "redis store with --redis-min-replicas: seconds a write waits for its replicas."})
     session_ttl: float = field(default=86400.0, metadata={
         "help": "Idle seconds after which a session expires (per-session ttl_seconds overrides)."})
     max_ttl: float = field(default=30 * 86400.0, metadata={"help": "Largest ttl_seconds a client may ask for."})
@@ -106,8 +113,16 @@ class Settings:
         "help": "Most chunks queued or running in the engine; past it a chunk is shed with RESOURCE_EXHAUSTED."})
     max_concurrent_rpcs: int = field(default=10_000, metadata={
         "help": "Most calls the server runs at once (all connections); more are refused with RESOURCE_EXHAUSTED."})
-    max_streams_per_connection: int = field(default=100, metadata={
-        "help": "Most concurrent calls on one HTTP/2 connection (grpc.max_concurrent_streams)."})
+    max_streams_per_connection: int = field(default=0, metadata={
+        "help": "Most concurrent calls on one HTTP/2 connection (grpc.max_concurrent_streams; 0: no limit of its "
+        "own). Over it, HTTP/2 resets the call (REFUSED_STREAM), which clients see as UNAVAILABLE: the server's "
+        "bound is --max-concurrent-rpcs, answered with RESOURCE_EXHAUSTED."})
+    max_reply_bytes: int = field(default=32 * 1024 * 1024, metadata={
+        "help": "Most bytes one reply may hold (a StepBatch's or packed batch's replies together), computed from "
+        "the request's shapes before anything runs; over it, RESOURCE_EXHAUSTED. At most --stream-buffer-bytes."})
+    stream_buffer_bytes: int = field(default=64 * 1024 * 1024, metadata={
+        "help": "Most bytes of replies one stream holds, running or waiting for its client to read them (each "
+        "counted at its reply budget); past it the stream stops reading until the client reads."})
     connection_idle_timeout: float = field(default=300.0, metadata={
         "help": "Seconds a connection with no call in progress is kept open (0: for ever)."})
     stream_idle_timeout: float = field(default=300.0, metadata={
@@ -118,6 +133,9 @@ class Settings:
     auth_keys: str = field(default="", metadata={
         "help": "API key file (JSON: sha256 of each key -> tenant, per-tenant limits; `recur keys add` writes it). "
         "Empty: open server, every call is tenant 'default'."})
+    auth_keys_poll: float = field(default=5.0, metadata={
+        "help": "Seconds between looks at --auth-keys for changes (a revoked key is refused from the next look; "
+        "SIGHUP reloads at once); 0: only on SIGHUP."})
     metrics_port: int = field(default=9464, metadata={
         "help": "HTTP port of the Prometheus /metrics endpoint (0: off; -1: any free port); the bound port is "
         "printed as 'metrics on port N'."})

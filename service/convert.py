@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from recur.v1 import recur_pb2 as pb
 from service.errors import InvalidInput
 from service.models import Model, Refusal
-from service.outputs import MAX_SELECTION, ActivationRequest, OutputOptions
+from service.outputs import MAX_SELECTION, MAX_STOP_STRINGS, ActivationRequest, OutputOptions
 from service.packed import PackedInput, PackedResult
 from service.store.base import SessionSummary
 from service.types import GeneratedToken, GenerateInput, NamedTensor, SessionView, StepInput, StepResult
@@ -152,6 +152,8 @@ def packed_error_to_pb(request_id: str, code: int, message: str, n: int) -> pb.P
 
 
 def generate_from_pb(r: pb.GenerateRequest) -> GenerateInput:
+    if len(r.stop) > MAX_STOP_STRINGS:  # before copying them
+        raise InvalidInput(f"stop holds at most {MAX_STOP_STRINGS} strings; got {len(r.stop)}")
     return GenerateInput(
         session_id=r.session_id, prompt=r.prompt, prompt_tokens=list(r.prompt_tokens),
         max_tokens=r.max_tokens or 16, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,

@@ -19,6 +19,7 @@ import numpy as np
 from recur.kserve import grpc_service_pb2 as pb
 from service.errors import InvalidInput
 from service.models import Model
+from service.outputs import OutputOptions
 from service.types import StepResult
 
 LOGITS = "logits"
@@ -154,12 +155,23 @@ def chunk_from_pb(r: pb.ModelInferRequest, model: Model) -> Chunk:
 
 
 def _outputs(r: pb.ModelInferRequest, model: Model) -> list[str]:
+    """The outputs asked for: a set of the model's outputs (a name given twice is refused, as Triton does)."""
     known = [n for n, _, _ in output_specs(model)]
+    if len(r.outputs) > len(known):  # a count before any loop over them: more must repeat or be unknown
+        raise InvalidInput(f"model {model.name} has {len(known)} outputs {known}; the request names {len(r.outputs)}")
     names = [o.name for o in r.outputs] or [LOGITS]
     for n in names:
         if n not in known:
             raise InvalidInput(f"model {model.name} has no output {n[:64]!r}; its outputs are {known}")
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise InvalidInput(f"outputs name each output at most once; {twice[:64]!r} is named more than once")
     return names
+
+
+def options_of(outputs: list[str]) -> OutputOptions:
+    """What the core is asked for to answer these outputs: the logits, and the state when one is named."""
+    return OutputOptions(return_logits=True, compact=True, return_state=any(n != LOGITS for n in outputs))
 
 
 def infer_to_pb(r: pb.ModelInferRequest, model: Model, result: StepResult, outputs: list[str]

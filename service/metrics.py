@@ -261,8 +261,8 @@ class TimedStore(Store):
     async def count(self, tenant: str | None = None) -> int:
         return await self.inner.count(tenant)
 
-    async def count_by_model(self) -> dict[tuple[str, int], int] | None:  # model lifecycle (service/admin.py)
-        return await self.inner.count_by_model()
+    async def count_by_model(self, tenant: str | None = None) -> dict[tuple[str, int], int] | None:
+        return await self.inner.count_by_model(tenant)
 
     async def ping(self) -> None:
         await self.inner.ping()

@@ -10,6 +10,8 @@ from service.errors import InvalidInput
 from service.models import Model
 from service.runtime import ActivationsUnavailable
 
+MAX_SELECTION = 4096  # layers, units or states named in one request
+
 
 @dataclass(frozen=True)
 class ActivationRequest:
@@ -19,6 +21,24 @@ class ActivationRequest:
     layers: tuple[int, ...] = ()
     units: tuple[int, ...] = ()
     states: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # sizes first, then sets: a repeated name would multiply the reply
+        if max(len(self.layers), len(self.units), len(self.states)) > MAX_SELECTION:
+            raise InvalidInput(f"an activation selection names at most {MAX_SELECTION} layers, units or states")
+        for what, values in (("activation_layers", self.layers), ("activation_units", self.units),
+                             ("activation_states", self.states)):
+            if len(set(values)) != len(values):
+                raise InvalidInput(f"{what} is a set: it names {_first_repeat(values)!r} more than once")
+
+
+def _first_repeat(values: tuple) -> object:
+    seen = set()
+    for v in values:
+        if v in seen:
+            return v if not isinstance(v, str) else v[:16]
+        seen.add(v)
+    return None
 
 
 @dataclass(frozen=True)
@@ -70,9 +90,6 @@ def step_outputs(model: Model, logits: np.ndarray, top_k: int) -> list[StepOutpu
     return [StepOutput(a, i, p, lab, t) for a, i, p, lab, t in zip(argmax, top_ids, top_probs, labels, texts)]
 
 
-MAX_SELECTION = 4096  # layers, units or states named in one request
-
-
 def select_activations(model: Model, req: ActivationRequest) -> list[tuple[int, str, np.ndarray | None]]:
     """The request resolved against the model: (index into model.activations, tensor name, unit
     indices or None for all), in the model's order of states, then the requested order of layers.
@@ -81,8 +98,6 @@ def select_activations(model: Model, req: ActivationRequest) -> list[tuple[int, 
         raise ActivationsUnavailable(f"model {model.name} version {model.version} was exported without activation "
                                      "outputs; export it again (recur export, or training.export.reexport on its "
                                      "directory) to serve them")
-    if max(len(req.layers), len(req.units), len(req.states)) > MAX_SELECTION:
-        raise InvalidInput(f"an activation selection names at most {MAX_SELECTION} layers, units or states")
     layers = max(a.layer for a in model.activations) + 1
     have = list(dict.fromkeys(a.state for a in model.activations))
     for s in req.states:
@@ -93,6 +108,8 @@ def select_activations(model: Model, req: ActivationRequest) -> list[tuple[int, 
         if not -layers <= layer < layers:
             raise InvalidInput(f"activation_layers: model {model.name} has layers 0..{layers - 1} (or -1 for the "
                                f"last), not {layer}")
+        if layer % layers in picked_layers:
+            raise InvalidInput(f"activation_layers is a set: layer {layer % layers} is named more than once")
         picked_layers.append(layer % layers)
     index = {(a.state, a.layer): i for i, a in enumerate(model.activations)}
     out = []
@@ -124,3 +141,58 @@ def sample(logits: np.ndarray, rng: np.random.Generator, *, temperature: float, 
         order = order[: int(np.searchsorted(cum, top_p) + 1)]
     p = probs[order] / probs[order].sum()
     return int(order[rng.choice(len(order), p=p)])
+
+
+MAX_STOP_STRINGS = 64  # Generate's stop strings: how many, and their UTF-8 bytes together
+MAX_STOP_BYTES = 4096
+
+
+class StopStrings:
+    """Generate's stop strings as one automaton (Aho-Corasick), so each generated piece costs work in
+    its own length, not in the number of stop strings. `feed` answers whether the text so far now
+    ends with one of them."""
+
+    def __init__(self, stops: list[str]) -> None:
+        if len(stops) > MAX_STOP_STRINGS:
+            raise InvalidInput(f"stop holds at most {MAX_STOP_STRINGS} strings; got {len(stops)}")
+        size = sum(len(s) for s in stops)  # characters: a first bound before encoding anything
+        if size > MAX_STOP_BYTES or sum(len(s.encode("utf-8", "surrogatepass")) for s in stops) > MAX_STOP_BYTES:
+            raise InvalidInput(f"stop strings hold at most {MAX_STOP_BYTES} UTF-8 bytes together")
+        self.goto: list[dict[str, int]] = [{}]
+        ends = [False]
+        for s in stops:
+            if not s:
+                continue  # an empty stop string stops nothing
+            node = 0
+            for ch in s:
+                nxt = self.goto[node].get(ch)
+                if nxt is None:
+                    nxt = self.goto[node][ch] = len(self.goto)
+                    self.goto.append({})
+                    ends.append(False)
+                node = nxt
+            ends[node] = True
+        self.fail = [0] * len(self.goto)
+        order = list(self.goto[0].values())
+        for node in order:  # breadth first: a node's failure link is known before its children's
+            for ch, child in self.goto[node].items():
+                f = self.fail[node]
+                while f and ch not in self.goto[f]:
+                    f = self.fail[f]
+                self.fail[child] = self.goto[f].get(ch, 0) if node else 0
+                ends[child] = ends[child] or ends[self.fail[child]]
+                order.append(child)
+        self.ends = ends
+        self.node = 0
+        self.any = len(self.goto) > 1
+
+    def feed(self, piece: str) -> bool:
+        if not self.any:
+            return False
+        node = self.node
+        for ch in piece:
+            while node and ch not in self.goto[node]:
+                node = self.fail[node]
+            node = self.goto[node].get(ch, 0)
+        self.node = node
+        return self.ends[node]

@@ -100,12 +100,13 @@ def server_options(settings: Settings, models: ModelRepository) -> list[tuple[st
     options = [
         ("grpc.max_receive_message_length", max_message_bytes(settings, models)),
         ("grpc.max_send_message_length", 256 * 1024 * 1024),
-        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
         # keepalive enforcement: a client pinging more often than this is sent GOAWAY
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(settings.keepalive_min_interval * ms)),
         ("grpc.http2.max_ping_strikes", 2),
         ("grpc.keepalive_permit_without_calls", 1),
     ]
+    if settings.max_streams_per_connection > 0:
+        options.append(("grpc.max_concurrent_streams", settings.max_streams_per_connection))
     if settings.connection_idle_timeout > 0:
         options.append(("grpc.max_connection_idle_ms", int(settings.connection_idle_timeout * ms)))
     return options
@@ -115,6 +116,9 @@ async def create_server(settings: Settings) -> Running:
     """Load models, open the store and start serving; returns the bound port too."""
     # Checked first: a bad key file or TLS flag stops the start before anything is loaded.
     credentials = tls.server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    if not 0 < settings.max_reply_bytes <= settings.stream_buffer_bytes:
+        raise SystemExit(f"recur serve: --max-reply-bytes ({settings.max_reply_bytes}) must be 1 or more and at most "
+                         f"--stream-buffer-bytes ({settings.stream_buffer_bytes}): a stream holds at least one reply")
     auth = Authenticator.from_setting(settings.auth_keys)
     if auth.is_open:
         log.warning("no --auth-keys: this server is open; every call is served as tenant %r without an API key",
@@ -136,7 +140,9 @@ async def create_server(settings: Settings) -> Running:
                              memory_capacity=settings.memory_capacity, cache_size=settings.cache_size,
                              async_window=settings.async_window, tombstone_seconds=settings.tombstone_seconds,
                              cache_bytes=settings.cache_bytes, memory_bytes=settings.memory_bytes,
-                             max_pending_writes=settings.max_pending_writes)
+                             max_pending_writes=settings.max_pending_writes,
+                             redis_min_replicas=settings.redis_min_replicas,
+                             redis_wait_timeout=settings.redis_wait_timeout)
     engine = Engine(EngineOptions(max_batch=settings.max_batch, slice_steps=settings.slice_steps,
                                   window=settings.batch_window, threads=settings.inference_threads,
                                   max_queue=settings.max_queue))

@@ -24,8 +24,9 @@ from service.auth import Authenticator
 from service.config import Settings
 from service.errors import InvalidInput, LimitExceeded, RecurError
 from service.metrics import Metrics
+from service.packed import PackedInput
 from service.sessions import SessionService
-from service.types import StepResult
+from service.types import StepInput, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
         started = time.perf_counter()
         try:
-            await context.send_initial_metadata(self.metadata)
+            await send_replica(self, context)
             return await fn(self, parsed(request), context)
         except Exception as e:
             code, message = status_of(e)
@@ -97,6 +98,12 @@ def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
             raise  # unreachable: abort raises
 
     return wrapper
+
+
+async def send_replica(servicer: Any, context: grpc.aio.ServicerContext) -> None:
+    """The replica header, to callers with a key this server knows only (it names a host and port)."""
+    if servicer.auth.identifies(context.invocation_metadata()):
+        await context.send_initial_metadata(servicer.metadata)
 
 
 def applied(result: StepResult) -> int:
@@ -110,11 +117,15 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         self.core, self.auth = core, auth
         self.metrics = metrics or Metrics()
         self.max_stream_inflight, self.max_batch_chunks = settings.max_stream_inflight, settings.max_batch_chunks
+        self.stream_bytes = settings.stream_buffer_bytes
         self.idle_timeout = settings.stream_idle_timeout or None
         self.metadata = ((REPLICA_HEADER, replica_id),)  # which replica answered: for operators and tests
 
-    def _tenant(self, context: grpc.aio.ServicerContext) -> str:
-        return self.auth.tenant_of(context.invocation_metadata() or ())
+    def _tenant(self, context: grpc.aio.ServicerContext, chunks: int = 1) -> str:
+        """The caller's tenant, its call counted against its rate as `chunks` chunks."""
+        tenant = self.auth.tenant_of(context.invocation_metadata() or ())
+        self.auth.charge(tenant, chunks - 1)
+        return tenant
 
     async def _open_stream(self, rpc: str, context: grpc.aio.ServicerContext) -> str:
         """A stream's start: its caller's tenant (or the call ends UNAUTHENTICATED), the replica header,
@@ -124,15 +135,15 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         except RecurError as e:
             self.metrics.error(rpc, status_of(e)[0].name)
             await context.abort(*status_of(e))
-        await context.send_initial_metadata(self.metadata)
+        await send_replica(self, context)
         self.metrics.open_streams.labels(rpc).inc()
         return tenant
 
     @unary
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        self._tenant(context)
-        counts = await self.core.store.count_by_model()  # of all tenants: a version's load, for operators
+        tenant = self._tenant(context)
+        counts = await self.core.live_sessions(tenant, admin=self.auth.is_admin(context.invocation_metadata()))
         return pb.ListModelsResponse(models=[convert.model_to_pb(m, convert.live_sessions(counts, m))
                                              for m in self.core.models.all()])
 
@@ -182,8 +193,9 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         tenant = await self._open_stream("Stream", context)
         try:
             async for reply in streams.handled(request_iterator,
-                                               lambda r: self._step_or_status(tenant, r, _deadline(context)),
-                                               max_inflight=self.max_stream_inflight,
+                                               lambda r: self._stream_chunk(tenant, r, _deadline(context)),
+                                               lambda item: self._step_or_status(tenant, *item),
+                                               max_inflight=self.max_stream_inflight, max_bytes=self.stream_bytes,
                                                idle_timeout=self.idle_timeout, context=context):
                 yield reply
         finally:
@@ -195,16 +207,27 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         self.metrics.error(rpc, code.name)
         return convert.step_error_to_pb(request, code.value[0], message)
 
-    async def _batch(self, tenant: str, batch: pb.StepBatch | Malformed, deadline: float | None
-                     ) -> list[pb.StepResponse]:
-        if isinstance(batch, Malformed):
-            return [self._failed("StreamBatch", pb.StepRequest(), InvalidInput("the StepBatch message does not parse"))]
-        started = time.perf_counter()
+    def _batch_chunks(self, tenant: str, batch: pb.StepBatch | Malformed, deadline: float | None
+                      ) -> tuple[tuple[pb.StepBatch, list[StepInput] | Exception], int]:
+        """A StepBatch message as the core's chunks and its reply budget (or why it is refused whole)."""
         try:
+            batch = parsed(batch)
             if len(batch.steps) > self.max_batch_chunks:
                 raise LimitExceeded(f"a StepBatch holds at most {self.max_batch_chunks} chunks (--max-batch-chunks); "
                                     f"this one holds {len(batch.steps)}")
-            results = await self.core.step_batch(tenant, [convert.step_from_pb(r, deadline) for r in batch.steps])
+            self.auth.charge(tenant, len(batch.steps))
+            inputs = [convert.step_from_pb(r, deadline) for r in batch.steps]
+            return (batch, inputs), self.core.reply_bytes(tenant, inputs)
+        except Exception as e:
+            return (batch if isinstance(batch, pb.StepBatch) else pb.StepBatch(steps=[pb.StepRequest()]), e), 0
+
+    async def _batch(self, tenant: str, batch: pb.StepBatch, inputs: list[StepInput] | Exception
+                     ) -> list[pb.StepResponse]:
+        started = time.perf_counter()
+        try:
+            if isinstance(inputs, Exception):
+                raise inputs
+            results = await self.core.step_batch(tenant, inputs)
         except Exception as e:  # the whole message refused (too large, shutting down)
             return [self._failed("StreamBatch", r, e) for r in batch.steps]
         counted = self.metrics.rpc("StreamBatch", tenant)
@@ -214,16 +237,28 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         return [self._failed("StreamBatch", request, result) if isinstance(result, Exception)
                 else convert.step_to_pb(result, request.request_id) for request, result in zip(batch.steps, results)]
 
-    async def _step_or_status(self, tenant: str, request: pb.StepRequest | Malformed,
-                              deadline: float | None) -> pb.StepResponse:
-        started = time.perf_counter()
+    def _stream_chunk(self, tenant: str, request: pb.StepRequest | Malformed, deadline: float | None
+                      ) -> tuple[tuple[pb.StepRequest, StepInput | Exception], int]:
+        """A Stream message as the core's chunk and its reply budget (or why it is refused)."""
         try:
             request = parsed(request)
-            result = await self.core.step(tenant, convert.step_from_pb(request, deadline))
+            self.auth.charge(tenant, 1)
+            inp = convert.step_from_pb(request, deadline)
+            return (request, inp), self.core.reply_bytes(tenant, [inp])
+        except Exception as e:
+            return (request if isinstance(request, pb.StepRequest) else pb.StepRequest(), e), 0
+
+    async def _step_or_status(self, tenant: str, request: pb.StepRequest, inp: StepInput | Exception
+                              ) -> pb.StepResponse:
+        started = time.perf_counter()
+        try:
+            if isinstance(inp, Exception):
+                raise inp
+            result = await self.core.step(tenant, inp)
             self.metrics.rpc("Stream", tenant).stepped(applied(result), started)
             return convert.step_to_pb(result, request.request_id)
         except Exception as e:
-            return self._failed("Stream", request if isinstance(request, pb.StepRequest) else pb.StepRequest(), e)
+            return self._failed("Stream", request, e)
 
     async def StreamBatch(self, request_iterator: AsyncIterator[pb.StepBatch | Malformed],
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepBatchResponse]:
@@ -233,19 +268,21 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         tenant = await self._open_stream("StreamBatch", context)
         try:
             async for steps in streams.ordered(request_iterator,
-                                               lambda b: self._batch(tenant, b, _deadline(context)),
-                                               max(1, self.max_stream_inflight // 16), self.idle_timeout, context):
+                                               lambda b: self._batch_chunks(tenant, b, _deadline(context)),
+                                               lambda item: self._batch(tenant, *item),
+                                               max(1, self.max_stream_inflight // 16), self.stream_bytes,
+                                               self.idle_timeout, context):
                 yield pb.StepBatchResponse(steps=steps)
         finally:
             self.metrics.open_streams.labels("StreamBatch").dec()
 
     # -- the packed (columnar) batch ----------------------------------------------------------
-    async def _packed(self, rpc: str, tenant: str, request: pb.PackedStepBatch, deadline: float | None
+    async def _packed(self, rpc: str, tenant: str, request: pb.PackedStepBatch, inp: PackedInput
                       ) -> pb.PackedStepBatchResponse:
         """One PackedStepBatch; each chunk's status is in the reply. Raises when the message as a whole
         is refused (its columns do not fit, the server is draining)."""
         started = time.perf_counter()
-        result = await self.core.step_packed(tenant, convert.packed_from_pb(request, deadline))
+        result = await self.core.step_packed(tenant, inp)
         answered = len(request.session_ids) - len(result.errors)
         if answered:
             applied = result.start_offsets >= 0  # answered; replays apply nothing
@@ -256,11 +293,28 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
             self.metrics.error(rpc, status_of(e)[0].name)
         return convert.packed_to_pb(result, request.request_id, _code)
 
-    async def _packed_or_status(self, tenant: str, request: pb.PackedStepBatch | Malformed, deadline: float | None
-                                ) -> pb.PackedStepBatchResponse:
+    def _packed_chunks(self, tenant: str, request: pb.PackedStepBatch | Malformed, deadline: float | None
+                       ) -> tuple[tuple[pb.PackedStepBatch | Malformed, PackedInput | Exception], int]:
+        """A StreamPacked message as the core's input and its reply budget (or why it is refused whole)."""
+        try:
+            r = parsed(request)
+            if len(r.session_ids) > self.max_batch_chunks:
+                raise LimitExceeded(f"a PackedStepBatch holds at most {self.max_batch_chunks} chunks "
+                                    f"(--max-batch-chunks); this one holds {len(r.session_ids)}")
+            self.auth.charge(tenant, len(r.session_ids))
+            inp = convert.packed_from_pb(r, deadline)
+            return (r, inp), self.core.packed_reply_bytes(inp)
+        except Exception as e:
+            return (request, e), 0
+
+    async def _packed_or_status(self, tenant: str, request: pb.PackedStepBatch | Malformed,
+                                inp: PackedInput | Exception) -> pb.PackedStepBatchResponse:
         """On a stream, a refused message is answered (each chunk with the same status) and the stream goes on."""
         try:
-            return await self._packed("StreamPacked", tenant, parsed(request), deadline)
+            if isinstance(inp, Exception):
+                raise inp
+            assert isinstance(request, pb.PackedStepBatch)
+            return await self._packed("StreamPacked", tenant, request, inp)
         except Exception as e:
             code, message = status_of(e)
             self.metrics.error("StreamPacked", code.name)
@@ -271,7 +325,8 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
     @unary
     async def StepPacked(self, request: pb.PackedStepBatch, context: grpc.aio.ServicerContext
                          ) -> pb.PackedStepBatchResponse:
-        return await self._packed("StepPacked", self._tenant(context), request, _deadline(context))
+        tenant = self._tenant(context, chunks=max(1, len(request.session_ids)))
+        return await self._packed("StepPacked", tenant, request, convert.packed_from_pb(request, _deadline(context)))
 
     async def StreamPacked(self, request_iterator: AsyncIterator[pb.PackedStepBatch | Malformed],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PackedStepBatchResponse]:
@@ -279,8 +334,10 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         tenant = await self._open_stream("StreamPacked", context)
         try:
             async for reply in streams.ordered(request_iterator,
-                                               lambda r: self._packed_or_status(tenant, r, _deadline(context)),
-                                               max(1, self.max_stream_inflight // 16), self.idle_timeout, context):
+                                               lambda r: self._packed_chunks(tenant, r, _deadline(context)),
+                                               lambda item: self._packed_or_status(tenant, *item),
+                                               max(1, self.max_stream_inflight // 16), self.stream_bytes,
+                                               self.idle_timeout, context):
                 yield reply
         finally:
             self.metrics.open_streams.labels("StreamPacked").dec()
@@ -307,9 +364,9 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         started, made = time.perf_counter(), 0
         try:
-            await context.send_initial_metadata(self.metadata)
             # aclosing: a cancelled call releases the session's lock now, not at garbage collection
             tenant, request = self._tenant(context), parsed(request)
+            await send_replica(self, context)
             generated = self.metrics.generated.labels(tenant)
             async with contextlib.aclosing(self.core.generate(tenant, convert.generate_from_pb(request))) as tokens:
                 async for token in tokens:

@@ -18,14 +18,14 @@ from collections.abc import AsyncGenerator, Callable
 
 import numpy as np
 
-from service import blob, packed
+from service import blob, budget, packed
 from service.auth import NO_LIMITS, TenantLimits
 from service.config import Settings
 from service.engine import Engine
 from service.errors import InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, RecurError, StoreConflict
 from service.locks import CallGate, SessionLocks
 from service.models import Model, ModelRepository, StateSpec
-from service.outputs import OutputOptions, sample, select_activations, step_outputs, top_k_of
+from service.outputs import OutputOptions, StopStrings, sample, select_activations, step_outputs, top_k_of
 from service.packed import PackedInput, PackedResult
 from service.store import SessionRecord, Store
 from service.store.base import NO_EVENTS, Events, SessionSummary
@@ -37,16 +37,22 @@ DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 100, 1000  # ListSessions
 _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
+def replay_key(request_id: str) -> str:
+    """What a record keeps of a request id that is a replay key: the id, or the sha256 of a long one."""
+    return request_id if len(request_id) <= 64 else hashlib.sha256(request_id.encode("utf-8", "replace")).hexdigest()
+
+
 def _advanced(rec: SessionRecord, steps: int, digest: bytes, logits: np.ndarray, states: list[np.ndarray],
-              t: float, max_replay_bytes: int) -> SessionRecord:
+              t: float, max_replay_bytes: int, request: str = "") -> SessionRecord:
     """The record after a chunk of `steps` steps ran from its state, remembering the chunk for a replay:
     its outputs when they fit in `max_replay_bytes`, else the final step's and the state before it,
     from which a replay recomputes them."""
     if logits.nbytes <= max_replay_bytes:
         return rec.copy(offset=rec.offset + steps, updated_at=t, state=states, last_digest=digest,
-                        last_start=rec.offset, last_logits=logits, last_prev_state=None)
+                        last_start=rec.offset, last_logits=logits, last_prev_state=None, last_request=request)
     return rec.copy(offset=rec.offset + steps, updated_at=t, state=states, last_digest=digest,
-                    last_start=rec.offset, last_logits=logits[-1:].copy(), last_prev_state=rec.state)
+                    last_start=rec.offset, last_logits=logits[-1:].copy(), last_prev_state=rec.state,
+                    last_request=request)
 
 
 class _PackedOutputs:
@@ -155,6 +161,37 @@ class SessionService:
         self.events = events  # sessions created/deleted, replays, conflicts (metrics; no-ops by default)
         self._locks = SessionLocks()
         self._calls = CallGate()
+        self._widest: tuple[list[Model], budget.Widths] = ([], budget.Widths())
+
+    # -- the reply budget (service/budget.py) ---------------------------------
+    def _widest_widths(self) -> budget.Widths:
+        """The widest loaded model's widths: a bound for requests whose sessions are not read yet."""
+        models = self.models.all()
+        if len(models) != len(self._widest[0]) or any(a is not b for a, b in zip(models, self._widest[0])):
+            self._widest = (models, budget.Widths.widest(models))
+        return self._widest[1]
+
+    def _declared_steps(self, inp: StepInput, w: budget.Widths, max_chunk: int) -> int:
+        """A chunk's steps from its sizes alone (one over the chunk limit is refused, its reply tiny)."""
+        steps = len(inp.tokens) or len(inp.text) or len(inp.features) // (4 * (w.feature_dim or 1))
+        return steps if steps <= max_chunk else 0
+
+    def reply_bytes(self, tenant: str, inputs: list[StepInput]) -> int:
+        """The most bytes the replies to these chunks can hold, before any session is read (a stream
+        reserves it; service/streams.py)."""
+        w, max_chunk = self._widest_widths(), self._max_chunk(tenant)
+        return sum(budget.reply_budget(w, budget.Shape(1, self._declared_steps(inp, w, max_chunk), inp.options)).bytes
+                   for inp in inputs)
+
+    def packed_reply_bytes(self, p: PackedInput) -> int:
+        """As reply_bytes, for a packed batch (one columnar reply)."""
+        return self._packed_budget(p, sum(p.lengths)).bytes
+
+    def _packed_budget(self, p: PackedInput, steps: int) -> budget.Budget:
+        options = OutputOptions(top_k=p.top_k, return_logits=p.return_logits, final_only=p.final_only, compact=True,
+                                activations=p.activations)
+        return budget.reply_budget(self._widest_widths(), budget.Shape(len(p.session_ids), steps, options,
+                                                                       columnar=True))
 
     async def close(self) -> None:
         await self.engine.close()
@@ -171,7 +208,7 @@ class SessionService:
         if with_state and specs is not None:
             state = [NamedTensor(s.name, v) for s, v in zip(specs, rec.state)]
         return SessionView(rec.session_id, rec.tenant, rec.model, rec.version, rec.offset, rec.created_at,
-                           rec.updated_at, rec.expires_at, state)
+                           rec.updated_at, rec.expires_at, state, rec.last_request)
 
     def _ttl(self, ttl: float) -> float:
         if ttl < 0 or ttl > self.settings.max_ttl:
@@ -274,14 +311,18 @@ class SessionService:
                                       f"{_specs_str(have)} and that version's is {_specs_str(want)}")
             last = None if rec.last_logits is None else rec.last_logits[-1:].copy()  # Generate samples from it
             new = rec.copy(version=target.version, updated_at=self.store.clock(), last_digest=b"", last_start=-1,
-                           last_logits=last, last_prev_state=None)
+                           last_logits=last, last_prev_state=None, last_request="")
             try:
                 await self.store.put(new, prev_offset=rec.offset)
             except StoreConflict as e:
                 raise self._conflict(e, session_id) from e
-        log.info("session %s moved from %s v%d to v%d at offset %d", session_id, rec.model, rec.version,
-                 target.version, rec.offset)
+        log.info("session migrated", extra={"session": session_id, "model": rec.model, "version": target.version,
+                                            "from_version": rec.version, "offset": rec.offset, "tenant": tenant})
         return self._view(new)
+
+    async def live_sessions(self, tenant: str, admin: bool) -> dict[tuple[str, int], int] | None:
+        """Live sessions per (model, version): the caller's tenant's, or every tenant's for an admin."""
+        return await self.store.count_by_model(None if admin else tenant)
 
     async def unload_model(self, name: str, version: int, force: bool = False) -> int:
         """Stop serving a version. Refused while live sessions use it, unless `force`: those sessions
@@ -322,6 +363,8 @@ class SessionService:
         if steps > max_chunk:
             raise InvalidInput(f"chunk of {steps} steps is longer than the limit of {max_chunk}; "
                                "split it into smaller chunks")
+        budget.check(budget.reply_budget(budget.widths_of(model), budget.Shape(1, steps, inp.options)),
+                     self.settings.max_reply_bytes)
         if kind == "features":
             if len(inp.features) % row:
                 raise InvalidInput(f"features must be little-endian float32 [time, {model.feature_dim}]: "
@@ -344,7 +387,7 @@ class SessionService:
         return x, hashlib.sha256(x.tobytes()).digest()
 
     async def _advance(self, model: Model, rec: SessionRecord, x: np.ndarray, digest: bytes,
-                       deadline: float | None = None, activations: bool = False
+                       deadline: float | None = None, activations: bool = False, request: str = ""
                        ) -> tuple[SessionRecord, np.ndarray, list[np.ndarray] | None]:
         """Run one chunk from the record's state and store the result (compare-and-set); the new
         record, the chunk's logits (T, C), and with `activations` the model's per-step activations
@@ -357,7 +400,7 @@ class SessionService:
             max_replay = -1
         else:
             logits, new_states = await self.engine.run(model.runtime, x[0], rec.state, deadline)  # batched
-        new = _advanced(rec, x.shape[1], digest, logits, new_states, self.store.clock(), max_replay)
+        new = _advanced(rec, x.shape[1], digest, logits, new_states, self.store.clock(), max_replay, request)
         try:
             await self.store.put(new, prev_offset=rec.offset)  # settles even if this call is cancelled
         except StoreConflict as e:
@@ -400,10 +443,14 @@ class SessionService:
         if inp.options.activations is not None:
             select_activations(model, inp.options.activations)  # refused before anything runs
         x, digest = self._chunk(model, inp, self._max_chunk(tenant))
-        if inp.expected_offset is not None and inp.expected_offset != rec.offset and self.store.hints and not fresh:
+        expected = inp.expected_offset
+        if (inp.replay_key and expected is None and rec.last_start >= 0
+                and replay_key(inp.replay_key) == rec.last_request):
+            expected = rec.last_start  # the retry of the chunk this request id applied last
+        if expected is not None and expected != rec.offset and self.store.hints and not fresh:
             return await self._prepare(tenant, inp, await self.store.fresh(tenant, inp.session_id), fresh=True)
-        if inp.expected_offset is not None and inp.expected_offset != rec.offset:
-            if inp.expected_offset == rec.last_start and digest == rec.last_digest:
+        if expected is not None and expected != rec.offset:
+            if expected == rec.last_start and digest == rec.last_digest:
                 self.events.replayed(model.name, model.version, tenant)
                 if inp.options.activations is not None:
                     logits, acts = await self._replayed_activations(model, rec, x, inp.deadline)
@@ -411,6 +458,10 @@ class SessionService:
                 return self._result(model, rec, await self._replayed_logits(model, rec, x, inp.deadline),
                                     inp.options, replayed=True)
             self.events.conflict(model.name, model.version, tenant)
+            if expected != inp.expected_offset:
+                raise OffsetMismatch(f"request id {inp.replay_key[:64]!r} was last applied to session {inp.session_id} "
+                                     f"at offset {rec.last_start} with other inputs; give each request its own id",
+                                     rec.offset)
             raise OffsetMismatch(f"session {inp.session_id} is at offset {rec.offset}, "
                                  f"not {inp.expected_offset}; resend from offset {rec.offset}", rec.offset)
         return model, rec, x, digest
@@ -450,7 +501,7 @@ class SessionService:
             model, rec, x, digest = prepared
             try:
                 rec, logits, acts = await self._advance(model, rec, x, digest, inp.deadline,
-                                                        inp.options.activations is not None)
+                                                        inp.options.activations is not None, replay_key(inp.replay_key))
             except OffsetMismatch:
                 if not self.store.hints:
                     raise
@@ -460,7 +511,7 @@ class SessionService:
                     return prepared
                 model, rec, x, digest = prepared
                 rec, logits, acts = await self._advance(model, rec, x, digest, inp.deadline,
-                                                        inp.options.activations is not None)
+                                                        inp.options.activations is not None, replay_key(inp.replay_key))
             return self._result(model, rec, logits, inp.options, replayed=False, acts=acts)
 
     async def step_batch(self, tenant: str, inputs: list[StepInput]) -> list[StepResult | Exception]:
@@ -468,6 +519,8 @@ class SessionService:
         once, so batches keep arrival order and cannot deadlock), one engine submission, one store
         write batch. A session named again later in the batch runs those chunks afterwards, in order.
         Each chunk succeeds or fails alone: the result list holds a StepResult or the error for each input."""
+        budget.check(budget.Budget(sum(len(i.tokens) or len(i.text) or len(i.features) // 4 for i in inputs),
+                                   self.reply_bytes(tenant, inputs)), self.settings.max_reply_bytes)
         out: dict[int, StepResult | Exception] = {}
         first: list[int] = []
         later: list[int] = []
@@ -519,7 +572,8 @@ class SessionService:
                 out[i] = result if isinstance(result, Exception) else RuntimeError("cancelled")
                 continue
             logits, new_states = result
-            new = _advanced(rec, x.shape[1], digest, logits, new_states, t, self.settings.max_replay_bytes)
+            new = _advanced(rec, x.shape[1], digest, logits, new_states, t, self.settings.max_replay_bytes,
+                            replay_key(inputs[i].replay_key))
             writes.append((new, rec.offset))
             done.append((i, model, new, logits))
         errors = await self.store.put_many(writes)
@@ -538,6 +592,7 @@ class SessionService:
         block. A session named again runs in a later round, so its chunks apply in order. Each
         chunk succeeds or fails alone (PackedResult.errors)."""
         lay = packed.layout(p, self.settings.max_batch_chunks)
+        budget.check(self._packed_budget(p, lay.total), self.settings.max_reply_bytes)
         n = lay.n
         res = PackedResult(np.full(n, -1, np.int64), np.full(n, -1, np.int64))
         errors = res.errors
@@ -764,11 +819,16 @@ class SessionService:
             raise InvalidInput("top_p must be in [0, 1] and top_k 0 or more")
         if g.prompt and g.prompt_tokens:
             raise InvalidInput("give prompt or prompt_tokens, not both")
+        steps = len(g.prompt) or len(g.prompt_tokens)
+        budget.check(budget.reply_budget(self._widest_widths(), budget.Shape(1, steps, OutputOptions(compact=True),
+                                                                             generated=g.max_tokens)),
+                     self.settings.max_reply_bytes)
 
     async def generate(self, tenant: str, g: GenerateInput) -> AsyncGenerator[GeneratedToken, None]:
         """Sample tokens; each is fed back and stored before it is yielded, so a cancel leaves
         the session at the offset of the last token sent."""
         self._check_generate(g)
+        stops = StopStrings(g.stop)  # built once: each token then costs work in its own length
         async with self._calls, self._locks.hold((tenant, _checked(g.session_id))):
             rec = await self.store.fresh(tenant, g.session_id)
             model = self.models.get(rec.model, rec.version)
@@ -785,14 +845,12 @@ class SessionService:
             if rec.last_logits is None:  # the last chunk's final step is always kept
                 raise NoOutputYet(f"session {g.session_id} has consumed no token yet: give a prompt")
             rng = np.random.default_rng(g.seed)
-            made = ""
             for i in range(g.max_tokens):
                 token = sample(rec.last_logits[-1], rng, temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
                 x = np.array([[token]], dtype=np.int64)
                 rec, _, _ = await self._advance(model, rec, x, hashlib.sha256(x.tobytes()).digest())
                 piece = model.decode_token(token)
-                made += piece
-                stopped = any(made.endswith(s) for s in g.stop if s)
+                stopped = stops.feed(piece)
                 last = stopped or i == g.max_tokens - 1
                 reason = "stop" if stopped else "max_tokens" if last else ""
                 yield GeneratedToken(token, piece, rec.offset, last, reason)
@@ -807,7 +865,8 @@ class SessionService:
         model = self.models.described(rec.model, rec.version)  # a version unloaded since is exported too
         return blob.encode(blob.ExportedSession(
             rec.session_id, rec.model, rec.version, model.sha256, rec.offset, rec.created_at, rec.updated_at,
-            rec.ttl, rec.state, rec.last_digest, rec.last_start, rec.last_logits, rec.last_prev_state))
+            rec.ttl, rec.state, rec.last_digest, rec.last_start, rec.last_logits, rec.last_prev_state,
+            rec.last_request))
 
     async def import_session(self, tenant: str, data: bytes, session_id: str = "", force: bool = False
                              ) -> SessionView:
@@ -821,11 +880,12 @@ class SessionService:
         t = self.store.clock()
         rec = SessionRecord(tenant, sid, model.name, model.version, s.offset, s.created_at, t,
                             min(s.ttl, self.settings.max_ttl), s.state, s.last_digest, s.last_start, s.last_logits,
-                            s.last_prev_state)
+                            s.last_prev_state, s.last_request)
         async with self._calls, self._locks.hold((tenant, sid)):
             await self._store_new(tenant, rec)
         self.events.created(model.name, model.version, tenant)
-        log.info("session %s imported on %s v%d at offset %d", sid, model.name, model.version, s.offset)
+        log.info("session imported", extra={"session": sid, "model": model.name, "version": model.version,
+                                            "offset": s.offset, "tenant": tenant})
         return self._view(rec)
 
     async def list_sessions(self, tenant: str, model: str = "", page_size: int = 0, page_token: str = ""

@@ -4,6 +4,7 @@ ModelStreamInfer): requests handled concurrently with flow control, and an idle 
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -11,6 +12,7 @@ import grpc
 
 Req = TypeVar("Req")
 Rep = TypeVar("Rep")
+Item = TypeVar("Item")
 
 
 async def messages(requests: AsyncIterator[Req], idle_timeout: float | None, idle: asyncio.Event
@@ -45,31 +47,84 @@ async def messages(requests: AsyncIterator[Req], idle_timeout: float | None, idl
             timer.cancel()
 
 
-async def handled(requests: AsyncIterator[Req], handle: Callable[[Req], Awaitable[Rep]], *, max_inflight: int,
-                  idle_timeout: float | None, context: grpc.aio.ServicerContext) -> AsyncIterator[Rep]:
-    """Each request handled in its own task, started in arrival order (the core's per-session FIFO
-    locks keep one session's chunks in order); replies yielded as they are ready. `handle` answers
-    every request (errors become replies). A request's slot is freed only once its reply was handed
-    to gRPC, so a client that does not read stops being read from: at most `max_inflight` replies
-    are running or waiting. A stream idle for `idle_timeout` ends with DEADLINE_EXCEEDED."""
-    replies: asyncio.Queue[Rep | None] = asyncio.Queue()
-    slots = asyncio.Semaphore(max_inflight)
-    idle = asyncio.Event()
+class ByteBudget:
+    """The bytes of replies a stream holds, running or waiting to be sent, granted in arrival order.
+    A request reserves its reply budget (service/budget.py) before it runs and gives it back once its
+    reply was handed to gRPC; one larger than the whole budget is granted it alone (the core refuses
+    replies over --max-reply-bytes, which the server keeps at most the stream's budget)."""
 
-    async def one(request: Req) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    async def acquire(self, n: int) -> int:
+        n = min(n, self.limit)
+        if not self._waiters and self.held + n <= self.limit:
+            self.held += n
+            return n
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, granted))
         try:
-            reply = await handle(request)
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self.release(n)
+            raise
+        return n
+
+    def release(self, n: int) -> None:
+        self.held -= n
+        while self._waiters:
+            want, granted = self._waiters[0]
+            if granted.done():  # its reader was cancelled
+                self._waiters.popleft()
+                continue
+            if self.held and self.held + want > self.limit:
+                return
+            self._waiters.popleft()
+            self.held += want
+            granted.set_result(None)
+
+
+async def handled(requests: AsyncIterator[Req], prepare: Callable[[Req], tuple[Item, int]],
+                  handle: Callable[[Item], Awaitable[Rep]], *, max_inflight: int, max_bytes: int,
+                  idle_timeout: float | None, context: grpc.aio.ServicerContext) -> AsyncIterator[Rep]:
+    """Each request converted (`prepare`: the core's input and its reply budget in bytes) and handled in
+    its own task, started in arrival order (the core's per-session FIFO locks keep one session's chunks
+    in order); replies yielded as they are ready. `handle` answers every request (errors become
+    replies). A request's slot and bytes are freed only once its reply was handed to gRPC, so a client
+    that does not read stops being read from: at most `max_inflight` replies and `max_bytes` bytes of
+    them are running or waiting, and the chunks waiting for room hold no session lock. A stream idle
+    for `idle_timeout` ends with DEADLINE_EXCEEDED."""
+    replies: asyncio.Queue[tuple[Rep, int] | None] = asyncio.Queue()
+    slots = asyncio.Semaphore(max_inflight)
+    room = ByteBudget(max_bytes)
+    idle = asyncio.Event()
+    closed = False
+
+    async def one(item: Item, reserved: int) -> None:
+        try:
+            reply = await handle(item)
         except BaseException:
             slots.release()
+            room.release(reserved)
             raise
-        replies.put_nowait(reply)  # bounded by the slots
+        if not closed:  # a cancelled call keeps nothing of the replies it will never send
+            replies.put_nowait((reply, reserved))  # bounded by the slots
 
     async def read() -> None:
         tasks: set[asyncio.Task] = set()
         try:
             async for request in messages(requests, idle_timeout, idle):
+                item, cost = prepare(request)
+                del request
                 await slots.acquire()
-                task = asyncio.create_task(one(request))
+                try:
+                    reserved = await room.acquire(cost)
+                except BaseException:
+                    slots.release()
+                    raise
+                task = asyncio.create_task(one(item, reserved))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if tasks:
@@ -79,32 +134,49 @@ async def handled(requests: AsyncIterator[Req], handle: Callable[[Req], Awaitabl
 
     reader = asyncio.create_task(read())
     try:
-        while (reply := await replies.get()) is not None:
+        while (ready := await replies.get()) is not None:
+            reply, reserved = ready
+            del ready
             yield reply
+            del reply
             slots.release()  # only now: the reply has left this call's memory
+            room.release(reserved)
     finally:
+        closed = True
         reader.cancel()
+        while not replies.empty():
+            replies.get_nowait()
     await end_if_idle(idle, idle_timeout, context)
 
 
-async def ordered(requests: AsyncIterator[Req], handle: Callable[[Req], Awaitable[Rep]], read_ahead: int,
+async def ordered(requests: AsyncIterator[Req], prepare: Callable[[Req], tuple[Item, int]],
+                  handle: Callable[[Item], Awaitable[Rep]], read_ahead: int, max_bytes: int,
                   idle_timeout: float | None, context: grpc.aio.ServicerContext) -> AsyncIterator[Rep]:
     """Replies in the order of the requests (batch messages), each request handled as soon as it is
-    read, at most `read_ahead` requests read ahead of the replies sent. `handle` answers every request."""
-    pending: asyncio.Queue[asyncio.Future | None] = asyncio.Queue(maxsize=read_ahead)
+    read, at most `read_ahead` requests and `max_bytes` bytes of their replies (their budgets) ahead of
+    the replies sent. `handle` answers every request."""
+    pending: asyncio.Queue[tuple[asyncio.Future, int] | None] = asyncio.Queue(maxsize=read_ahead)
+    room = ByteBudget(max_bytes)
     idle = asyncio.Event()
 
     async def read() -> None:
         try:
             async for request in messages(requests, idle_timeout, idle):
-                await pending.put(asyncio.ensure_future(handle(request)))
+                item, cost = prepare(request)
+                del request
+                reserved = await room.acquire(cost)
+                await pending.put((asyncio.ensure_future(handle(item)), reserved))
         finally:
             await pending.put(None)
 
     reader = asyncio.create_task(read())
     try:
-        while (task := await pending.get()) is not None:
+        while (ready := await pending.get()) is not None:
+            task, reserved = ready
+            del ready
             yield await task
+            del task
+            room.release(reserved)
     finally:
         reader.cancel()
     await end_if_idle(idle, idle_timeout, context)

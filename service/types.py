@@ -27,6 +27,7 @@ class SessionView:
     updated_at: float
     expires_at: float
     state: list[NamedTensor] | None = None
+    last_request: str = ""  # the replay key of its last chunk (what a record keeps of it: service.sessions)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class StepInput:
     expected_offset: int | None = None
     options: OutputOptions = OutputOptions()
     deadline: float | None = None  # on the event loop's clock: past it, the chunk is not applied
+    replay_key: str = ""  # a request id that names this chunk (Open Inference Protocol): its retry is replayed
 
 
 @dataclass(frozen=True)

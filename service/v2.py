@@ -8,11 +8,11 @@ Triton's sequence extension, over the same core (`SessionService`) and port as r
   `sequence_start` for a sequence that does not exist is NOT_FOUND, saying to send `sequence_start`.
   A request that starts a sequence and is then refused leaves the sequence not started.
 - `sequence_id` 0 or "" (no sequence) is a one-shot request: a fresh temporary session, deleted after.
-- The request `id` is a replay key: the server keeps, per sequence and in memory, the id of the last
-  request applied and the offset it started at. The same id again for the same sequence is sent to
-  the core at that offset (`expected_offset`), so the core answers from its replay record without
-  advancing the state (a different content at that offset is refused). Only the last request of a
-  sequence is replayable, and the memory does not survive a restart or the sequence's end.
+- The request `id` is a replay key, kept with the sequence's session in the store (its record's
+  `last_request`): per tenant and sequence, across restarts and replicas, whatever other sequences do.
+  The same id again for the same sequence is answered from the session's replay record without
+  advancing the state (the same id with other inputs is refused). Only the last request of a sequence
+  is replayable, and a sequence's end forgets it.
 - Each reply carries the sequence's offset (steps consumed) as the int64 parameter `sequence_offset`.
 - Requests of one sequence run one at a time in arrival order (on a stream too); different
   sequences run concurrently and are batched by the engine.
@@ -25,9 +25,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 
@@ -40,14 +38,12 @@ from service.errors import InvalidInput, NotFound, RecurError, SessionExpired, S
 from service.locks import SessionLocks
 from service.metrics import Metrics
 from service.models import Model
-from service.outputs import OutputOptions
-from service.servicer import REPLICA_HEADER, Malformed, _deadline, applied, parsed, status_of, unary
-from service.sessions import SessionService
-from service.types import StepInput, StepResult
+from service.servicer import REPLICA_HEADER, Malformed, _deadline, applied, parsed, send_replica, status_of, unary
+from service.sessions import SessionService, replay_key
+from service.types import SessionView, StepInput, StepResult
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ["sequence"]
-MAX_REMEMBERED = 100_000  # sequences whose last request id is kept for a replay (least recently used dropped)
 
 
 def _version() -> str:
@@ -57,27 +53,16 @@ def _version() -> str:
         return "unknown"
 
 
-@dataclass(frozen=True)
-class _Last:
-    """What the server remembers of a sequence: its model and its last applied request."""
-
-    model: str
-    version: int
-    request_id: str
-    start_offset: int
-
-
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, core: SessionService, auth: Authenticator, settings: Settings, replica_id: str,
                  metrics: Metrics | None = None) -> None:
         self.core, self.auth, self.models = core, auth, core.models
         self.metrics = metrics or Metrics()
-        self.max_stream_inflight = settings.max_stream_inflight
+        self.max_stream_inflight, self.stream_bytes = settings.max_stream_inflight, settings.stream_buffer_bytes
         self.idle_timeout = settings.stream_idle_timeout or None
         self.metadata = ((REPLICA_HEADER, replica_id),)
         self.version = _version()
-        self._locks = SessionLocks()  # one request per sequence at a time, in arrival order
-        self._last: OrderedDict[tuple[str, str], _Last] = OrderedDict()
+        self._locks = SessionLocks()  # one request per sequence at a time, in arrival order (start is two writes)
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         return self.auth.tenant_of(context.invocation_metadata() or ())
@@ -128,10 +113,21 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         except RecurError as e:
             self.metrics.error("ModelStreamInfer", status_of(e)[0].name)
             await context.abort(*status_of(e))
-        await context.send_initial_metadata(self.metadata)
+        await send_replica(self, context)
 
-        async def one(request: pb.ModelInferRequest | Malformed) -> pb.ModelStreamInferResponse:
+        def prepare(request: pb.ModelInferRequest | Malformed
+                    ) -> tuple[pb.ModelInferRequest | Malformed | Exception, int]:
             try:
+                r = parsed(request)
+                self.auth.charge(tenant, 1)
+                return r, self._reply_bytes(tenant, r)
+            except Exception as e:
+                return e, 0
+
+        async def one(request: pb.ModelInferRequest | Malformed | Exception) -> pb.ModelStreamInferResponse:
+            try:
+                if isinstance(request, Exception):
+                    raise request
                 request = parsed(request)
                 return pb.ModelStreamInferResponse(infer_response=await self._infer(tenant, request,
                                                                                     _deadline(context),
@@ -145,81 +141,83 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         open_streams = self.metrics.open_streams.labels("ModelStreamInfer")
         open_streams.inc()
         try:
-            async for reply in streams.handled(request_iterator, one, max_inflight=self.max_stream_inflight,
-                                               idle_timeout=self.idle_timeout, context=context):
+            async for reply in streams.handled(request_iterator, prepare, one, max_inflight=self.max_stream_inflight,
+                                               max_bytes=self.stream_bytes, idle_timeout=self.idle_timeout,
+                                               context=context):
                 yield reply
         finally:
             open_streams.dec()
 
     # -- one request -----------------------------------------------------------------------------
+    def _reply_bytes(self, tenant: str, r: pb.ModelInferRequest) -> int:
+        """The reply budget of a request from its declared shape (a stream reserves it before it runs)."""
+        steps = int(r.inputs[0].shape[1]) if len(r.inputs) == 1 and len(r.inputs[0].shape) >= 2 else 0
+        outputs = [o.name for o in r.outputs] or [convert_v2.LOGITS]
+        return self.core.reply_bytes(tenant, [StepInput("", tokens=range(max(0, steps)),
+                                                        options=convert_v2.options_of(outputs))])
+
     async def _infer(self, tenant: str, r: pb.ModelInferRequest, deadline: float | None,
                      rpc: str = "ModelInfer") -> pb.ModelInferResponse:
         started = time.perf_counter()
         seq = convert_v2.sequence_from_pb(r)
         if not seq.id:
             return await self._one_shot(tenant, r, deadline, rpc, started)
-        key = (tenant, seq.session_id)
-        async with self._locks.hold(key):
-            last = self._last.get(key)
-            replay = last is not None and bool(r.id) and r.id == last.request_id
+        async with self._locks.hold((tenant, seq.session_id)):
+            view = await self._sequence(tenant, seq.session_id)
+            replay = view is not None and bool(r.id) and view.last_request == replay_key(r.id)
             try:
                 if seq.start and not replay:
                     model, chunk = await self._start(tenant, seq, r)
                     try:
-                        result = await self._step(tenant, seq.session_id, chunk, None, deadline)
+                        result = await self._step(tenant, seq.session_id, chunk, r.id, deadline)
                     except BaseException:
                         with contextlib.suppress(Exception):
                             await self.core.delete(tenant, seq.session_id)
                         raise
                 else:
-                    model = await self._model_of(tenant, seq, r, last)
+                    model = self._model_of(seq, r, view)
                     chunk = convert_v2.chunk_from_pb(r, model)
-                    result = await self._step(tenant, seq.session_id, chunk,
-                                              last.start_offset if replay and last else None, deadline)
+                    result = await self._step(tenant, seq.session_id, chunk, r.id, deadline)
             except (SessionNotFound, SessionExpired) as e:
-                self._last.pop(key, None)
                 raise type(e)(f"sequence {seq.id!r} is not active ({e}); send its first request with "
                               "sequence_start=true") from e
             if seq.end:
-                self._last.pop(key, None)
                 await self.core.delete(tenant, seq.session_id)
-            else:
-                self._remember(key, _Last(model.name, model.version, r.id, result.start_offset))
         self.metrics.rpc(rpc, tenant).stepped(applied(result), started)
         return convert_v2.infer_to_pb(r, model, result, chunk.outputs)
+
+    async def _sequence(self, tenant: str, session_id: str) -> SessionView | None:
+        try:
+            return await self.core.get(tenant, session_id)
+        except (SessionNotFound, SessionExpired):
+            return None
 
     async def _start(self, tenant: str, seq: convert_v2.Sequence, r: pb.ModelInferRequest
                      ) -> tuple[Model, convert_v2.Chunk]:
         """A fresh session for the sequence, after checking the request (a refused one changes nothing)."""
         model = self.models.get(r.model_name, convert_v2.version_from_pb(r.model_version))
         chunk = convert_v2.chunk_from_pb(r, model)
-        self._last.pop((tenant, seq.session_id), None)
         with contextlib.suppress(SessionNotFound, SessionExpired):
             await self.core.delete(tenant, seq.session_id)
         await self.core.create(tenant, model.name, model.version, seq.session_id)
         return model, chunk
 
-    async def _model_of(self, tenant: str, seq: convert_v2.Sequence, r: pb.ModelInferRequest,
-                        last: _Last | None) -> Model:
+    def _model_of(self, seq: convert_v2.Sequence, r: pb.ModelInferRequest, view: SessionView | None) -> Model:
         """The model the sequence runs on, which the request must name."""
-        if last is not None:
-            name, version = last.model, last.version
-        else:
-            view = await self.core.get(tenant, seq.session_id)
-            name, version = view.model, view.version
+        if view is None:
+            raise SessionNotFound(f"sequence {seq.id!r} does not exist")
+        name, version = view.model, view.version
         asked = convert_v2.version_from_pb(r.model_version)
         if r.model_name != name or asked not in (0, version):
             raise InvalidInput(f"sequence {seq.id!r} runs on model {name} version {version}, not "
                                f"{r.model_name[:64]!r} {r.model_version[:16]!r}; start a new sequence to change models")
         return self.models.get(name, version)
 
-    async def _step(self, tenant: str, session_id: str, chunk: convert_v2.Chunk, expected_offset: int | None,
+    async def _step(self, tenant: str, session_id: str, chunk: convert_v2.Chunk, request_id: str,
                     deadline: float | None) -> StepResult:
-        options = OutputOptions(return_logits=True, compact=True,
-                                return_state=any(n != convert_v2.LOGITS for n in chunk.outputs))
         return await self.core.step(tenant, StepInput(session_id, tokens=chunk.tokens, features=chunk.features,
-                                                      expected_offset=expected_offset, options=options,
-                                                      deadline=deadline))
+                                                      options=convert_v2.options_of(chunk.outputs), deadline=deadline,
+                                                      replay_key=request_id))
 
     async def _one_shot(self, tenant: str, r: pb.ModelInferRequest, deadline: float | None, rpc: str,
                         started: float) -> pb.ModelInferResponse:
@@ -227,15 +225,9 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
         chunk = convert_v2.chunk_from_pb(r, model)
         view = await self.core.create(tenant, model.name, model.version)
         try:
-            result = await self._step(tenant, view.session_id, chunk, None, deadline)
+            result = await self._step(tenant, view.session_id, chunk, "", deadline)
         finally:
             with contextlib.suppress(Exception):
                 await self.core.delete(tenant, view.session_id)
         self.metrics.rpc(rpc, tenant).stepped(applied(result), started)
         return convert_v2.infer_to_pb(r, model, result, chunk.outputs)
-
-    def _remember(self, key: tuple[str, str], last: _Last) -> None:
-        self._last[key] = last
-        self._last.move_to_end(key)
-        while len(self._last) > MAX_REMEMBERED:
-            self._last.popitem(last=False)

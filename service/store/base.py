@@ -56,6 +56,10 @@ class SessionRecord:
     # The state before the last applied chunk, kept only when its logits were too large to keep
     # (over --max-replay-bytes), so that a replay can recompute them.
     last_prev_state: list[np.ndarray] | None = None
+    # The request id the last chunk came with where the protocol makes it a replay key (the Open Inference
+    # Protocol's request `id`): a request with the same id is that chunk's retry. Kept in the store, so it
+    # holds per tenant and sequence, across restarts and replicas.
+    last_request: str = ""
     token: bytes = b""  # the store's version of the record, where it keeps one (redis: the last write's id)
     _nbytes: int = field(default=-1, init=False, repr=False, compare=False)  # computed once (records are not mutated)
 
@@ -74,7 +78,8 @@ class SessionRecord:
                 arrays += a.nbytes
             if self.last_logits is not None:
                 arrays += self.last_logits.nbytes
-            self._nbytes = arrays + len(self.last_digest) + len(self.tenant) + len(self.session_id) + RECORD_OVERHEAD
+            names = len(self.tenant) + len(self.session_id) + len(self.last_request)
+            self._nbytes = arrays + len(self.last_digest) + names + RECORD_OVERHEAD
         return self._nbytes
 
     def copy(self, **changes: Any) -> SessionRecord:
@@ -223,8 +228,8 @@ class Store(ABC):
     async def count(self, tenant: str | None = None) -> int:
         """Live sessions (of `tenant`, or of all tenants); expired ones do not count."""
 
-    async def count_by_model(self) -> dict[tuple[str, int], int] | None:
-        """Live sessions per (model, version), of all tenants; None when the store does not count them
+    async def count_by_model(self, tenant: str | None = None) -> dict[tuple[str, int], int] | None:
+        """Live sessions per (model, version), of `tenant` or of all tenants; None when the store does not count them
         (Redis: its sessions are not indexed by model). Writes still queued may be left out: flush first
         for an exact answer."""
         return None
@@ -288,7 +293,7 @@ def redact_url(url: str) -> str:
         user, colon, _ = userinfo.partition(":")
         netloc = f"{user}:***@{host}" if colon else f"***@{host}"  # a lone userinfo may be a token
     items = [item.partition("=") for item in parts.query.split("&") if item]
-    query = "&".join(f"{k}=***" if eq and k.lower() in ("password", "pass", "pwd") else f"{k}{eq}{v}"
+    query = "&".join(f"{k}=***" if eq and k.lower() in ("password", "pass", "pwd", "sentinel_password") else f"{k}{eq}{v}"
                      for k, eq, v in items)
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 

@@ -192,9 +192,15 @@ class MemoryStore(Store):
         self._expire_due(self.clock())
         return len(self._records) if tenant is None else self._tenants.get(tenant, 0)
 
-    async def count_by_model(self) -> dict[tuple[str, int], int] | None:
+    async def count_by_model(self, tenant: str | None = None) -> dict[tuple[str, int], int] | None:
         self._expire_due(self.clock())
-        return dict(self._models)
+        if tenant is None:
+            return dict(self._models)
+        counts: dict[tuple[str, int], int] = {}
+        for r in self._records.values():
+            if r.tenant == tenant:
+                counts[(r.model, r.version)] = counts.get((r.model, r.version), 0) + 1
+        return counts
 
     async def list_sessions(self, tenant: str, model: str = "", after_id: str = "",
                             limit: int = 100) -> list[SessionSummary]:

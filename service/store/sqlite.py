@@ -74,7 +74,7 @@ _SESSION_COLUMNS = (
     ("offset", "INTEGER NOT NULL"), ("created", "REAL NOT NULL"), ("updated", "REAL NOT NULL"),
     ("ttl", "REAL NOT NULL"), ("expires", "REAL NOT NULL"), ("state", "BLOB NOT NULL"),
     ("last_digest", "BLOB NOT NULL"), ("last_start", "INTEGER NOT NULL"), ("last_logits", "BLOB"),
-    ("last_prev_state", "BLOB"),
+    ("last_prev_state", "BLOB"), ("last_request", "TEXT"),
 )
 _NAMES = [name for name, _ in _SESSION_COLUMNS]
 _FIXED = ("tenant", "id", "model", "created")  # never change after creation (a migration changes the version)
@@ -112,7 +112,7 @@ def _row(r: SessionRecord) -> dict[str, object]:
     return {"tenant": r.tenant, "id": r.session_id, "model": r.model, "version": r.version, "offset": r.offset,
             "created": r.created_at, "updated": r.updated_at, "ttl": r.ttl, "expires": r.expires_at,
             "state": pack_arrays(r.state), "last_digest": r.last_digest, "last_start": r.last_start,
-            "last_logits": logits, "last_prev_state": prev}
+            "last_logits": logits, "last_prev_state": prev, "last_request": r.last_request}
 
 
 def _record(row: sqlite3.Row) -> SessionRecord:
@@ -121,7 +121,8 @@ def _record(row: sqlite3.Row) -> SessionRecord:
     return SessionRecord(tenant=row["tenant"], session_id=row["id"], model=row["model"], version=row["version"],
                          offset=row["offset"], created_at=row["created"], updated_at=row["updated"], ttl=row["ttl"],
                          state=unpack_arrays(row["state"]), last_digest=row["last_digest"],
-                         last_start=row["last_start"], last_logits=logits, last_prev_state=prev)
+                         last_start=row["last_start"], last_logits=logits, last_prev_state=prev,
+                         last_request=row["last_request"] or "")
 
 
 def _key(key: Key) -> dict[str, str]:
@@ -658,15 +659,19 @@ class SqliteStore(Store):
         renewed = sum(1 for k in expired if (r := self._pending.get(k)) is not None and r.expires_at > t)
         return n - n_expired + renewed
 
-    def _count_by_model_sync(self, t: float) -> dict[tuple[str, int], int]:
+    def _count_by_model_sync(self, t: float, tenant: str | None) -> dict[tuple[str, int], int]:
         assert self._conn is not None
-        rows = self._conn.execute("SELECT model, version, count(*) FROM sessions WHERE expires > ? "
-                                  "GROUP BY model, version", (t,))
+        if tenant is None:
+            rows = self._conn.execute("SELECT model, version, count(*) FROM sessions WHERE expires > ? "
+                                      "GROUP BY model, version", (t,))
+        else:
+            rows = self._conn.execute("SELECT model, version, count(*) FROM sessions WHERE tenant = ? AND expires > ? "
+                                      "GROUP BY model, version", (tenant, t))
         return {(r[0], int(r[1])): int(r[2]) for r in rows}
 
-    async def count_by_model(self) -> dict[tuple[str, int], int] | None:
+    async def count_by_model(self, tenant: str | None = None) -> dict[tuple[str, int], int] | None:
         """From the file (one GROUP BY on the (model, version) index): writes not yet committed are left out."""
-        return await self._run(self._count_by_model_sync, self.clock())
+        return await self._run(self._count_by_model_sync, self.clock(), tenant)
 
     def _list_sync(self, tenant: str, model: str, after_id: str, limit: int, t: float) -> list[sqlite3.Row]:
         assert self._conn is not None

@@ -79,11 +79,11 @@ def test_layer_unit_and_state_selection(client: RecurClient, tiny_models: Path) 
     want = _torch_layers(tiny_models / "lstm-lm" / "1", seq)
     sid = client.create("lstm-lm").session_id
     reply = client.step(sid, tokens=seq.tolist(), return_activations=True, activation_layers=[-1, 0],
-                        activation_units=[3, 1, 3], activation_states=["c"])
+                        activation_units=[3, 1, 7], activation_states=["c"])
     acts = _acts(reply)
     assert list(acts) == ["c_l1", "c_l0"]
-    assert np.abs(acts["c_l1"] - want["c_l1"][:, [3, 1, 3]]).max() <= TOL
-    assert np.abs(acts["c_l0"] - want["c_l0"][:, [3, 1, 3]]).max() <= TOL
+    assert np.abs(acts["c_l1"] - want["c_l1"][:, [3, 1, 7]]).max() <= TOL
+    assert np.abs(acts["c_l0"] - want["c_l0"][:, [3, 1, 7]]).max() <= TOL
     last = client.step(client.create("lstm-lm").session_id, tokens=seq.tolist(), return_activations=True,
                        final_only=True, activation_states=["h"])
     assert [t.name for t in last.activations] == ["h_l0", "h_l1"]
@@ -145,6 +145,10 @@ def test_a_model_exported_without_activations_refuses_clearly(tiny_models: Path,
     ({"activation_layers": [2]}, "has layers 0..1"),
     ({"activation_units": [16]}, "has units 0..15, not 16"),
     ({"activation_states": ["c"]}, "has states ['h'], not 'c'"),
+    # selections are sets: a name given twice (or a layer twice, counted from either end) is refused
+    ({"activation_units": [3, 1, 3]}, "activation_units is a set"),
+    ({"activation_layers": [-1, 1]}, "layer 1 is named more than once"),
+    ({"activation_states": ["h", "h"]}, "activation_states is a set"),
 ])
 def test_selections_that_do_not_fit_are_invalid(client: RecurClient, fields: dict, message: str) -> None:
     sid = client.create("gru-lm").session_id
