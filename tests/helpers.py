@@ -35,6 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recur.client import RecurClient, open_channel
+from recur.v1 import recur_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -230,6 +231,270 @@ class Redis:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def redis_cli(port: int, *args: str, password: str = "", timeout: float = 120.0) -> str:
+    env = {**os.environ, "REDISCLI_AUTH": password} if password else None  # never on a command line
+    out = subprocess.run([_binary("redis-cli"), "-p", str(port), *args], capture_output=True, text=True,
+                         timeout=timeout, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+@dataclass
+class RedisNode:
+    """One redis-server with extra settings (cluster mode, replica of...); `start` again after `kill`
+    restarts it on the same port and data directory."""
+
+    directory: Path
+    args: list[str] = field(default_factory=list)
+    port: int = 0
+    bus_port: int = 0  # cluster bus (default port + 10000 may not exist above 55535)
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisNode:
+        self.port = self.port or free_port()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        cluster = ["--cluster-port", str(self.bus_port)] if self.bus_port else []
+        self.proc = subprocess.Popen([_binary("redis-server"), "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--dir", str(self.directory), "--appendonly", "yes", "--appendfsync",
+                                      "everysec", "--save", "", "--repl-diskless-sync-delay", "0", *cluster,
+                                      *self.args], stdout=subprocess.DEVNULL)
+        wait_port(self.port)
+        return self
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def info(self, section: str = "replication") -> dict[str, str]:
+        text = redis_cli(self.port, "info", section, timeout=5)
+        return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def wait_linked(nodes: list[RedisNode], timeout: float = 30.0) -> None:
+    """Until every live replica among `nodes` has its primary's data and follows it."""
+    def linked() -> bool:
+        infos = [n.info() for n in nodes if n.proc is not None and n.proc.poll() is None]
+        return all(i.get("master_link_status", "up").strip() == "up" and i.get("master_sync_in_progress", "0")
+                   .strip() == "0" for i in infos if i.get("role", "").strip() == "slave")
+    until(linked, timeout, "the replicas did not finish their sync")
+
+
+@dataclass
+class RedisCluster:
+    """A Redis Cluster of `primaries` primaries, each with `replicas` replicas, on loopback ports;
+    node timeout `node_timeout_ms` (a dead primary's replica is promoted about twice that later)."""
+
+    directory: Path
+    primaries: int = 3
+    replicas: int = 1
+    node_timeout_ms: int = 1000
+    nodes: list[RedisNode] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[:2]) + "/"
+
+    def start(self) -> RedisCluster:
+        for i in range(self.primaries * (1 + self.replicas)):
+            node = RedisNode(self.directory / f"node{i}", ["--cluster-enabled", "yes", "--cluster-config-file",
+                                                           "nodes.conf", "--cluster-node-timeout",
+                                                           str(self.node_timeout_ms)], bus_port=free_port())
+            self.nodes.append(node.start())
+        redis_cli(self.nodes[0].port, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                  "--cluster-replicas", str(self.replicas), "--cluster-yes")
+        self.wait_ok()
+        wait_linked(self.nodes)
+        return self
+
+    def alive(self) -> list[RedisNode]:
+        return [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+
+    def wait_ok(self, timeout: float = 60.0) -> None:
+        """Until every live node says cluster_state:ok and agrees there are `primaries` primaries."""
+        def ok() -> bool:
+            try:
+                return all("cluster_state:ok" in redis_cli(n.port, "cluster", "info", timeout=5)
+                           and self.role_count(n, "master") == self.primaries for n in self.alive())
+            except (AssertionError, subprocess.TimeoutExpired):
+                return False
+        until(ok, timeout, "the cluster did not become ok")
+
+    @staticmethod
+    def role_count(node: RedisNode, role: str) -> int:
+        lines = redis_cli(node.port, "cluster", "nodes", timeout=5).splitlines()
+        return sum(1 for line in lines if role in line.split()[2] and "fail" not in line.split()[2])
+
+    def primary_of(self, key: str) -> RedisNode:
+        """The node serving `key`'s slot now."""
+        slot = int(redis_cli(self.alive()[0].port, "cluster", "keyslot", key, timeout=5))
+        for line in redis_cli(self.alive()[0].port, "cluster", "nodes", timeout=5).splitlines():
+            parts = line.split()
+            if "master" not in parts[2] or "fail" in parts[2]:
+                continue
+            for r in parts[8:]:
+                lo, _, hi = r.partition("-")
+                if not lo.startswith("[") and int(lo) <= slot <= int(hi or lo):
+                    port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
+                    return next(n for n in self.nodes if n.port == port)
+        raise LookupError(f"no primary serves slot {slot}")
+
+    def slots_of(self, node: RedisNode) -> list[int]:
+        """The slots `node` serves now, in order."""
+        for line in redis_cli(self.alive()[0].port, "cluster", "nodes", timeout=5).splitlines():
+            parts = line.split()
+            if int(parts[1].split("@")[0].rsplit(":", 1)[1]) == node.port:
+                slots: list[int] = []
+                for r in parts[8:]:
+                    if not r.startswith("["):
+                        lo, _, hi = r.partition("-")
+                        slots.extend(range(int(lo), int(hi or lo) + 1))
+                return sorted(slots)
+        return []
+
+    def node_id(self, node: RedisNode) -> str:
+        return redis_cli(node.port, "cluster", "myid", timeout=5).strip()
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.kill()
+
+
+@dataclass
+class RedisSentinels:
+    """A primary, `replicas` replicas and three sentinels monitoring them as `service`; the sentinels
+    say a primary is down after `down_after_ms` and fail over (quorum 2)."""
+
+    directory: Path
+    replicas: int = 1
+    down_after_ms: int = 1000
+    service: str = "recur"
+    password: str = ""
+    nodes: list[RedisNode] = field(default_factory=list)
+    sentinels: list[RedisNode] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return (f"redis+sentinel://{auth}" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+                + f"/{self.service}")
+
+    def start(self) -> RedisSentinels:
+        auth = ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
+        primary = RedisNode(self.directory / "node0", auth).start()
+        self.nodes.append(primary)
+        for i in range(self.replicas):
+            self.nodes.append(RedisNode(self.directory / f"node{i + 1}",
+                                        [*auth, "--replicaof", "127.0.0.1", str(primary.port)]).start())
+        for i in range(3):
+            d = self.directory / f"sentinel{i}"
+            d.mkdir(parents=True)
+            conf = d / "sentinel.conf"
+            conf.write_text(
+                f"sentinel monitor {self.service} 127.0.0.1 {primary.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service} 10000\n"
+                + (f"sentinel auth-pass {self.service} {self.password}\n" if self.password else ""))
+            conf.chmod(0o600)
+            s = RedisNode(d, [])
+            s.port = free_port()
+            s.proc = subprocess.Popen([_binary("redis-server"), str(conf), "--sentinel", "--port", str(s.port),
+                                       "--bind", "127.0.0.1", "--dir", str(d)], stdout=subprocess.DEVNULL)
+            wait_port(s.port)
+            self.sentinels.append(s)
+        wait_linked(self.nodes)
+        until(lambda: all(int(self._replicas_seen(s)) >= self.replicas for s in self.sentinels), 30,
+              "the sentinels did not find the replicas")
+        return self
+
+    def _replicas_seen(self, s: RedisNode) -> int:
+        out = redis_cli(s.port, "sentinel", "replicas", self.service, timeout=5)
+        return out.count("flags") if out.strip() else 0
+
+    def primary(self) -> RedisNode:
+        """The node the sentinels name as primary now."""
+        host_port = redis_cli(self.sentinels[0].port, "sentinel", "get-master-addr-by-name", self.service,
+                              timeout=5).split()
+        return next(n for n in self.nodes if n.port == int(host_port[1]))
+
+    def stop(self) -> None:
+        for n in [*self.sentinels, *self.nodes]:
+            n.kill()
+
+
+@dataclass
+class Fed:
+    """What a feeder saw: per session the offsets acknowledged (applied or replayed) and when."""
+
+    acked: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)  # the retried failures' codes
+
+    def last(self, session_id: str) -> int:
+        return max((o for o, _ in self.acked.get(session_id, [])), default=0)
+
+    def gap_over(self, t: float) -> float:
+        """The longest wait any session had for an acknowledgement across time `t` (what a client
+        sees of an outage at t)."""
+        gaps = []
+        for acks in self.acked.values():
+            times = [at for _, at in acks]
+            before = [a for a in times if a <= t]
+            after = [a for a in times if a > t]
+            if before and after:
+                gaps.append(min(after) - max(before))
+        return max(gaps, default=0.0)
+
+
+def feed(target: str, sequences: dict[str, np.ndarray], chunk: int, fed: Fed, stop: threading.Event | None = None,
+         deadline: float = 90.0, pause: float = 0.0) -> None:
+    """Feed each session its sequence `chunk` tokens at a time through Step (one thread per session),
+    retrying a chunk that failed UNAVAILABLE, or FAILED_PRECONDITION because its own earlier try was
+    applied (the retry is answered as a replay): a chunk is never applied twice, and each session ends
+    at its sequence's length unless `stop` is set first."""
+    lock = threading.Lock()
+
+    def one(sid: str, seq: np.ndarray) -> None:
+        end = time.monotonic() + deadline
+        with RecurClient(target) as c:
+            offset = 0
+            while offset < len(seq) and not (stop and stop.is_set()):
+                assert time.monotonic() < end, f"{sid} stuck at offset {offset}"
+                part = [int(t) for t in seq[offset : offset + chunk]]
+                try:
+                    r = c.stub.Step(pb.StepRequest(session_id=sid, tokens=part, expected_offset=offset), timeout=10)
+                except grpc.RpcError as e:
+                    code = e.code()
+                    assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION,
+                                    grpc.StatusCode.DEADLINE_EXCEEDED), f"{code}: {e.details()}"
+                    if code == grpc.StatusCode.FAILED_PRECONDITION:  # only its own try can have moved it
+                        m = re.search(r"offset (\d+)", e.details() or "")
+                        assert m and int(m.group(1)) in (offset, offset + len(part)), e.details()
+                    with lock:
+                        fed.errors.append(code.name)
+                    time.sleep(0.02)
+                    continue
+                assert r.start_offset == offset and r.offset == offset + len(part), (r.start_offset, r.offset)
+                offset = r.offset
+                with lock:
+                    fed.acked.setdefault(sid, []).append((offset, time.monotonic()))
+                if pause:
+                    time.sleep(pause)
+
+    threads = [threading.Thread(target=one, args=(sid, seq)) for sid, seq in sequences.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(deadline + 30)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from service.store.base import (
     redact_url,
 )
 from service.store.memory import MemoryStore
+from service.store.redis_url import SCHEMES as REDIS_SCHEMES
 from service.store.sqlite import SqliteStore
 
 __all__ = ["DURABILITY_MODES", "MemoryStore", "SessionRecord", "SqliteStore", "Store", "Tombstone", "open_store",
@@ -38,8 +39,10 @@ def _sqlite_path(rest: str) -> tuple[Path, int]:
 async def open_store(url: str, *, durability: str, memory_capacity: int, cache_size: int,
                      async_window: float, tombstone_seconds: float, cache_bytes: int = DEFAULT_CACHE_BYTES,
                      memory_bytes: int = DEFAULT_MEMORY_BYTES,
-                     max_pending_writes: int = DEFAULT_MAX_PENDING_WRITES) -> Store:
-    """`memory:`, `sqlite:PATH` or `redis://HOST:PORT/DB`. Durability `none` keeps state in memory only."""
+                     max_pending_writes: int = DEFAULT_MAX_PENDING_WRITES, redis_min_replicas: int = 0,
+                     redis_wait_timeout: float = 1.0) -> Store:
+    """`memory:`, `sqlite:PATH`, `redis://HOST:PORT/DB`, `redis+sentinel://HOST:PORT,.../SERVICE` or
+    `redis+cluster://HOST:PORT,.../`. Durability `none` keeps state in memory only."""
     if durability not in DURABILITY_MODES:
         raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
     if url == "memory:" or durability == "none":
@@ -52,10 +55,21 @@ async def open_store(url: str, *, durability: str, memory_capacity: int, cache_s
                             max_pending_writes=max_pending_writes, async_window=async_window,
                             tombstone_seconds=tombstone_seconds, max_pages=max_pages)
         return await store.open()
-    if url.startswith(("redis://", "rediss://")):
+    if url.startswith(REDIS_SCHEMES):
         if durability != "sync":
             raise ValueError("the redis store replies after Redis acknowledged each write: use --durability sync")
         from service.store.redis import RedisStore
+        from service.store.redis_cluster import ClusterStore
 
-        return RedisStore(url, tombstone_seconds=tombstone_seconds, cache_size=cache_size, cache_bytes=cache_bytes)
-    raise ValueError(f"unknown store URL {redact_url(url)!r}: expected memory:, sqlite:PATH or redis://HOST:PORT/DB")
+        options = dict(tombstone_seconds=tombstone_seconds, cache_size=cache_size, cache_bytes=cache_bytes,
+                       min_replicas=redis_min_replicas, wait_timeout=redis_wait_timeout)
+        try:
+            if url.startswith("redis+cluster://"):
+                return await ClusterStore(url, **options).open()  # type: ignore[arg-type]
+            return RedisStore(url, **options)  # type: ignore[arg-type]
+        except ValueError as e:  # the URL's own words never reach the message: it may hold a password
+            raise ValueError(f"store URL {redact_url(url)!r}: {e}") from None
+    if redis_min_replicas:
+        raise ValueError("--redis-min-replicas applies to a redis store only")
+    raise ValueError(f"unknown store URL {redact_url(url)!r}: expected memory:, sqlite:PATH, redis://HOST:PORT/DB, "
+                     "redis+sentinel://HOST:PORT,.../SERVICE or redis+cluster://HOST:PORT,.../")

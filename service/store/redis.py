@@ -17,6 +17,16 @@ reads the session again (`fresh`) and decides on what is stored, so a stale hint
 A reply is sent after Redis acknowledged the write; how durable that is, is Redis's
 persistence setting (the compose file runs it with appendonly yes, appendfsync everysec).
 
+Where Redis is: `redis://` (one), `redis+sentinel://` (the primary the sentinels name, followed
+across failovers by redis-py's Sentinel pool) or `redis+cluster://` (service.store.redis_cluster,
+which keeps the same scripts under hash-tagged keys). See service.store.redis_url.
+
+Acknowledged means replicated, when asked: with `min_replicas` N > 0 every write is followed, on
+the same connection, by `WAIT N timeout`; fewer acks answer UNAVAILABLE (the write may stand on the
+primary: the client's retry finds it and is answered as a replay). A record read from Redis rather
+than a hint is confirmed the same way (a no-op write on its key, then WAIT), so a replay never
+answers with a chunk only the primary holds.
+
 Session limits: two sorted sets map sessions to their expiry time (Redis's own clock, the one
 its key expiry uses), one per tenant (`recur-live:{tenant}`) and one for all (`recur-live`,
 members `{tenant}\\0{id}`). The create, put and delete scripts keep them; Redis expiry runs no
@@ -33,7 +43,6 @@ import time
 from collections import OrderedDict
 from typing import Any, cast
 
-import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript as Script
 from redis.exceptions import NoScriptError, RedisError
 
@@ -54,6 +63,7 @@ from service.store.base import (
     tenant_limit,
     unpack_arrays,
 )
+from service.store.redis_url import RedisUrl, connect, parse
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +115,40 @@ _COUNT = _NOW + """
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
 _GLOBAL = "recur-live"  # not under "recur:", so no tenant or id can name it
+# KEYS: session hashes. A no-op write (the key's expiry set to itself) that moves this connection's
+# replication offset past every earlier write of those keys, so that a WAIT after it covers them.
+_TOUCH = """
+for _, key in ipairs(KEYS) do
+  local ttl = redis.call('PTTL', key)
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+end
+return 0
+"""
 
 
 class RedisStore(Store):
     hints = True
 
+    def __new__(cls, url: str, **kwargs: Any) -> RedisStore:
+        if cls is RedisStore and url.startswith("redis+cluster://"):  # one constructor for every Redis URL
+            from service.store.redis_cluster import ClusterStore
+
+            cls = ClusterStore
+        return super().__new__(cls)
+
     def __init__(self, url: str, *, tombstone_seconds: float = DEFAULT_TOMBSTONE_SECONDS, timeout: float = 2.0,
                  clock: Clock = time.time, cache_size: int = DEFAULT_CAPACITY,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, min_replicas: int = 0, wait_timeout: float = 1.0) -> None:
         self.url, self.clock = url, clock
         self.tombstone_seconds = tombstone_seconds
-        self._r = aioredis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        if min_replicas < 0 or (min_replicas and wait_timeout <= 0):
+            raise ValueError("--redis-min-replicas must be >= 0, and --redis-wait-timeout > 0 with it")
+        self.min_replicas, self.wait_timeout = min_replicas, wait_timeout
+        # a WAIT may take its whole timeout: the socket must outlast it
+        self.timeout = max(timeout, wait_timeout + 1.0) if min_replicas else timeout
+        self.parsed: RedisUrl = parse(url)
+        self._r = connect(self.parsed, self.timeout)
+        self._touch = self._r.register_script(_TOUCH)
         self._create = self._r.register_script(_CREATE)
         self._put = self._r.register_script(_PUT)
         self._delete = self._r.register_script(_DELETE)
@@ -163,7 +196,57 @@ class RedisStore(Store):
             return await self._r.evalsha(script.sha, len(keys), *keys, *args)
 
     def __repr__(self) -> str:
-        return f"RedisStore({redact_url(self.url)!r})"
+        return f"{type(self).__name__}({redact_url(self.url)!r})"
+
+    # -- acknowledged means replicated -----------------------------------------------------------
+    def _unreplicated(self, acked: object) -> Unavailable | None:
+        """None when a WAIT's answer reaches --redis-min-replicas, else the error the client gets."""
+        if int(acked) >= self.min_replicas:  # type: ignore[call-overload]
+            return None
+        log.warning("redis: a write reached %s of %d replica(s) within %g s", acked, self.min_replicas,
+                    self.wait_timeout)
+        return Unavailable(f"the session store did not confirm the write on {self.min_replicas} replica(s) within "
+                           f"{self.wait_timeout:g} s (--redis-min-replicas); retry: a chunk that was applied is "
+                           "answered as a replay")
+
+    async def _write(self, script: Script, keys: list, args: list, applied: object) -> Any:
+        """One write script; with min_replicas, followed by WAIT on the same connection (one pipeline).
+        Raises Unavailable when the script answered `applied` but too few replicas confirmed it."""
+        if not self.min_replicas:
+            return await self._evalsha(script, keys, args)
+        for attempt in range(2):
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+                pipe.execute_command("WAIT", self.min_replicas, max(1, int(self.wait_timeout * 1000)))
+                res, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(res, NoScriptError) and not attempt:
+                await self._r.script_load(script.script)
+                continue
+            if isinstance(res, Exception):
+                raise res
+            if isinstance(acked, Exception):
+                raise acked
+            error = self._unreplicated(acked) if res == applied else None
+            if error is not None:
+                raise error
+            return res
+        raise AssertionError("unreachable")
+
+    async def _confirm(self, keys: list) -> None:
+        """With min_replicas: return once what `keys` hold now is on that many replicas (a no-op write
+        on them, then WAIT), else raise Unavailable. Reads that do not come from a hint call it."""
+        if not self.min_replicas or not keys:
+            return
+        try:
+            async with self._r.pipeline(transaction=False) as pipe:
+                pipe.eval(_TOUCH, len(keys), *keys)
+                pipe.execute_command("WAIT", self.min_replicas, max(1, int(self.wait_timeout * 1000)))
+                _, acked = await pipe.execute()
+        except RedisError as e:
+            raise self._down(e) from e
+        error = self._unreplicated(acked)
+        if error is not None:
+            raise error
 
     @staticmethod
     def _keys(tenant: str, session_id: str) -> list[str]:
@@ -186,7 +269,7 @@ class RedisStore(Store):
         return ["model", r.model, "version", r.version, "offset", r.offset, "created", repr(r.created_at),
                 "updated", repr(r.updated_at), "ttl", repr(r.ttl), "state", pack_arrays(r.state),
                 "last_digest", r.last_digest, "last_start", r.last_start, "last_logits", logits,
-                "last_prev_state", prev, "wid", wid]
+                "last_prev_state", prev, "last_request", r.last_request, "wid", wid]
 
     def _ms(self, r: SessionRecord) -> tuple[int, int]:
         ttl_ms = max(1, int(r.ttl * 1000))
@@ -203,6 +286,7 @@ class RedisStore(Store):
         except RedisError as e:
             raise self._down(e) from e
         rec = await self._record(tenant, session_id, h)
+        await self._confirm([self._keys(tenant, session_id)[0]])
         self._remember(rec)
         return rec
 
@@ -218,13 +302,19 @@ class RedisStore(Store):
                     hashes = await pipe.execute()
             except RedisError as e:
                 return [self._down(e)] * len(session_ids)
+            found: list[int] = []
             for i, h in zip(missing, hashes):
                 try:
-                    rec = await self._record(tenant, session_ids[i], h)
-                    self._remember(rec)
-                    results[i] = rec
+                    results[i] = await self._record(tenant, session_ids[i], h)
+                    found.append(i)
                 except RecurError as e:
                     results[i] = e
+            try:
+                await self._confirm([self._keys(tenant, session_ids[i])[0] for i in found])
+            except Unavailable as e:
+                return [e] * len(session_ids)
+            for i in found:
+                self._remember(cast(SessionRecord, results[i]))
         return cast(list[SessionRecord | Exception], results)
 
     async def _record(self, tenant: str, session_id: str, h: dict[bytes, bytes]) -> SessionRecord:
@@ -244,17 +334,18 @@ class RedisStore(Store):
             offset=int(h[b"offset"]), created_at=float(h[b"created"]), updated_at=float(h[b"updated"]),
             ttl=float(h[b"ttl"]), state=unpack_arrays(h[b"state"]), last_digest=h[b"last_digest"],
             last_start=int(h[b"last_start"]), last_logits=unpack_arrays(logits)[0] if logits else None,
-            last_prev_state=unpack_arrays(prev) if prev else None, token=h.get(b"wid", b""),
+            last_prev_state=unpack_arrays(prev) if prev else None,
+            last_request=h.get(b"last_request", b"").decode("utf-8", "replace"), token=h.get(b"wid", b""),
         )
 
     async def create(self, record: SessionRecord, *, max_sessions: int = 0, max_tenant_sessions: int = 0) -> None:
         ttl_ms, tomb_ms = self._ms(record)
         wid = os.urandom(8)
         try:
-            res = await self._evalsha(self._create, self._keys(record.tenant, record.session_id),
-                                      [ttl_ms, tomb_ms, repr(record.expires_at), max_sessions, max_tenant_sessions,
-                                       record.session_id, self._member(record.tenant, record.session_id),
-                                       *self._fields(record, wid)])
+            res = await self._write(self._create, self._keys(record.tenant, record.session_id),
+                                    [ttl_ms, tomb_ms, repr(record.expires_at), max_sessions, max_tenant_sessions,
+                                     record.session_id, self._member(record.tenant, record.session_id),
+                                     *self._fields(record, wid)], applied=1)
         except RedisError as e:
             raise self._down(e) from e
         if res == 1:
@@ -290,10 +381,13 @@ class RedisStore(Store):
     async def put(self, record: SessionRecord, prev_offset: int) -> None:
         keys, wid = self._keys(record.tenant, record.session_id), os.urandom(8)
         try:
-            res = await settled(self._evalsha(self._put, keys, self._args(record, prev_offset, wid)))
+            res = await settled(self._write(self._put, keys, self._args(record, prev_offset, wid), applied=-2))
         except RedisError as e:
             self._forget((record.tenant, record.session_id))
             raise self._down(e) from e
+        except Unavailable:
+            self._forget((record.tenant, record.session_id))
+            raise
         error = self._outcome(record, res, wid)
         if error is not None:
             raise error
@@ -304,38 +398,74 @@ class RedisStore(Store):
             return []
         wids = [os.urandom(8) for _ in writes]
         try:
-            outcomes = await settled(self._put_pipeline(writes, wids))
+            outcomes, acked = await settled(self._put_pipeline(writes, wids))
+            unconfirmed = await settled(self._unconfirmed(writes, outcomes, acked))
         except RedisError as e:
             for record, _ in writes:
                 self._forget((record.tenant, record.session_id))
             return [self._down(e)] * len(writes)
         out: list[Exception | None] = []
         for (record, _), res, wid in zip(writes, outcomes, wids):
-            if isinstance(res, Exception):
+            error = unconfirmed.get(self._keys(record.tenant, record.session_id)[0]) if res == -2 else None
+            if isinstance(res, Exception) or error is not None:
                 self._forget((record.tenant, record.session_id))
-                out.append(self._down(res))
+                out.append(error or self._down(cast(Exception, res)))
             else:
                 out.append(self._outcome(record, res, wid))
         return out
 
-    async def _put_pipeline(self, writes: list[tuple[SessionRecord, int]], wids: list[bytes]) -> list:
+    _wait_in_pipeline = True  # one connection carries the whole pipeline (not so on a cluster)
+
+    async def _put_pipeline(self, writes: list[tuple[SessionRecord, int]], wids: list[bytes]) -> tuple[list, int | None]:
+        """The put scripts in one pipeline (with min_replicas, and a WAIT after them where one connection
+        carries them all); their answers and the fewest replicas a WAIT confirmed (None: none asked).
+        A NOSCRIPT answer ran nothing: those writes alone run again once the script is loaded."""
+        outcomes: list = [None] * len(writes)
+        todo, acked = list(range(len(writes))), None
         for attempt in range(2):
             async with self._r.pipeline(transaction=False) as pipe:
-                for (record, prev_offset), wid in zip(writes, wids):
+                for i in todo:
+                    (record, prev_offset), wid = writes[i], wids[i]
                     pipe.evalsha(self._put.sha, 4, *self._keys(record.tenant, record.session_id),
                                  *self._args(record, prev_offset, wid))
-                outcomes = await pipe.execute(raise_on_error=False)
-            if attempt or not any(isinstance(r, NoScriptError) for r in outcomes):
-                return outcomes
-            await self._r.script_load(_PUT)  # a NOSCRIPT command ran nothing: the whole pipeline again is safe
+                wait = bool(self.min_replicas and self._wait_in_pipeline)
+                if wait:
+                    pipe.execute_command("WAIT", self.min_replicas, max(1, int(self.wait_timeout * 1000)))
+                got = await pipe.execute(raise_on_error=False)
+            if wait:
+                n = got.pop()
+                if isinstance(n, Exception):
+                    raise n
+                acked = int(n) if acked is None else min(acked, int(n))
+            for i, res in zip(todo, got):
+                outcomes[i] = res
+            todo = [i for i in todo if isinstance(outcomes[i], NoScriptError)]
+            if attempt or not todo:
+                return outcomes, acked
+            await self._r.script_load(_PUT)
         raise AssertionError("unreachable")
+
+    async def _unconfirmed(self, writes: list[tuple[SessionRecord, int]], outcomes: list,
+                           acked: int | None) -> dict[str, Unavailable]:
+        """With min_replicas: the applied writes (by session key) that too few replicas confirmed."""
+        if not self.min_replicas:
+            return {}
+        keys = [self._keys(r.tenant, r.session_id)[0] for (r, _), res in zip(writes, outcomes) if res == -2]
+        if acked is not None:
+            error = self._unreplicated(acked)
+            return {} if error is None else dict.fromkeys(keys, error)
+        try:
+            await self._confirm(keys)
+        except Unavailable as e:
+            return dict.fromkeys(keys, e)
+        return {}
 
     async def delete(self, tenant: str, session_id: str) -> None:
         self._forget((tenant, session_id))
         for _ in range(2):
             try:
-                deleted = await settled(self._evalsha(self._delete, self._keys(tenant, session_id),
-                                                      [session_id, self._member(tenant, session_id)]))
+                deleted = await settled(self._write(self._delete, self._keys(tenant, session_id),
+                                                    [session_id, self._member(tenant, session_id)], applied=1))
             except RedisError as e:
                 raise self._down(e) from e
             if deleted:
@@ -355,11 +485,19 @@ class RedisStore(Store):
         """From the tenant's live set (never a SCAN): its ids sorted here (its scores are expiry
         times, so Redis cannot order it by id), then the hashes after `after_id` read a page at a
         time in one pipeline each; an id whose hash has expired is skipped."""
+        try:
+            members = cast(list[bytes], await self._r.zrange(f"{_GLOBAL}:{tenant}", 0, -1))
+        except RedisError as e:
+            raise self._down(e) from e
+        return await self._summaries(tenant, sorted(i for i in (m.decode() for m in members) if i > after_id),
+                                     model, limit)
+
+    async def _summaries(self, tenant: str, ids: list[str], model: str, limit: int) -> list[SessionSummary]:
+        """Up to `limit` summaries of these sorted ids' sessions, read a page at a time in one pipeline
+        each; an id whose hash has expired is skipped."""
         fields = ("model", "version", "offset", "created", "updated", "ttl")
         out: list[SessionSummary] = []
         try:
-            members = cast(list[bytes], await self._r.zrange(f"{_GLOBAL}:{tenant}", 0, -1))
-            ids = sorted(i for i in (m.decode() for m in members) if i > after_id)
             while ids and len(out) < limit:
                 page, ids = ids[:limit], ids[limit:]
                 async with self._r.pipeline(transaction=False) as pipe:
