@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import socket
@@ -51,6 +52,7 @@ class Running:
     store: Store
     health: health.aio.HealthServicer
     background: list[asyncio.Task]  # the sweeper and the store's health watcher
+    auth: Authenticator | None = None  # reloaded on SIGHUP
     admin: grpc.aio.Server | None = None  # --admin-port's server (the admin API only)
     metrics: Metrics | None = None  # its /metrics endpoint runs while metrics.http_port is not 0
 
@@ -120,6 +122,10 @@ async def create_server(settings: Settings) -> Running:
         raise SystemExit(f"recur serve: --max-reply-bytes ({settings.max_reply_bytes}) must be 1 or more and at most "
                          f"--stream-buffer-bytes ({settings.stream_buffer_bytes}): a stream holds at least one reply")
     auth = Authenticator.from_setting(settings.auth_keys)
+    if auth.is_open and settings.admin_port and not _loopback(settings.admin_host):
+        raise SystemExit(f"recur serve: --admin-host {settings.admin_host} is not a loopback address and there is no "
+                         "--auth-keys: anyone who reaches it could load and unload models. Give --auth-keys (admin "
+                         "keys only), or keep --admin-host 127.0.0.1")
     if auth.is_open:
         log.warning("no --auth-keys: this server is open; every call is served as tenant %r without an API key",
                     DEFAULT_TENANT)
@@ -204,7 +210,28 @@ async def create_server(settings: Settings) -> Running:
                                       name="store-health")]
     if settings.model_poll > 0:
         background.append(asyncio.create_task(poll(lifecycle, settings.model_poll), name="model-poll"))
-    return Running(server, port, core, store, health_servicer, background, admin=admin_server, metrics=metrics)
+    if settings.auth_keys and settings.auth_keys_poll > 0:
+        background.append(asyncio.create_task(_watch_keys(auth, settings.auth_keys_poll), name="key-poll"))
+    return Running(server, port, core, store, health_servicer, background, admin=admin_server, metrics=metrics,
+                   auth=auth)
+
+
+async def _watch_keys(auth: Authenticator, interval: float) -> None:
+    """Reload the key file when it changes on disk, so a revoked key is refused without a restart."""
+    while True:
+        await asyncio.sleep(interval)
+        if auth.changed_on_disk():
+            auth.reload()
+
+
+def _loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def serve(settings: Settings) -> None:
@@ -219,6 +246,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if running.auth is not None and running.auth.source:
+        loop.add_signal_handler(signal.SIGHUP, running.auth.reload)
     server_done = asyncio.create_task(running.server.wait_for_termination())
     stop_wait = asyncio.create_task(stop.wait())
     await asyncio.wait({server_done, stop_wait}, return_when=asyncio.FIRST_COMPLETED)

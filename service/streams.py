@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import ctypes
+import ctypes.util
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -47,6 +50,18 @@ async def messages(requests: AsyncIterator[Req], idle_timeout: float | None, idl
             timer.cancel()
 
 
+TRIM_AFTER_BYTES = 8 * 1024 * 1024  # a stream that held more gives the allocator's free pages back when it ends
+_LIBC = ctypes.util.find_library("c")
+
+
+def give_back_memory() -> None:
+    """Return freed heap pages to the system (glibc keeps them in its arenas otherwise, so a stream that
+    once held its full budget would keep the process that large). A no-op where there is no glibc."""
+    if _LIBC:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(_LIBC).malloc_trim(0)
+
+
 class ByteBudget:
     """The bytes of replies a stream holds, running or waiting to be sent, granted in arrival order.
     A request reserves its reply budget (service/budget.py) before it runs and gives it back once its
@@ -54,13 +69,14 @@ class ByteBudget:
     replies over --max-reply-bytes, which the server keeps at most the stream's budget)."""
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.held = limit, 0
+        self.limit, self.held, self.peak = limit, 0, 0
         self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
 
     async def acquire(self, n: int) -> int:
         n = min(n, self.limit)
         if not self._waiters and self.held + n <= self.limit:
             self.held += n
+            self.peak = max(self.peak, self.held)
             return n
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((n, granted))
@@ -83,6 +99,7 @@ class ByteBudget:
                 return
             self._waiters.popleft()
             self.held += want
+            self.peak = max(self.peak, self.held)
             granted.set_result(None)
 
 
@@ -146,6 +163,8 @@ async def handled(requests: AsyncIterator[Req], prepare: Callable[[Req], tuple[I
         reader.cancel()
         while not replies.empty():
             replies.get_nowait()
+        if room.peak > TRIM_AFTER_BYTES:
+            give_back_memory()
     await end_if_idle(idle, idle_timeout, context)
 
 

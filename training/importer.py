@@ -460,7 +460,11 @@ def import_model(source: Path, *, name: str, version: int, models_dir: Path = Pa
             load_model(staging, RuntimeOptions())  # exactly as the server loads it
         except ModelInvalid as e:
             raise ImportRefused(f"the server would refuse it: {e}") from e
-        parity = parity_check(staging)
+        try:
+            parity = parity_check(staging)
+        except Exception as e:  # ONNX Runtime refusing to run it: one line, not a traceback
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ImportRefused(f"the graph fails when run on a test sequence ({type(e).__name__}: {first})") from e
         if not parity["ok"]:
             raise ImportRefused(
                 f"chunking is not invisible: {parity['chunks']} chunks vs one pass differ by "
