@@ -438,6 +438,8 @@ class Fed:
 
     acked: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)  # the retried failures' codes
+    lost: list[tuple[str, int, int]] = field(default_factory=list)  # (session, acknowledged offset, stored offset)
+    failures: list[str] = field(default_factory=list)  # what went wrong in a feeding thread
 
     def last(self, session_id: str) -> int:
         return max((o for o, _ in self.acked.get(session_id, [])), default=0)
@@ -456,14 +458,22 @@ class Fed:
 
 
 def feed(target: str, sequences: dict[str, np.ndarray], chunk: int, fed: Fed, stop: threading.Event | None = None,
-         deadline: float = 90.0, pause: float = 0.0) -> None:
+         deadline: float = 90.0, pause: float = 0.0, losses: bool = False) -> None:
     """Feed each session its sequence `chunk` tokens at a time through Step (one thread per session),
     retrying a chunk that failed UNAVAILABLE, or FAILED_PRECONDITION because its own earlier try was
     applied (the retry is answered as a replay): a chunk is never applied twice, and each session ends
-    at its sequence's length unless `stop` is set first."""
+    at its sequence's length unless `stop` is set first. A store that lost acknowledged chunks (its
+    offset behind the client's) is a failure, or with `losses` recorded in `fed.lost` and fed again."""
     lock = threading.Lock()
 
     def one(sid: str, seq: np.ndarray) -> None:
+        try:
+            run(sid, seq)
+        except Exception as e:  # a thread's exception would go nowhere: the test asserts on these
+            with lock:
+                fed.failures.append(f"{sid}: {e!r}")
+
+    def run(sid: str, seq: np.ndarray) -> None:
         end = time.monotonic() + deadline
         with RecurClient(target) as c:
             offset = 0
@@ -478,7 +488,14 @@ def feed(target: str, sequences: dict[str, np.ndarray], chunk: int, fed: Fed, st
                                     grpc.StatusCode.DEADLINE_EXCEEDED), f"{code}: {e.details()}"
                     if code == grpc.StatusCode.FAILED_PRECONDITION:  # only its own try can have moved it
                         m = re.search(r"offset (\d+)", e.details() or "")
-                        assert m and int(m.group(1)) in (offset, offset + len(part)), e.details()
+                        assert m, e.details()
+                        stored = int(m.group(1))
+                        if losses and stored < offset:
+                            with lock:
+                                fed.lost.append((sid, offset, stored))
+                            offset = stored
+                            continue
+                        assert stored in (offset, offset + len(part)), e.details()
                     with lock:
                         fed.errors.append(code.name)
                     time.sleep(0.02)

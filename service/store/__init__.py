@@ -45,6 +45,8 @@ async def open_store(url: str, *, durability: str, memory_capacity: int, cache_s
     `redis+cluster://HOST:PORT,.../`. Durability `none` keeps state in memory only."""
     if durability not in DURABILITY_MODES:
         raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
+    if redis_min_replicas and not url.startswith(REDIS_SCHEMES):
+        raise ValueError("--redis-min-replicas applies to a redis store only")
     if url == "memory:" or durability == "none":
         if url != "memory:":
             log.warning("durability none: sessions live in memory only; %s is not used", redact_url(url))
@@ -69,7 +71,5 @@ async def open_store(url: str, *, durability: str, memory_capacity: int, cache_s
             return RedisStore(url, **options)  # type: ignore[arg-type]
         except ValueError as e:  # the URL's own words never reach the message: it may hold a password
             raise ValueError(f"store URL {redact_url(url)!r}: {e}") from None
-    if redis_min_replicas:
-        raise ValueError("--redis-min-replicas applies to a redis store only")
     raise ValueError(f"unknown store URL {redact_url(url)!r}: expected memory:, sqlite:PATH, redis://HOST:PORT/DB, "
                      "redis+sentinel://HOST:PORT,.../SERVICE or redis+cluster://HOST:PORT,.../")

@@ -293,8 +293,8 @@ def redact_url(url: str) -> str:
         user, colon, _ = userinfo.partition(":")
         netloc = f"{user}:***@{host}" if colon else f"***@{host}"  # a lone userinfo may be a token
     items = [item.partition("=") for item in parts.query.split("&") if item]
-    query = "&".join(f"{k}=***" if eq and k.lower() in ("password", "pass", "pwd", "sentinel_password") else f"{k}{eq}{v}"
-                     for k, eq, v in items)
+    secret = ("password", "pass", "pwd", "sentinel_password")
+    query = "&".join(f"{k}=***" if eq and k.lower() in secret else f"{k}{eq}{v}" for k, eq, v in items)
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 

@@ -416,7 +416,8 @@ class RedisStore(Store):
 
     _wait_in_pipeline = True  # one connection carries the whole pipeline (not so on a cluster)
 
-    async def _put_pipeline(self, writes: list[tuple[SessionRecord, int]], wids: list[bytes]) -> tuple[list, int | None]:
+    async def _put_pipeline(self, writes: list[tuple[SessionRecord, int]],
+                            wids: list[bytes]) -> tuple[list, int | None]:
         """The put scripts in one pipeline (with min_replicas, and a WAIT after them where one connection
         carries them all); their answers and the fewest replicas a WAIT confirmed (None: none asked).
         A NOSCRIPT answer ran nothing: those writes alone run again once the script is loaded."""

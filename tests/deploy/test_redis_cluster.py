@@ -7,7 +7,7 @@ while a primary is killed."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
+import itertools
 import threading
 import time
 from collections.abc import Iterator
@@ -36,9 +36,14 @@ from tests.deploy.test_redis_hints import (  # the single Redis's tests, collect
 from tests.deploy.test_redis_limits import test_64_concurrent_creates_at_a_limit_of_100_store_exactly_100
 from tests.helpers import TOL, Fed, RedisCluster, Server, feed, logits_of, redis_cli, state_of, until
 
-__all__ = ["test_a_retry_on_the_first_replica_after_the_second_moved_on", "test_alternating_replicas_equal_one_pass",
-           "test_deleted_and_created_again_is_never_written_from_the_old_state", "test_packed_batches_across_replicas",
-           "test_scripts_survive_a_script_flush", "test_64_concurrent_creates_at_a_limit_of_100_store_exactly_100"]
+__all__ = [
+    "test_64_concurrent_creates_at_a_limit_of_100_store_exactly_100",
+    "test_a_retry_on_the_first_replica_after_the_second_moved_on",
+    "test_alternating_replicas_equal_one_pass",
+    "test_deleted_and_created_again_is_never_written_from_the_old_state",
+    "test_packed_batches_across_replicas",
+    "test_scripts_survive_a_script_flush",
+]
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +214,7 @@ def test_one_pass_over_every_entry_point_and_both_replicas(servers: list[Server]
                 cuts = [0, *sorted(rng.choice(np.arange(1, 37), 6, replace=False)), 37]
                 sid = clients[n % 2].create(model).session_id
                 parts = [_chunk(clients[(n + j) % 2], APIS[(k + n + j) % len(APIS)], sid, seq[a:b], int(a))
-                         for j, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+                         for j, (a, b) in enumerate(itertools.pairwise(cuts))]
                 want_logits, want_state = reference(model).run(seq.astype(np.int64))
                 assert np.abs(np.concatenate(parts) - want_logits).max() <= TOL
                 for got, want in zip(state_of(clients[(n + 1) % 2].get(sid, include_state=True)), want_state):
@@ -258,6 +263,7 @@ def test_slots_resharded_mid_stream_lose_and_double_nothing(servers: list[Server
     moved_mid_stream = not done.is_set()
     feeder.join(120)
     assert moved_mid_stream, "the reshard finished after the stream: make the stream longer"
+    assert not fed.failures, fed.failures
     assert moving <= set(cluster.slots_of(target))
     with servers[1].client() as c:
         _check_one_pass(c, sequences, reference, "gru-lm")
@@ -291,6 +297,7 @@ def test_a_primary_killed_mid_stream_loses_and_doubles_nothing(tiny_models: Path
         victim.start()  # back, as the promoted one's replica
         feeder.join(150)
         assert not feeder.is_alive()
+        assert not fed.failures, fed.failures
         assert fed.gap_over(killed_at) > 0.5  # the clients saw the failover (as a wait, or UNAVAILABLE and a retry)
         with server.client() as c:
             _check_one_pass(c, sequences, reference, "lstm-lm")
