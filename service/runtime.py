@@ -52,6 +52,7 @@ class RuntimeOptions:
     # threads (0: no second session); small calls keep `intra_op_threads` (BENCHMARKS.md, settings)
     large_threads: int = 0
     large_rows: int = 512
+    log_severity: int = 3  # ONNX Runtime's own log lines: errors (4: fatal only, where the caller reports errors)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def _session(blob: bytes, options: RuntimeOptions, threads: int | None = None) -
     so.intra_op_num_threads = options.intra_op_threads if threads is None else threads
     so.inter_op_num_threads = options.inter_op_threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = options.log_severity
     return ort.InferenceSession(blob, so, providers=execution_providers(options.provider))
 
 

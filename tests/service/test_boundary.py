@@ -93,9 +93,8 @@ def test_the_server_bound_is_max_concurrent_rpcs_answered_resource_exhausted(
         streams = [c.stub.Stream(quiet()) for _ in range(4)]
         for s in streams:
             next(s)
-        with grpc.insecure_channel(server.target) as ch:  # no retry: what a plain client sees
-            with pytest.raises(grpc.RpcError) as e:
-                recur_pb2_grpc.RecurStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
+        with grpc.insecure_channel(server.target) as ch, pytest.raises(grpc.RpcError) as e:  # no retry
+            recur_pb2_grpc.RecurStub(ch).ListModels(pb.ListModelsRequest(), timeout=10)
         assert e.value.code() == EXHAUSTED
         hold.set()
         for s in streams:
@@ -282,7 +281,7 @@ def test_a_rate_limit_counts_chunks_on_a_stream(start_server: Callable[..., Serv
 
 def test_a_revoked_key_is_refused_after_sighup_and_after_a_poll(start_server: Callable[..., Server],
                                                                   keyed: tuple) -> None:
-    path, slow, fast = keyed
+    path, _, fast = keyed
     server = start_server(store="memory:", extra=["--auth-keys", str(path), "--auth-keys-poll", "0.5"])
     with RecurClient(server.target, api_key=fast) as c:
         assert c.models()

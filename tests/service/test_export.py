@@ -126,7 +126,31 @@ def _huge_array(data: bytes) -> bytes:
     return data[:at + 1] + struct.pack(f"<{rank}I", *([2**31] * rank)) + data[at + 1 + 4 * rank:]
 
 
+def _header(data: bytes, **changes: object) -> bytes:
+    """The blob with header fields replaced (a forged blob: its arrays untouched)."""
+    (n,) = struct.unpack_from("<I", data, len(blob.MAGIC))
+    at = len(blob.MAGIC) + 4
+    header = {**json.loads(data[at:at + n]), **changes}
+    head = json.dumps(header).encode()
+    return blob.MAGIC + struct.pack("<I", len(head)) + head + data[at + n:]
+
+
+# numeric extremes and oversized names in the header: each refused before anything is stored
+FORGED: dict[str, dict[str, object]] = {
+    "created_at 1e300": {"created_at": 1e300}, "created_at -1": {"created_at": -1.0},
+    "created_at NaN": {"created_at": float("nan")}, "updated_at inf": {"updated_at": float("inf")},
+    "updated_at 1e19": {"updated_at": 1e19}, "ttl 1e300": {"ttl": 1e300}, "ttl -5": {"ttl": -5},
+    "ttl 0": {"ttl": 0}, "offset 2**63": {"offset": 2**63}, "offset -1": {"offset": -1},
+    "offset 2**62": {"offset": 2**62}, "last_start past offset": {"last_start": 2**40},
+    "last_start -2": {"last_start": -2}, "version 2**40": {"version": 2**40}, "version 0": {"version": 0},
+    "long model": {"model": "m" * 10_000}, "long id": {"session_id": "s" * 500},
+    "long last_request": {"last_request": "r" * 1000}, "last_request a number": {"last_request": 7},
+    "offset a float": {"offset": 12.5}, "digest odd": {"last_digest": "abc"},
+}
+
+
 MALFORMED: dict[str, Callable[[bytes], bytes]] = {
+    **{name: (lambda d, c=changes: _header(d, **c)) for name, changes in FORGED.items()},
     "empty": lambda d: b"",
     "garbage": lambda d: b"not a session at all",
     "other format": lambda d: b"RECURSESSION2\n" + d[len(blob.MAGIC):],
@@ -146,6 +170,7 @@ def test_malformed_blobs_are_invalid_argument(client: RecurClient) -> None:
                           grpc.StatusCode.INVALID_ARGUMENT)
         assert "blob" in details or "state" in details, (name, details)
     refused(lambda: client.get("dst"), grpc.StatusCode.NOT_FOUND)
+    assert [x.session_id for x in client.list_sessions()] == ["src"]  # nothing stored, nothing poisoned
     refused(lambda: client.export_session("nobody"), grpc.StatusCode.NOT_FOUND, "nobody")
     assert client.import_session(data, session_id="dst").offset == 12
 
@@ -184,6 +209,30 @@ def test_list_sessions_pages_filters_and_keeps_to_its_tenant(start_server: Calla
             refused(lambda: a.list_sessions_page(page_token="not a token!"), grpc.StatusCode.INVALID_ARGUMENT,
                     "page_token")
             refused(lambda: a.list_sessions_page(page_size=5000), grpc.StatusCode.INVALID_ARGUMENT, "page_size")
+    finally:
+        if r is not None:
+            r.kill()
+
+
+@pytest.mark.parametrize("store", ["sqlite", "redis"])
+def test_a_forged_timestamp_is_refused_and_stores_nothing(start_server: Callable[..., Server], tmp_path: Path,
+                                                          store: str) -> None:
+    """A blob with created_at 1e300 was stored, then answered INTERNAL on every GetSession and ListSessions."""
+    r = Redis(tmp_path / "redis") if store == "redis" else None
+    if r is not None:
+        r.directory.mkdir()
+        r.start()
+    try:
+        s = start_server(store=r.url if r else f"sqlite:{tmp_path / 'forged.db'}")
+        with s.client() as c:
+            data = _valid(c)
+            for forged in ({"created_at": 1e300}, {"updated_at": 1e300, "ttl": 1e300}):
+                refused(lambda: c.import_session(_header(data, **forged), session_id="evil"),  # noqa: B023
+                        grpc.StatusCode.INVALID_ARGUMENT, "year 9999")
+            refused(lambda: c.get("evil"), grpc.StatusCode.NOT_FOUND)
+            assert [x.session_id for x in c.list_sessions()] == ["src"]
+            assert c.import_session(_header(data, created_at=1.0), session_id="old").offset == 12
+            assert c.get("old").created_at.seconds == 1
     finally:
         if r is not None:
             r.kill()

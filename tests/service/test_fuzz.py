@@ -46,14 +46,22 @@ def _ids(ids: list[str]) -> st.SearchStrategy[str]:
     return st.one_of(st.sampled_from(ids), st.text(max_size=12), st.sampled_from(["", "x" * 200, "a\n", "ghost"]))
 
 
+# activation selections, repeats included (a repeated layer, unit or state is refused, never multiplied)
+selections = st.tuples(st.booleans(), st.lists(st.integers(-4, 4), max_size=6),
+                       st.lists(st.integers(-2, 20), max_size=6),
+                       st.lists(st.sampled_from(["h", "c", "x", ""]), max_size=3))
+
+
 def _step(ids: list[str]) -> st.SearchStrategy[pb.StepRequest]:
     return st.builds(
-        lambda sid, kind, toks, text, feats, off, k, flags: pb.StepRequest(
+        lambda sid, kind, toks, text, feats, off, k, flags, acts: pb.StepRequest(
             session_id=sid, tokens=toks if kind & 1 else [], text=text if kind & 2 else "",
             features=feats if kind & 4 else b"", top_k=k, return_logits=flags[0], final_only=flags[1],
-            return_state=flags[2], compact=flags[3], **({} if off is None else {"expected_offset": off})),
+            return_state=flags[2], compact=flags[3], return_activations=acts[0], activation_layers=acts[1],
+            activation_units=acts[2], activation_states=acts[3],
+            **({} if off is None else {"expected_offset": off})),
         _ids(ids), st.integers(0, 7), tokens, texts, floats, st.one_of(st.none(), st.integers(-5, 70), int32),
-        st.integers(-2, 200), st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()))
+        st.integers(-2, 200), st.tuples(st.booleans(), st.booleans(), st.booleans(), st.booleans()), selections)
 
 
 def _tensor() -> st.SearchStrategy[pb.Tensor]:
@@ -84,6 +92,10 @@ def _offsets(c: RecurClient, ids: list[str]) -> list[tuple[int, bytes]]:
 def test_generated_requests_for_every_rpc(fuzzed) -> None:  # type: ignore[no-untyped-def]
     server, c, ids = fuzzed
     stub = c.stub
+    from recur.kserve import grpc_service_pb2 as v2
+    from recur.kserve import grpc_service_pb2_grpc
+
+    v2_stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(c.channel)
 
     @settings(max_examples=700, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(data=st.data())
@@ -115,7 +127,21 @@ def test_generated_requests_for_every_rpc(fuzzed) -> None:  # type: ignore[no-un
             session_id=sid, prompt=data.draw(texts), max_tokens=data.draw(st.integers(-1, 12)),
             temperature=data.draw(st.floats(allow_nan=True, allow_infinity=True, width=32)),
             top_k=data.draw(st.integers(-3, 200)), top_p=data.draw(st.floats(-1, 2, width=32)),
-            stop=data.draw(st.lists(texts, max_size=2))), timeout=20)))
+            stop=data.draw(st.one_of(st.lists(texts, max_size=2), st.lists(st.text(max_size=200), max_size=80)))),
+            timeout=20)))
+        acts = data.draw(selections)
+        packed_ids = data.draw(st.lists(_ids(ids), max_size=3))
+        lengths = data.draw(st.lists(st.integers(0, 6), min_size=len(packed_ids), max_size=len(packed_ids)))
+        _expect(lambda: stub.StepPacked(pb.PackedStepBatch(
+            session_ids=packed_ids, lengths=lengths, tokens=bytes(4 * sum(lengths)), top_k=data.draw(small),
+            return_logits=data.draw(st.booleans()), return_activations=acts[0], activation_layers=acts[1],
+            activation_units=acts[2], activation_states=acts[3]), timeout=20))
+        infer = v2.ModelInferRequest(model_name=data.draw(st.sampled_from(MODELS)))
+        n = data.draw(st.integers(0, 5))
+        infer.inputs.add(name="tokens", datatype="INT64", shape=[1, n]).contents.int64_contents.extend([1] * n)
+        for name in data.draw(st.lists(st.sampled_from(["logits", "state_h", "state_c", "nope"]), max_size=5)):
+            infer.outputs.add(name=name)
+        _expect(lambda: v2_stub.ModelInfer(infer, timeout=20))
         if sid not in ids:
             _expect(lambda: stub.DeleteSession(pb.DeleteSessionRequest(session_id=sid), timeout=20))
         _expect(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=20))

@@ -28,6 +28,8 @@ def test_json_lines_carry_the_lifecycle_and_hash_session_ids(tiny_models, tmp_pa
         with server.client() as c:
             c.create(MODEL, session_id="secret-session")
             c.fork("secret-session", new_session_id="secret-fork")
+            c.step("secret-fork", tokens=[1, 2])
+            c.import_session(c.export_session("secret-fork"), session_id="secret-import")
             c.delete("secret-session")
         lines = _json_lines(server, "session deleted")
         # every log line is JSON (the two printed port lines aside)
@@ -43,7 +45,9 @@ def test_json_lines_carry_the_lifecycle_and_hash_session_ids(tiny_models, tmp_pa
         assert created["model"] == MODEL and created["version"] == 1
         assert created["session_hash"] == deleted["session_hash"] == session_hash("secret-session")
         assert forked["session_hash"] == session_hash("secret-fork")
-        assert not any("secret-session" in line or "secret-fork" in line for line in server.log)
+        imported = by_event["session imported"]
+        assert imported["session_hash"] == session_hash("secret-import") and imported["offset"] == 2
+        assert not any("secret-" in line for line in server.log)  # an import too: ids at DEBUG only
     finally:
         server.kill()
 

@@ -260,3 +260,33 @@ def test_the_published_schema_is_the_one_the_loader_uses() -> None:
         "regenerate it: python -m service.schema > docs/manifest.schema.json"
     for manifest in sorted((ROOT / "models").glob("*/*/manifest.json")):
         assert problem(json.loads(manifest.read_text())) is None, manifest
+
+
+def test_a_graph_that_fails_when_run_is_one_line(exported: dict, tmp_path: Path) -> None:
+    """A graph that passes the checks but fails in ONNX Runtime (a Reshape to a wrong shape): `recur
+    import` says so in one line, not a traceback, and leaves nothing behind."""
+    import subprocess
+    import sys
+
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(exported["gru.onnx"]))
+    g = model.graph
+    producer = next(n for n in g.node if "scores" in n.output)
+    producer.output[list(producer.output).index("scores")] = "scores_raw"
+    # a shape computed at run time, one class too many: nothing to see until ONNX Runtime runs it
+    g.initializer.append(onnx.numpy_helper.from_array(np.array([0, 0, 1], np.int64), "one_more"))
+    g.node.extend([helper.make_node("Shape", ["scores_raw"], ["raw_shape"]),
+                   helper.make_node("Add", ["raw_shape", "one_more"], ["bad_shape"]),
+                   helper.make_node("Reshape", ["scores_raw", "bad_shape"], ["scores"])])
+    path = tmp_path / "breaks.onnx"
+    onnx.save(model, str(path))
+    out = subprocess.run([sys.executable, "-m", "recur.cli", "import", str(path), "--name", "b", "--version", "1",
+                          "--head", "classifier", "--models-dir", str(tmp_path / "models")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith("recur import: refused: the graph fails when run"), lines[0]
+    assert not (tmp_path / "models" / "b").exists()
