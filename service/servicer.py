@@ -25,7 +25,7 @@ from service.config import Settings
 from service.errors import InvalidInput, LimitExceeded, RecurError
 from service.metrics import Metrics
 from service.packed import PackedInput
-from service.sessions import SessionService
+from service.sessions import BatchPlan, SessionService
 from service.types import StepInput, StepResult
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         return convert.step_error_to_pb(request, code.value[0], message)
 
     def _batch_chunks(self, tenant: str, batch: pb.StepBatch | Malformed, deadline: float | None
-                      ) -> tuple[tuple[pb.StepBatch, list[StepInput] | Exception], int]:
+                      ) -> tuple[tuple[pb.StepBatch, BatchPlan | Exception], int]:
         """A StepBatch message as the core's chunks and its reply budget (or why it is refused whole)."""
         try:
             batch = parsed(batch)
@@ -216,18 +216,17 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
                 raise LimitExceeded(f"a StepBatch holds at most {self.max_batch_chunks} chunks (--max-batch-chunks); "
                                     f"this one holds {len(batch.steps)}")
             self.auth.charge(tenant, len(batch.steps))
-            inputs = [convert.step_from_pb(r, deadline) for r in batch.steps]
-            return (batch, inputs), self.core.reply_bytes(tenant, inputs)
+            plan = self.core.plan_batch(tenant, [convert.step_from_pb(r, deadline) for r in batch.steps])
+            return (batch, plan), plan.reply_bytes
         except Exception as e:
             return (batch if isinstance(batch, pb.StepBatch) else pb.StepBatch(steps=[pb.StepRequest()]), e), 0
 
-    async def _batch(self, tenant: str, batch: pb.StepBatch, inputs: list[StepInput] | Exception
-                     ) -> list[pb.StepResponse]:
+    async def _batch(self, tenant: str, batch: pb.StepBatch, plan: BatchPlan | Exception) -> list[pb.StepResponse]:
         started = time.perf_counter()
         try:
-            if isinstance(inputs, Exception):
-                raise inputs
-            results = await self.core.step_batch(tenant, inputs)
+            if isinstance(plan, Exception):
+                raise plan
+            results = await self.core.step_batch(tenant, plan)
         except Exception as e:  # the whole message refused (too large, shutting down)
             return [self._failed("StreamBatch", r, e) for r in batch.steps]
         counted = self.metrics.rpc("StreamBatch", tenant)

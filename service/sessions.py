@@ -15,6 +15,7 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -131,6 +132,14 @@ class _PackedOutputs:
         return argmax, logits
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """A StepBatch planned: its chunks and the bytes its reply can hold (within --max-reply-bytes)."""
+
+    inputs: list[StepInput]
+    reply_bytes: int
+
+
 class VersionMismatch(RecurError):
     code = "FAILED_PRECONDITION"
 
@@ -182,6 +191,13 @@ class SessionService:
         w, max_chunk = self._widest_widths(), self._max_chunk(tenant)
         return sum(budget.reply_budget(w, budget.Shape(1, self._declared_steps(inp, w, max_chunk), inp.options)).bytes
                    for inp in inputs)
+
+    def plan_batch(self, tenant: str, inputs: list[StepInput]) -> BatchPlan:
+        """A StepBatch's chunks with their reply budget, refused whole (RESOURCE_EXHAUSTED) when over it."""
+        size = self.reply_bytes(tenant, inputs)
+        budget.check(budget.Budget(sum(len(i.tokens) or len(i.text) or len(i.features) // 4 for i in inputs), size),
+                     self.settings.max_reply_bytes)
+        return BatchPlan(inputs, size)
 
     def packed_reply_bytes(self, p: PackedInput) -> int:
         """As reply_bytes, for a packed batch (one columnar reply)."""
@@ -514,13 +530,12 @@ class SessionService:
                                                         inp.options.activations is not None, replay_key(inp.replay_key))
             return self._result(model, rec, logits, inp.options, replayed=False, acts=acts)
 
-    async def step_batch(self, tenant: str, inputs: list[StepInput]) -> list[StepResult | Exception]:
+    async def step_batch(self, tenant: str, batch: BatchPlan | list[StepInput]) -> list[StepResult | Exception]:
         """Many sessions' chunks as one unit: each session locked once (all its locks' queues joined at
         once, so batches keep arrival order and cannot deadlock), one engine submission, one store
         write batch. A session named again later in the batch runs those chunks afterwards, in order.
         Each chunk succeeds or fails alone: the result list holds a StepResult or the error for each input."""
-        budget.check(budget.Budget(sum(len(i.tokens) or len(i.text) or len(i.features) // 4 for i in inputs),
-                                   self.reply_bytes(tenant, inputs)), self.settings.max_reply_bytes)
+        inputs = (batch if isinstance(batch, BatchPlan) else self.plan_batch(tenant, batch)).inputs
         out: dict[int, StepResult | Exception] = {}
         first: list[int] = []
         later: list[int] = []
