@@ -15,9 +15,9 @@ $(VENV)/.serve: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --disable-pip-version-check -e .
 	touch $@
 
-# Tests and training also need the train and dev extras (torch==2.13.0, CPU build).
+# Tests and training also need the train, dev and tracing extras (torch==2.13.0, CPU build).
 $(VENV)/.dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[train,dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[train,dev,tracing]'
 	touch $@ $(VENV)/.serve
 
 serve: $(VENV)/.serve

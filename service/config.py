@@ -139,6 +139,10 @@ class Settings:
     metrics_port: int = field(default=9464, metadata={
         "help": "HTTP port of the Prometheus /metrics endpoint (0: off; -1: any free port); the bound port is "
         "printed as 'metrics on port N'."})
+    tracing: bool = field(default=False, metadata={
+        "help": "Export OpenTelemetry traces over OTLP gRPC (needs the tracing extra); also on when "
+        "OTEL_EXPORTER_OTLP_ENDPOINT is set. The standard OTEL_* variables set the endpoint, service name and "
+        "sampler (parent-based by default)."})
     tls_cert: str = field(default="", metadata={
         "help": "PEM certificate (chain) to serve TLS with; needs --tls-key (empty: plaintext)."})
     tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert."})

@@ -27,6 +27,7 @@ import numpy as np
 from service.errors import DeadlineExceeded, LimitExceeded, RecurError
 from service.runtime import ModelRuntime
 from service.threads import name_this_thread
+from service.tracing import OFF, now_ns
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,6 +55,7 @@ class _Job:
     block: int = 0  # > 0: a block of that many equal-length chunks already batched (the packed path):
     # x (B, T[, D]), states (L, B, H), outputs (B, t, C); it runs as its own call
     activations: list[list[np.ndarray]] | None = None  # a block asking for them: each slice's (B, t, H)
+    link: Any = None  # the span of the call it serves (tracing on), for the engine call's span to link
 
     @property
     def length(self) -> int:
@@ -88,6 +90,7 @@ class Engine:
         self.admitted = 0  # chunks queued or running
         # (sessions, seconds, cpu seconds) of each call, timed in the thread that ran it: metrics
         self.on_call: Callable[[int, float, float], None] | None = None
+        self.tracing = OFF  # with tracing on, each call is a span linking the calls its chunks came from
 
     async def run(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray],
                   deadline: float | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -119,6 +122,8 @@ class Engine:
             q = self._queues[id(runtime)] = _ModelQueue(runtime)
         self.admitted += n
         job.future.add_done_callback(lambda _: self._release(n))
+        if self.tracing.on:
+            job.link = self.tracing.current()
         q.jobs.append(job)
         self._schedule()
         return job.future
@@ -193,9 +198,12 @@ class Engine:
         failing job fails, not the rest of its batch."""
         loop = asyncio.get_running_loop()
         try:
+            started = now_ns()
             result, seconds, cpu = await loop.run_in_executor(self._pool, _timed, _run_group, runtime, group, steps)
             if self.on_call is not None:
                 self.on_call(len(group), seconds, cpu)
+            if self.tracing.on:
+                self.tracing.engine_call([job.link for job in group], len(group), len(group) * steps, started, now_ns())
             return [(group, result)]
         except Exception as e:
             if len(group) == 1:
@@ -242,6 +250,7 @@ class Engine:
                 x = np.concatenate(xs)
                 states = [np.concatenate(parts, axis=1) for parts in zip(*(job.states for job in group))]
             try:
+                started = now_ns()
                 if with_acts:
                     (logits, new_states, acts), seconds, cpu = await loop.run_in_executor(
                         self._pool, _timed, q.runtime.run_activations, x, states)
@@ -251,6 +260,8 @@ class Engine:
                     acts = None
                 if self.on_call is not None:
                     self.on_call(size, seconds, cpu)
+                if self.tracing.on:
+                    self.tracing.engine_call([job.link for job in group], size, size * steps, started, now_ns())
             except Exception as e:
                 if not isinstance(e, RecurError):
                     log.warning("a call of %d chunks failed in ONNX Runtime: %s", size, e.__class__.__name__)

@@ -34,6 +34,7 @@ from service.runtime import ProviderUnavailable, RuntimeOptions, execution_provi
 from service.servicer import MalformedRequests, RecurServicer
 from service.sessions import SessionService
 from service.store import Store, open_store, redact_url
+from service.tracing import OFF, ServerSpans, Tracing, wanted
 from service.v2 import SERVICE as V2_SERVICE_NAME
 from service.v2 import InferenceServicer
 
@@ -53,6 +54,7 @@ class Running:
     health: health.aio.HealthServicer
     background: list[asyncio.Task]  # the sweeper and the store's health watcher
     auth: Authenticator | None = None  # reloaded on SIGHUP
+    tracing: Tracing = OFF
     admin: grpc.aio.Server | None = None  # --admin-port's server (the admin API only)
     metrics: Metrics | None = None  # its /metrics endpoint runs while metrics.http_port is not 0
 
@@ -68,6 +70,7 @@ class Running:
         await self.core.close()
         if self.metrics is not None:
             self.metrics.stop()
+        self.tracing.shutdown()
         log.info("stopped; store flushed")
 
 
@@ -155,8 +158,14 @@ async def create_server(settings: Settings) -> Running:
     metrics = Metrics()
     metrics.watch(store, lambda: engine.admitted, asyncio.get_running_loop())
     engine.on_call = metrics.engine_call
-    core = SessionService(settings, models, TimedStore(store, metrics), engine, auth.limits, events=metrics)
-    server = grpc.aio.server(interceptors=[MalformedRequests()], options=server_options(settings, models),
+    tracing = Tracing.start() if wanted(settings.tracing) else OFF
+    engine.tracing = tracing
+    core = SessionService(settings, models, TimedStore(store, metrics), engine, auth.limits, events=metrics,
+                          tracing=tracing)
+    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequests()]
+    if tracing.on:
+        interceptors.insert(0, ServerSpans(tracing))
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings, models),
                              maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
     address = f"{settings.host}:{settings.port}"
     try:
@@ -213,7 +222,7 @@ async def create_server(settings: Settings) -> Running:
     if settings.auth_keys and settings.auth_keys_poll > 0:
         background.append(asyncio.create_task(_watch_keys(auth, settings.auth_keys_poll), name="key-poll"))
     return Running(server, port, core, store, health_servicer, background, admin=admin_server, metrics=metrics,
-                   auth=auth)
+                   auth=auth, tracing=tracing)
 
 
 async def _watch_keys(auth: Authenticator, interval: float) -> None:

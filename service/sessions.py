@@ -30,6 +30,7 @@ from service.outputs import OutputOptions, StopStrings, sample, select_activatio
 from service.packed import PackedInput, PackedResult
 from service.store import SessionRecord, Store
 from service.store.base import NO_EVENTS, Events, SessionSummary
+from service.tracing import OFF, Tracing
 from service.types import GeneratedToken, GenerateInput, NamedTensor, SessionView, StepInput, StepResult
 
 log = logging.getLogger(__name__)
@@ -164,10 +165,12 @@ class SessionService:
     Records are stamped with the store's clock, which also decides their expiry."""
 
     def __init__(self, settings: Settings, models: ModelRepository, store: Store, engine: Engine,
-                 tenant_limits: Callable[[str], TenantLimits] | None = None, events: Events = NO_EVENTS) -> None:
+                 tenant_limits: Callable[[str], TenantLimits] | None = None, events: Events = NO_EVENTS,
+                 tracing: Tracing = OFF) -> None:
         self.settings, self.models, self.store, self.engine = settings, models, store, engine
         self.tenant_limits = tenant_limits
         self.events = events  # sessions created/deleted, replays, conflicts (metrics; no-ops by default)
+        self.tracing = tracing  # spans of the stages (service/tracing.py; a no-op when off)
         self._locks = SessionLocks()
         self._calls = CallGate()
         self._widest: tuple[list[Model], budget.Widths] = ([], budget.Widths())
@@ -415,10 +418,12 @@ class SessionService:
             logits, new_states, acts = await self._run_with_activations(model, x, rec.state, deadline)
             max_replay = -1
         else:
-            logits, new_states = await self.engine.run(model.runtime, x[0], rec.state, deadline)  # batched
+            with self.tracing.span("recur.engine", rows=x.shape[1]):
+                logits, new_states = await self.engine.run(model.runtime, x[0], rec.state, deadline)  # batched
         new = _advanced(rec, x.shape[1], digest, logits, new_states, self.store.clock(), max_replay, request)
         try:
-            await self.store.put(new, prev_offset=rec.offset)  # settles even if this call is cancelled
+            with self.tracing.span("recur.store.write"):
+                await self.store.put(new, prev_offset=rec.offset)  # settles even if this call is cancelled
         except StoreConflict as e:
             self.events.conflict(model.name, model.version, rec.tenant)
             raise self._conflict(e, rec.session_id) from e
@@ -454,7 +459,8 @@ class SessionService:
         if inp.options.top_k < 0:
             raise InvalidInput("top_k must be 0 or more")
         if rec is None:
-            rec = await self.store.get(tenant, _checked(inp.session_id))
+            with self.tracing.span("recur.store.read", tenant):
+                rec = await self.store.get(tenant, _checked(inp.session_id))
         model = self.models.get(rec.model, rec.version)
         if inp.options.activations is not None:
             select_activations(model, inp.options.activations)  # refused before anything runs
@@ -511,7 +517,8 @@ class SessionService:
 
     async def step(self, tenant: str, inp: StepInput) -> StepResult:
         async with self._calls, self._locks.hold((tenant, inp.session_id)):
-            prepared = await self._prepare(tenant, inp)
+            with self.tracing.span("recur.plan", tenant, session=inp.session_id):
+                prepared = await self._prepare(tenant, inp)
             if isinstance(prepared, StepResult):
                 return prepared
             model, rec, x, digest = prepared
@@ -564,7 +571,8 @@ class SessionService:
     async def _step_many(self, tenant: str, inputs: list[StepInput], indices: list[int],
                          out: dict[int, StepResult | Exception]) -> None:
         jobs = []
-        records = await self.store.get_many(tenant, [inputs[i].session_id for i in indices])
+        with self.tracing.span("recur.store.read", tenant, rows=len(indices)):
+            records = await self.store.get_many(tenant, [inputs[i].session_id for i in indices])
         for i, rec in zip(indices, records):
             if isinstance(rec, Exception):
                 out[i] = rec
@@ -578,8 +586,9 @@ class SessionService:
                 out[i] = prepared
             else:
                 jobs.append((i, *prepared))
-        ran = await asyncio.gather(*(self._submit(model, rec, x, inputs[i].deadline)
-                                     for i, model, rec, x, _ in jobs), return_exceptions=True)
+        with self.tracing.span("recur.engine", rows=sum(x.shape[1] for *_, x, _ in jobs)):
+            ran = await asyncio.gather(*(self._submit(model, rec, x, inputs[i].deadline)
+                                         for i, model, rec, x, _ in jobs), return_exceptions=True)
         writes, done = [], []
         t = self.store.clock()
         for (i, model, rec, x, digest), result in zip(jobs, ran):
@@ -591,7 +600,8 @@ class SessionService:
                             replay_key(inputs[i].replay_key))
             writes.append((new, rec.offset))
             done.append((i, model, new, logits))
-        errors = await self.store.put_many(writes)
+        with self.tracing.span("recur.store.write", rows=len(writes)):
+            errors = await self.store.put_many(writes)
         for (i, model, new, logits), err in zip(done, errors):
             if err is None:
                 out[i] = self._result(model, new, logits, inputs[i].options, replayed=False)
@@ -665,7 +675,8 @@ class SessionService:
                 except RecurError as e:
                     records.append(e)
         else:
-            records = await self.store.get_many(tenant, [p.session_ids[i] for i in chunks])
+            with self.tracing.span("recur.store.read", tenant, rows=len(chunks)):
+                records = await self.store.get_many(tenant, [p.session_ids[i] for i in chunks])
         models: dict[tuple[str, int], Model | Exception] = {}
         bad_tokens: dict[int, dict[int, tuple[int, int]]] = {}
         features: dict[int, np.ndarray | Exception] = {}
@@ -782,7 +793,8 @@ class SessionService:
             except LimitExceeded as e:
                 for i, *_ in items:
                     errors[i] = e
-        ran = await asyncio.gather(*(f for *_, f in submitted), return_exceptions=True)
+        with self.tracing.span("recur.engine", rows=sum(len(items) * steps for items, _, steps, _ in submitted)):
+            ran = await asyncio.gather(*(f for *_, f in submitted), return_exceptions=True)
         writes, done = [], []
         t = self.store.clock()
         max_replay = self.settings.max_replay_bytes if p.activations is None else -1  # replays recompute them
@@ -804,7 +816,9 @@ class SessionService:
                 writes.append((new, rec.offset))
                 done.append((i, model, new))
             out.place(idx, logits)
-        for (i, model, new), err in zip(done, await self.store.put_many(writes)):
+        with self.tracing.span("recur.store.write", rows=len(writes)):
+            stored = await self.store.put_many(writes)
+        for (i, model, new), err in zip(done, stored):
             if err is None:
                 res.offsets[i], res.start_offsets[i] = new.offset, new.last_start
             elif isinstance(err, StoreConflict) and retry:
