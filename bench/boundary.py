@@ -123,8 +123,8 @@ def concurrent_calls() -> None:
     for limit in ("100", "0"):
         server = recur_server("memory:", "--max-streams-per-connection", limit)
         try:
-            async def run() -> int:
-                async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            async def run(port: int) -> int:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
                     stub = recur_pb2_grpc.RecurStub(ch)
                     ids = [(await stub.CreateSession(pb.CreateSessionRequest(model="pylm"))).session_id
                            for _ in range(120)]
@@ -139,7 +139,7 @@ def concurrent_calls() -> None:
 
                     return sum(await asyncio.gather(*(loop(s) for s in ids)))
 
-            ok = asyncio.run(run())
+            ok = asyncio.run(run(server.port))
             print(f"--max-streams-per-connection {limit}: {120 - ok} of 120 concurrent call loops failed")
         finally:
             server.stop()

@@ -25,7 +25,7 @@ class _Count(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self) -> None:
         self.spans, self.lock = 0, threading.Lock()
 
-    def Export(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
+    def Export(self, request, context):  # type: ignore[no-untyped-def]
         with self.lock:
             self.spans += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
         return trace_service_pb2.ExportTraceServiceResponse()
