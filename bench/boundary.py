@@ -19,6 +19,8 @@ import numpy as np
 
 from bench.run import Process, recur_server
 from recur.client import RecurClient
+from recur.kserve import grpc_service_pb2 as v2
+from recur.kserve import grpc_service_pb2_grpc
 from recur.v1 import recur_pb2 as pb
 from recur.v1 import recur_pb2_grpc
 
@@ -61,6 +63,14 @@ def amplification() -> None:
                                        tokens=np.full(4096 * 16, 5, "<i4").tobytes(), return_activations=True,
                                        return_logits=True), timeout=10),
             }
+            infer = v2.ModelInferRequest(model_name="pylm")
+            tokens = infer.inputs.add(name="tokens", datatype="INT64", shape=[1, 4096])
+            tokens.contents.int64_contents.extend([5] * 4096)
+            for _ in range(4000):
+                infer.outputs.add(name="logits")
+            v2_stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(c.channel)
+            cases["ModelInfer, 4,096 tokens, outputs naming logits 4,000 times"] = lambda: v2_stub.ModelInfer(
+                infer, timeout=10)
             print("| request | answer | time | server RSS change |\n|---|---|---|---|")
             for name, call in cases.items():
                 r0, t = _rss(server), time.perf_counter()

@@ -50,7 +50,7 @@ def main(rounds: int = 2) -> None:
                 os.environ.update(saved)
                 try:
                     for s, c, api in CELLS:
-                        r = over_grpc(recur, api, _sequences(s, 256, seed=s * 100 + c), c, api, 20)
+                        r = over_grpc(recur, api, _sequences(s, 256, seed=s * 100 + c), c, api, 8)
                         cell = f"S = {s}, C = {c}, {api}"
                         results.setdefault((cell, mode), []).append(
                             f"{r.p(50):.3f} ms" if s == 1 else f"{r.rate:,.0f} tok/s")

@@ -42,6 +42,10 @@ class Tracing:
     def __init__(self, tracer: Any = None, provider: Any = None) -> None:
         self.tracer, self.provider = tracer, provider
         self.on = tracer is not None
+        if self.on:
+            from opentelemetry import trace
+
+            self._current_span = trace.get_current_span
 
     @classmethod
     def start(cls, service_name: str = "recur") -> Tracing:
@@ -69,8 +73,8 @@ class Tracing:
     # -- the core's stages ---------------------------------------------------------------------------
     def span(self, name: str, tenant: str = "", model: str = "", version: int = 0, rows: int = 0,
              session: str = "") -> contextlib.AbstractContextManager:
-        if not self.on:
-            return _NOOP
+        if not self.on or not self._current_span().is_recording():
+            return _NOOP  # outside a sampled call: no span at all (a child of an unsampled one is not sampled)
         attrs: dict[str, Any] = {}
         if tenant:
             attrs["recur.tenant"] = tenant
@@ -86,10 +90,8 @@ class Tracing:
         """The current span's context, for an engine call to link to (None when off)."""
         if not self.on:
             return None
-        from opentelemetry import trace
-
-        ctx = trace.get_current_span().get_span_context()
-        return ctx if ctx.is_valid else None
+        span = self._current_span()
+        return span.get_span_context() if span.is_recording() else None
 
     def engine_call(self, links: list[Any], sessions: int, rows: int, started_ns: int, ended_ns: int) -> None:
         """One ONNX Runtime call, which serves chunks of many calls: a span linking each of them, under
