@@ -524,12 +524,12 @@ class Nginx:
     template: str = "recur.conf.template"
     environment: dict[str, str] | None = None
     extra: dict[str, str] = field(default_factory=dict)  # values set here rather than by compose
-    port: int = 0
+    port: int = 0  # 0: any free port
     proc: subprocess.Popen | None = None
 
     def start(self) -> Nginx:
         env = self.environment or yaml.safe_load(COMPOSE.read_text())["services"]["nginx"]["environment"]
-        self.port = free_port()
+        self.port = self.port or free_port()  # a restart listens on the same port
         # Compose's one `server replica:50051 ...;` line (nginx resolves the service name to every
         # replica's address) becomes one line per local replica, with the same parameters.
         servers, n = re.subn(r"server replica:50051([^;]*);", lambda m: " ".join(
