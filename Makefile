@@ -31,7 +31,12 @@ $(VENV)-tritonclient/.done:
 	$(VENV)-tritonclient/bin/pip install --quiet --disable-pip-version-check 'tritonclient[grpc]==2.73.0' 'protobuf>=6.33,<7' 'numpy>=1.26'
 	touch $@
 
-test: $(VENV)/.dev $(VENV)-tritonclient/.done
+# The Node.js example's packages, exactly as package-lock.json pins them (tests/test_node_client.py runs it).
+examples/node/node_modules/.done: examples/node/package.json examples/node/package-lock.json
+	cd examples/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+test: $(VENV)/.dev $(VENV)-tritonclient/.done examples/node/node_modules/.done
 	deploy/ensure-packages
 	$(BIN)/python -m pytest -q
 
@@ -58,4 +63,4 @@ bench: $(VENV)/.dev $(VENV)-tritonclient/.done
 	$(BIN)/python -m bench.activations
 
 clean:
-	rm -rf $(VENV) $(VENV)-tritonclient var runs data
+	rm -rf $(VENV) $(VENV)-tritonclient var runs data examples/node/node_modules
