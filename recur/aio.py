@@ -167,10 +167,10 @@ class RecurClient:
             call = self.stub.Stream(metadata=self.metadata(session_id))
             try:
                 while not run.done:
-                    await call.write(run.request())
+                    await _send(call, run.request())
                     reply = await call.read()
                     if reply is grpc.aio.EOF:  # an OK end before the answer: only a server going away does that
-                        raise _Ended()
+                        raise _Lost("the stream ended before its chunk was answered")
                     assert isinstance(reply, pb.StepResponse)
                     if run.accept(reply):
                         self.reconnects += 1
@@ -189,13 +189,29 @@ class RecurClient:
         return run.replies
 
 
-class _Ended(grpc.RpcError):
-    """A stream that ended before answering its chunk, with an OK status: only a lost server ends a
-    Stream early, so it is retried as UNAVAILABLE."""
+
+class _Lost(grpc.RpcError):
+    """A stream the connection dropped under, with no status from the server: retried as UNAVAILABLE."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__(details)
+        self._details = details
 
     def code(self) -> grpc.StatusCode:
         return grpc.StatusCode.UNAVAILABLE
 
     def details(self) -> str:
-        return "the stream ended before its chunk was answered"
+        return self._details
 
+
+async def _send(call: grpc.aio.StreamStreamCall, request: pb.StepRequest) -> None:
+    """Write one chunk. grpc.aio reports a write the transport could not make (the connection died
+    before the call had a status) as INTERNAL "Internal error from Core": a lost stream, not an
+    answer; a call the server had already ended raises the server's own status."""
+    ended = call.done()
+    try:
+        await call.write(request)
+    except grpc.aio.AioRpcError as e:
+        if ended or e.code() != grpc.StatusCode.INTERNAL:
+            raise
+        raise _Lost(f"the connection dropped while sending ({e.details()})") from e
