@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,9 +204,10 @@ def _prebuilt(sids: list[str], seqs: np.ndarray, chunk: int, api: str, options: 
 
 
 async def _drive(server: Process | int, seqs: np.ndarray, chunk: int, api: str, check: int, budget: float,
-                 options: dict | None = None) -> Result:
+                 options: dict | None = None, on_start: Callable[[], None] | None = None) -> Result:
     """S sessions, each sending its next chunk when the previous reply arrives (the batch APIs: all
-    sessions' next chunks in one message per tick). `server`: a Process (its CPU is measured) or a port."""
+    sessions' next chunks in one message per tick). `server`: a Process (its CPU is measured) or a port.
+    `on_start` runs once the sessions exist, as the measured window opens."""
     proc = server if isinstance(server, Process) else None
     port = server.port if isinstance(server, Process) else server
     n = len(seqs)
@@ -217,6 +219,8 @@ async def _drive(server: Process | int, seqs: np.ndarray, chunk: int, api: str, 
         requests = _prebuilt(sids, seqs, chunk, api, options)
         pos = [0] * n
         done = 0
+        if on_start is not None:
+            on_start()
         cpu0, ort0 = (proc.cpu_seconds(), proc.ort_seconds()) if proc else (0.0, 0.0)
         t0 = time.perf_counter()
         deadline = t0 + budget

@@ -311,8 +311,11 @@ class RedisCluster:
                                                            "nodes.conf", "--cluster-node-timeout",
                                                            str(self.node_timeout_ms)], bus_port=free_port())
             self.nodes.append(node.start())
-        redis_cli(self.nodes[0].port, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                  "--cluster-replicas", str(self.replicas), "--cluster-yes")
+        if len(self.nodes) == 1:  # `--cluster create` wants three primaries: one node takes every slot itself
+            redis_cli(self.nodes[0].port, "cluster", "addslotsrange", "0", "16383")
+        else:
+            redis_cli(self.nodes[0].port, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                      "--cluster-replicas", str(self.replicas), "--cluster-yes")
         self.wait_ok()
         wait_linked(self.nodes)
         return self
