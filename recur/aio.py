@@ -186,6 +186,9 @@ class RecurClient:
                     await asyncio.wait_for(self.channel.channel_ready(), retry_for)
                 except TimeoutError:
                     raise e from None
+            except BaseException:  # a refused chunk, an on_reply that raised, the task cancelled: end the stream
+                call.cancel()
+                raise
         return run.replies
 
 

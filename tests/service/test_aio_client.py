@@ -201,6 +201,25 @@ async def test_tls(tiny_models: Path, tmp_path: Path) -> None:
         server.kill()
 
 
+async def test_a_cancelled_stream_leaves_a_session_that_continues_exactly(server: Server, reference: Ref) -> None:
+    """Cancelling the task mid-sequence ends its stream; every chunk is applied whole or not at all,
+    and a new stream_sequence goes on from the session's offset to one pass's outputs."""
+    tokens = _tokens(5, 3000)
+    async with aio.RecurClient(server.target) as c:
+        sid = (await c.create("gru-lm")).session_id
+        task = asyncio.create_task(c.stream_sequence(sid, tokens, chunk=8, return_logits=True))
+        await _offset_past(server.target, [sid], 200, task)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        offset = (await c.get(sid)).offset
+        assert offset % 8 == 0 and 200 <= offset < 3000
+        replies = await c.stream_sequence(sid, tokens[offset:], chunk=8, return_logits=True)
+        assert replies[0].start_offset == offset and replies[-1].offset == 3000
+        want, _ = reference("gru-lm").run(np.array(tokens))
+        assert np.abs(np.concatenate([logits_of(r) for r in replies]) - want[offset:]).max() <= TOL
+
+
 # -- resuming ------------------------------------------------------------------------------------
 
 
