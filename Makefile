@@ -33,6 +33,7 @@ $(VENV)-tritonclient/.done:
 
 # The Node.js example's packages, exactly as package-lock.json pins them (tests/test_node_client.py runs it).
 examples/node/node_modules/.done: examples/node/package.json examples/node/package-lock.json
+	@command -v npm >/dev/null || { echo "the Node.js example needs node and npm (sudo apt-get install nodejs npm)" >&2; exit 1; }
 	cd examples/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
