@@ -37,6 +37,7 @@ before these sets existed are counted from their next write.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -66,6 +67,8 @@ from service.store.base import (
 from service.store.redis_url import RedisUrl, connect, parse
 
 log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 64  # Redis operations one store runs at once (per node's pool on a cluster: below its 100)
 
 # Redis's time in milliseconds; a script sees one frozen time, the one its PEXPIREs count from.
 _NOW = """
@@ -149,6 +152,9 @@ class RedisStore(Store):
         self.parsed: RedisUrl = parse(url)
         self._r = connect(self.parsed, self.timeout)
         self._touch = self._r.register_script(_TOUCH)
+        # Redis operations in flight at once: redis-py's pools refuse (MaxConnectionsError) rather than
+        # wait beyond their 100 connections; past this bound a chunk waits for its turn instead.
+        self._permits = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._create = self._r.register_script(_CREATE)
         self._put = self._r.register_script(_PUT)
         self._delete = self._r.register_script(_DELETE)
@@ -189,11 +195,12 @@ class RedisStore(Store):
 
     async def _evalsha(self, script: Script, keys: list, args: list) -> Any:
         """One EVALSHA; on NOSCRIPT (a restarted or flushed Redis) the script is loaded and run again."""
-        try:
-            return await self._r.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await self._r.script_load(script.script)
-            return await self._r.evalsha(script.sha, len(keys), *keys, *args)
+        async with self._permits:
+            try:
+                return await self._r.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await self._r.script_load(script.script)
+                return await self._r.evalsha(script.sha, len(keys), *keys, *args)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact_url(self.url)!r})"
@@ -215,12 +222,13 @@ class RedisStore(Store):
         if not self.min_replicas:
             return await self._evalsha(script, keys, args)
         for attempt in range(2):
-            async with self._r.pipeline(transaction=False) as pipe:
+            async with self._permits, self._r.pipeline(transaction=False) as pipe:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
                 pipe.execute_command("WAIT", self.min_replicas, max(1, int(self.wait_timeout * 1000)))
                 res, acked = await pipe.execute(raise_on_error=False)
             if isinstance(res, NoScriptError) and not attempt:
-                await self._r.script_load(script.script)
+                async with self._permits:
+                    await self._r.script_load(script.script)
                 continue
             if isinstance(res, Exception):
                 raise res
@@ -238,7 +246,7 @@ class RedisStore(Store):
         if not self.min_replicas or not keys:
             return
         try:
-            async with self._r.pipeline(transaction=False) as pipe:
+            async with self._permits, self._r.pipeline(transaction=False) as pipe:
                 pipe.eval(_TOUCH, len(keys), *keys)
                 pipe.execute_command("WAIT", self.min_replicas, max(1, int(self.wait_timeout * 1000)))
                 _, acked = await pipe.execute()
@@ -282,7 +290,8 @@ class RedisStore(Store):
     async def fresh(self, tenant: str, session_id: str) -> SessionRecord:
         self._forget((tenant, session_id))
         try:
-            h = cast(dict[bytes, bytes], await self._r.hgetall(self._keys(tenant, session_id)[0]))
+            async with self._permits:
+                h = cast(dict[bytes, bytes], await self._r.hgetall(self._keys(tenant, session_id)[0]))
         except RedisError as e:
             raise self._down(e) from e
         rec = await self._record(tenant, session_id, h)
@@ -296,7 +305,7 @@ class RedisStore(Store):
         missing = [i for i, r in enumerate(results) if r is None]
         if missing:
             try:
-                async with self._r.pipeline(transaction=False) as pipe:
+                async with self._permits, self._r.pipeline(transaction=False) as pipe:
                     for i in missing:
                         pipe.hgetall(self._keys(tenant, session_ids[i])[0])
                     hashes = await pipe.execute()
@@ -320,7 +329,8 @@ class RedisStore(Store):
     async def _record(self, tenant: str, session_id: str, h: dict[bytes, bytes]) -> SessionRecord:
         if not h:
             try:
-                expired_at = await self._r.get(self._keys(tenant, session_id)[1])
+                async with self._permits:
+                    expired_at = await self._r.get(self._keys(tenant, session_id)[1])
             except RedisError as e:
                 raise self._down(e) from e
             if expired_at is not None and float(expired_at) <= self.clock():
@@ -424,7 +434,7 @@ class RedisStore(Store):
         outcomes: list = [None] * len(writes)
         todo, acked = list(range(len(writes))), None
         for attempt in range(2):
-            async with self._r.pipeline(transaction=False) as pipe:
+            async with self._permits, self._r.pipeline(transaction=False) as pipe:
                 for i in todo:
                     (record, prev_offset), wid = writes[i], wids[i]
                     pipe.evalsha(self._put.sha, 4, *self._keys(record.tenant, record.session_id),
@@ -443,7 +453,8 @@ class RedisStore(Store):
             todo = [i for i in todo if isinstance(outcomes[i], NoScriptError)]
             if attempt or not todo:
                 return outcomes, acked
-            await self._r.script_load(_PUT)
+            async with self._permits:
+                await self._r.script_load(_PUT)
         raise AssertionError("unreachable")
 
     async def _unconfirmed(self, writes: list[tuple[SessionRecord, int]], outcomes: list,
@@ -487,7 +498,8 @@ class RedisStore(Store):
         times, so Redis cannot order it by id), then the hashes after `after_id` read a page at a
         time in one pipeline each; an id whose hash has expired is skipped."""
         try:
-            members = cast(list[bytes], await self._r.zrange(f"{_GLOBAL}:{tenant}", 0, -1))
+            async with self._permits:
+                members = cast(list[bytes], await self._r.zrange(f"{_GLOBAL}:{tenant}", 0, -1))
         except RedisError as e:
             raise self._down(e) from e
         return await self._summaries(tenant, sorted(i for i in (m.decode() for m in members) if i > after_id),
@@ -501,7 +513,7 @@ class RedisStore(Store):
         try:
             while ids and len(out) < limit:
                 page, ids = ids[:limit], ids[limit:]
-                async with self._r.pipeline(transaction=False) as pipe:
+                async with self._permits, self._r.pipeline(transaction=False) as pipe:
                     for sid in page:
                         pipe.hmget(self._keys(tenant, sid)[0], fields)
                     rows = await pipe.execute()

@@ -131,8 +131,9 @@ class ClusterStore(RedisStore):
         if self._layout_checked:
             return
         try:
-            await self._r.set(_LAYOUT, self.buckets, nx=True)
-            stored = int(await self._r.get(_LAYOUT))
+            async with self._permits:
+                await self._r.set(_LAYOUT, self.buckets, nx=True)
+                stored = int(await self._r.get(_LAYOUT))
         except RedisError as e:
             raise self._down(e) from e
         if stored != self.buckets:
@@ -166,7 +167,8 @@ class ClusterStore(RedisStore):
 
     async def _live_on(self, name: str, keys: list[str]) -> int:
         try:
-            return int(await self._node(name).eval(_COUNT_MANY, 0, *keys))
+            async with self._permits:
+                return int(await self._node(name).eval(_COUNT_MANY, 0, *keys))
         except RedisError:  # moved, moving or down: through the cluster client, which follows redirects
             return sum([int(await self._evalsha(self._count, [k], [])) for k in keys])
 
@@ -179,7 +181,7 @@ class ClusterStore(RedisStore):
         wait_ms = max(1, int(self.wait_timeout * 1000))
 
         async def on(name: str, ks: list[str]) -> int:
-            async with self._node(name).pipeline(transaction=False) as pipe:
+            async with self._permits, self._node(name).pipeline(transaction=False) as pipe:
                 for k in ks:
                     pipe.eval("return redis.call('PEXPIRE', KEYS[1], math.max(1, redis.call('PTTL', KEYS[1])))",
                               1, k)
@@ -252,7 +254,7 @@ class ClusterStore(RedisStore):
         """The tenant's live sets of every bucket (one pipeline, never a SCAN), merged and sorted here;
         then as one Redis's."""
         try:
-            async with self._r.pipeline(transaction=False) as pipe:
+            async with self._permits, self._r.pipeline(transaction=False) as pipe:
                 for key in self._sets(tenant):
                     pipe.zrange(key, 0, -1)
                 members = [m for got in await pipe.execute() for m in got]

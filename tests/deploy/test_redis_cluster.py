@@ -33,7 +33,9 @@ from tests.deploy.test_redis_hints import (  # the single Redis's tests, collect
     test_packed_batches_across_replicas,
     test_scripts_survive_a_script_flush,
 )
-from tests.deploy.test_redis_limits import test_64_concurrent_creates_at_a_limit_of_100_store_exactly_100
+from tests.deploy.test_redis_limits import (
+    test_64_concurrent_creates_at_a_limit_of_100_store_exactly_100,
+)
 from tests.helpers import TOL, Fed, RedisCluster, Server, feed, logits_of, redis_cli, state_of, until
 
 __all__ = [

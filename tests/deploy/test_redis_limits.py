@@ -61,6 +61,20 @@ async def test_64_concurrent_creates_at_a_limit_of_100_store_exactly_100(redis: 
         await store.close()
 
 
+async def test_a_thousand_writes_at_once_wait_for_their_turn(redis: Redis) -> None:
+    """More operations at once than redis-py's pool has connections (100): they wait, none is refused."""
+    store = RedisStore(redis.url)
+    try:
+        await asyncio.gather(*(store.create(_rec(f"c{i}")) for i in range(1000)))
+        results = await asyncio.gather(*(store.put(_rec(f"c{i}", offset=1), prev_offset=0) for i in range(1000)),
+                                       return_exceptions=True)
+        assert results == [None] * 1000
+        got = await asyncio.gather(*(store.fresh("t", f"c{i}") for i in range(1000)))
+        assert {r.offset for r in got} == {1} and await store.count() == 1000
+    finally:
+        await store.close()
+
+
 async def test_counters_stay_right_after_delete_and_expiry(redis: Redis) -> None:
     store = RedisStore(redis.url, tombstone_seconds=60)
     try:
