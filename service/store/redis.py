@@ -45,7 +45,7 @@ from collections import OrderedDict
 from typing import Any, cast
 
 from redis.commands.core import AsyncScript as Script
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from service.errors import AlreadyExists, RecurError, SessionExpired, SessionNotFound, StoreConflict, Unavailable
 from service.store.base import (
@@ -68,6 +68,9 @@ from service.store.redis_url import RedisUrl, connect, parse
 
 log = logging.getLogger(__name__)
 
+# What "Redis did not answer" looks like: a cluster client's own failures (no node reachable, a slot no
+# node serves) are not RedisErrors.
+REDIS_ERRORS = (RedisError, RedisClusterException)
 MAX_IN_FLIGHT = 64  # Redis operations one store runs at once (per node's pool on a cluster: below its 100)
 
 # Redis's time in milliseconds; a script sees one frozen time, the one its PEXPIREs count from.
@@ -250,7 +253,7 @@ class RedisStore(Store):
                 pipe.eval(_TOUCH, len(keys), *keys)
                 pipe.execute_command("WAIT", self.min_replicas, max(1, int(self.wait_timeout * 1000)))
                 _, acked = await pipe.execute()
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise self._down(e) from e
         error = self._unreplicated(acked)
         if error is not None:
@@ -292,7 +295,7 @@ class RedisStore(Store):
         try:
             async with self._permits:
                 h = cast(dict[bytes, bytes], await self._r.hgetall(self._keys(tenant, session_id)[0]))
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise self._down(e) from e
         rec = await self._record(tenant, session_id, h)
         await self._confirm([self._keys(tenant, session_id)[0]])
@@ -309,7 +312,7 @@ class RedisStore(Store):
                     for i in missing:
                         pipe.hgetall(self._keys(tenant, session_ids[i])[0])
                     hashes = await pipe.execute()
-            except RedisError as e:
+            except REDIS_ERRORS as e:
                 return [self._down(e)] * len(session_ids)
             found: list[int] = []
             for i, h in zip(missing, hashes):
@@ -331,7 +334,7 @@ class RedisStore(Store):
             try:
                 async with self._permits:
                     expired_at = await self._r.get(self._keys(tenant, session_id)[1])
-            except RedisError as e:
+            except REDIS_ERRORS as e:
                 raise self._down(e) from e
             if expired_at is not None and float(expired_at) <= self.clock():
                 raise SessionExpired(f"session {session_id!r} expired at {fmt_time(float(expired_at))} "
@@ -356,7 +359,7 @@ class RedisStore(Store):
                                     [ttl_ms, tomb_ms, repr(record.expires_at), max_sessions, max_tenant_sessions,
                                      record.session_id, self._member(record.tenant, record.session_id),
                                      *self._fields(record, wid)], applied=1)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise self._down(e) from e
         if res == 1:
             self._remember(record.copy(token=wid))
@@ -392,7 +395,7 @@ class RedisStore(Store):
         keys, wid = self._keys(record.tenant, record.session_id), os.urandom(8)
         try:
             res = await settled(self._write(self._put, keys, self._args(record, prev_offset, wid), applied=-2))
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             self._forget((record.tenant, record.session_id))
             raise self._down(e) from e
         except Unavailable:
@@ -410,7 +413,7 @@ class RedisStore(Store):
         try:
             outcomes, acked = await settled(self._put_pipeline(writes, wids))
             unconfirmed = await settled(self._unconfirmed(writes, outcomes, acked))
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             for record, _ in writes:
                 self._forget((record.tenant, record.session_id))
             return [self._down(e)] * len(writes)
@@ -478,7 +481,7 @@ class RedisStore(Store):
             try:
                 deleted = await settled(self._write(self._delete, self._keys(tenant, session_id),
                                                     [session_id, self._member(tenant, session_id)], applied=1))
-            except RedisError as e:
+            except REDIS_ERRORS as e:
                 raise self._down(e) from e
             if deleted:
                 return
@@ -489,7 +492,7 @@ class RedisStore(Store):
         key = _GLOBAL if tenant is None else f"{_GLOBAL}:{tenant}"
         try:
             return int(await self._evalsha(self._count, [key], []))
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise self._down(e) from e
 
     async def list_sessions(self, tenant: str, model: str = "", after_id: str = "",
@@ -500,7 +503,7 @@ class RedisStore(Store):
         try:
             async with self._permits:
                 members = cast(list[bytes], await self._r.zrange(f"{_GLOBAL}:{tenant}", 0, -1))
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise self._down(e) from e
         return await self._summaries(tenant, sorted(i for i in (m.decode() for m in members) if i > after_id),
                                      model, limit)
@@ -523,14 +526,14 @@ class RedisStore(Store):
                     updated, ttl = float(row[4]), float(row[5])
                     out.append(SessionSummary(sid, row[0].decode(), int(row[1]), int(row[2]), float(row[3]),
                                               updated, updated + ttl))
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise self._down(e) from e
         return out
 
     async def ping(self) -> None:
         try:
             await self._r.ping()
-        except RedisError as e:  # not logged here: the health watcher logs the transitions
+        except REDIS_ERRORS as e:  # not logged here: the health watcher logs the transitions
             raise Unavailable(f"the redis session store is unreachable ({e.__class__.__name__})") from e
 
     async def sweep(self) -> int:

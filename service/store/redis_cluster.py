@@ -33,11 +33,10 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript as Script
-from redis.exceptions import RedisError
 
 from service.errors import AlreadyExists, Unavailable
 from service.store.base import SessionRecord, SessionSummary, server_limit, tenant_limit
-from service.store.redis import _NOW, RedisStore
+from service.store.redis import _NOW, REDIS_ERRORS, RedisStore
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,7 @@ class ClusterStore(RedisStore):
             async with self._permits:
                 await self._r.set(_LAYOUT, self.buckets, nx=True)
                 stored = int(await self._r.get(_LAYOUT))
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise self._down(e) from e
         if stored != self.buckets:
             raise ValueError(f"this cluster's sessions are laid out in {stored} buckets, not {self.buckets}: "
@@ -169,7 +168,7 @@ class ClusterStore(RedisStore):
         try:
             async with self._permits:
                 return int(await self._node(name).eval(_COUNT_MANY, 0, *keys))
-        except RedisError:  # moved, moving or down: through the cluster client, which follows redirects
+        except REDIS_ERRORS:  # moved, moving or down: through the cluster client, which follows redirects
             return sum([int(await self._evalsha(self._count, [k], [])) for k in keys])
 
     async def _confirm(self, keys: list) -> None:
@@ -190,7 +189,7 @@ class ClusterStore(RedisStore):
 
         try:
             acked = await asyncio.gather(*(on(n, ks) for n, ks in self._by_node(keys).items()))
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise self._down(e) from e
         for n in acked:
             error = self._unreplicated(n)
@@ -232,7 +231,7 @@ class ClusterStore(RedisStore):
                                     [ttl_ms, tomb_ms, repr(record.expires_at), max_sessions, max_tenant_sessions,
                                      record.session_id, self._member(record.tenant, record.session_id),
                                      others_all, others_tenant, *self._fields(record, wid)], applied=1)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise self._down(e) from e
         if res == 1:
             self._remember(record.copy(token=wid))
@@ -246,7 +245,7 @@ class ClusterStore(RedisStore):
     async def count(self, tenant: str | None = None) -> int:
         try:
             return await self._live(self._sets(tenant))
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise self._down(e) from e
 
     async def list_sessions(self, tenant: str, model: str = "", after_id: str = "",
@@ -258,7 +257,7 @@ class ClusterStore(RedisStore):
                 for key in self._sets(tenant):
                     pipe.zrange(key, 0, -1)
                 members = [m for got in await pipe.execute() for m in got]
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise self._down(e) from e
         return await self._summaries(tenant, sorted(i for i in (m.decode() for m in members) if i > after_id),
                                      model, limit)
@@ -269,12 +268,12 @@ class ClusterStore(RedisStore):
         try:
             await self._r.initialize()
             names = [n.name for n in self._r.get_nodes()]
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise Unavailable(f"the redis session store is unreachable ({e.__class__.__name__})") from e
         for name in names:
             try:
                 info = await self._node(name).execute_command("CLUSTER INFO")
-            except RedisError:
+            except REDIS_ERRORS:
                 continue
             state = info.get("cluster_state") if isinstance(info, dict) else None  # redis-py parses it
             if state == "ok":

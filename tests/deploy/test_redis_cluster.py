@@ -20,7 +20,14 @@ import redis as sync_redis
 
 from recur.client import RecurClient, packed_request
 from recur.v1 import recur_pb2 as pb
-from service.errors import AlreadyExists, LimitExceeded, SessionExpired, SessionNotFound, StoreConflict
+from service.errors import (
+    AlreadyExists,
+    LimitExceeded,
+    SessionExpired,
+    SessionNotFound,
+    StoreConflict,
+    Unavailable,
+)
 from service.models import ModelRepository
 from service.runtime import RuntimeOptions
 from service.store.base import SessionRecord
@@ -36,7 +43,7 @@ from tests.deploy.test_redis_hints import (  # the single Redis's tests, collect
 from tests.deploy.test_redis_limits import (
     test_64_concurrent_creates_at_a_limit_of_100_store_exactly_100,
 )
-from tests.helpers import TOL, Fed, RedisCluster, Server, feed, logits_of, redis_cli, state_of, until
+from tests.helpers import TOL, Fed, RedisCluster, Server, feed, free_port, logits_of, redis_cli, state_of, until
 
 __all__ = [
     "test_64_concurrent_creates_at_a_limit_of_100_store_exactly_100",
@@ -46,6 +53,9 @@ __all__ = [
     "test_packed_batches_across_replicas",
     "test_scripts_survive_a_script_flush",
 ]
+
+
+PASSWORD = "pw-7a6b5c4d"
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +160,19 @@ async def test_a_cluster_laid_out_with_other_buckets_is_refused(redis: _Url) -> 
     finally:
         await first.close()
         await other.close()
+
+
+async def test_a_cluster_no_node_of_which_answers_is_unavailable() -> None:
+    store = RedisStore(f"redis+cluster://:{PASSWORD}@127.0.0.1:{free_port()}/", timeout=0.3)
+    try:
+        for call in (store.create(_rec("a")), store.fresh("t", "a"), store.put(_rec("a", offset=1), 0),
+                     store.count(), store.list_sessions("t"), store.delete("t", "a"), store.ping()):
+            with pytest.raises(Unavailable, match="unreachable") as e:
+                await call
+            assert PASSWORD not in str(e.value)
+        assert isinstance((await store.put_many([(_rec("a", offset=1), 0)]))[0], Unavailable)
+    finally:
+        await store.close()
 
 
 async def test_limits_across_stores_overshoot_by_at_most_stores_minus_one(redis: _Url) -> None:
