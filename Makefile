@@ -59,6 +59,7 @@ bench: $(VENV)/.dev $(VENV)-tritonclient/.done
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.redis_store
+	$(BIN)/python -m bench.redis_ha
 	$(BIN)/python -m bench.soak
 	$(BIN)/python -m bench.v2
 	$(BIN)/python -m bench.activations
