@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 # What "Redis did not answer" looks like: a cluster client's own failures (no node reachable, a slot no
 # node serves) are not RedisErrors.
 REDIS_ERRORS = (RedisError, RedisClusterException)
+CARRIED = 4096  # sessions whose last write's id this store remembers for a chain of writes (_token)
 MAX_IN_FLIGHT = 64  # Redis operations one store runs at once (per node's pool on a cluster: below its 100)
 
 # Redis's time in milliseconds; a script sees one frozen time, the one its PEXPIREs count from.
@@ -166,6 +167,9 @@ class RedisStore(Store):
         self._hints: OrderedDict[tuple[str, str], SessionRecord] = OrderedDict()
         self._hint_bytes = 0
         self.cache_size, self.cache_bytes = cache_size, cache_bytes
+        # this store's last writes: (tenant, id) -> (the token the record carried, its offset, the write's id);
+        # least recent first, at most CARRIED (a chain of writes needs only its last one)
+        self._carried: OrderedDict[tuple[str, str], tuple[bytes, int, bytes]] = OrderedDict()
         self.hint_hits = 0  # reads answered from a hint (tests, benchmarks)
 
     # -- hints ---------------------------------------------------------------------------------
@@ -195,6 +199,16 @@ class RedisStore(Store):
         old = self._hints.pop(key, None)
         if old is not None:
             self._hint_bytes -= old.nbytes
+        self._carried.pop(key, None)
+
+    def _token(self, record: SessionRecord, prev_offset: int) -> bytes:
+        """The write id to compare: the record's own, unless the record was advanced from this store's
+        last write of the session (Generate chains its writes without reading again) - then that
+        write's id, which the record could not carry."""
+        last = self._carried.get((record.tenant, record.session_id))
+        if last is not None and last[0] == record.token and last[1] == prev_offset:
+            return last[2]
+        return record.token
 
     async def _evalsha(self, script: Script, keys: list, args: list) -> Any:
         """One EVALSHA; on NOSCRIPT (a restarted or flushed Redis) the script is loaded and run again."""
@@ -375,7 +389,8 @@ class RedisStore(Store):
         there is one: a record read from a hash written before write ids existed has none)."""
         ttl_ms, tomb_ms = self._ms(record)
         return [ttl_ms, tomb_ms, prev_offset, repr(record.expires_at), record.session_id,
-                self._member(record.tenant, record.session_id), record.token, *self._fields(record, wid)]
+                self._member(record.tenant, record.session_id), self._token(record, prev_offset),
+                *self._fields(record, wid)]
 
     def _outcome(self, record: SessionRecord, res: object, wid: bytes) -> RecurError | None:
         """What the put script's answer means: -2 applied, -1 no such session, -3 written since it was
@@ -383,6 +398,9 @@ class RedisStore(Store):
         key = (record.tenant, record.session_id)
         if res == -2:
             self._remember(record.copy(token=wid))
+            self._carried[key] = (record.token, record.offset, wid)
+            if len(self._carried) > CARRIED:
+                self._carried.popitem(last=False)
             return None
         self._forget(key)
         if res == -1:

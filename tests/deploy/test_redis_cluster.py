@@ -14,11 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import redis as sync_redis
 
 from recur.client import RecurClient, packed_request
+from recur.kserve import grpc_service_pb2 as kpb
+from recur.kserve import grpc_service_pb2_grpc
 from recur.v1 import recur_pb2 as pb
 from service.errors import (
     AlreadyExists,
@@ -37,19 +40,23 @@ from tests.deploy.test_redis_hints import (  # the single Redis's tests, collect
     test_a_retry_on_the_first_replica_after_the_second_moved_on,
     test_alternating_replicas_equal_one_pass,
     test_deleted_and_created_again_is_never_written_from_the_old_state,
+    test_generate_chains_its_writes_on_redis,
     test_packed_batches_across_replicas,
     test_scripts_survive_a_script_flush,
 )
 from tests.deploy.test_redis_limits import (
     test_64_concurrent_creates_at_a_limit_of_100_store_exactly_100,
+    test_a_thousand_writes_at_once_wait_for_their_turn,
 )
 from tests.helpers import TOL, Fed, RedisCluster, Server, feed, free_port, logits_of, redis_cli, state_of, until
 
 __all__ = [
     "test_64_concurrent_creates_at_a_limit_of_100_store_exactly_100",
     "test_a_retry_on_the_first_replica_after_the_second_moved_on",
+    "test_a_thousand_writes_at_once_wait_for_their_turn",
     "test_alternating_replicas_equal_one_pass",
     "test_deleted_and_created_again_is_never_written_from_the_old_state",
+    "test_generate_chains_its_writes_on_redis",
     "test_packed_batches_across_replicas",
     "test_scripts_survive_a_script_flush",
 ]
@@ -247,6 +254,49 @@ def test_one_pass_over_every_entry_point_and_both_replicas(servers: list[Server]
     finally:
         for c in clients:
             c.close()
+
+
+def _v2(tokens: np.ndarray, seq: str, start: bool) -> kpb.ModelInferRequest:
+    r = kpb.ModelInferRequest(model_name="gru-lm")
+    r.inputs.add(name="tokens", datatype="INT64", shape=[1, len(tokens)]).contents.int64_contents.extend(
+        int(t) for t in tokens)
+    r.parameters["sequence_id"].string_param = seq
+    r.parameters["sequence_start"].bool_param = start
+    return r
+
+
+def test_one_pass_over_the_open_inference_protocol_and_generate(servers: list[Server], reference) -> None:  # type: ignore[no-untyped-def]
+    """ModelInfer and ModelStreamInfer (a sequence's chunks alternating between them and the two
+    replicas), then the native API and Generate go on from where the sequence is."""
+    seq = np.random.default_rng(11).integers(0, 98, 30)
+    cuts = [0, 4, 11, 12, 20, 30]
+    parts = []
+    for j, (a, b) in enumerate(itertools.pairwise(cuts)):
+        with grpc.insecure_channel(servers[j % 2].target) as ch:
+            stub = grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
+            req = _v2(seq[a:b], "cluster-seq", a == 0)
+            if j % 2:
+                reply = next(stub.ModelStreamInfer(iter([req]), timeout=30))
+                assert reply.error_message == "", reply.error_message
+                r = reply.infer_response
+            else:
+                r = stub.ModelInfer(req, timeout=30)
+        parts.append(np.frombuffer(r.raw_output_contents[0], "<f4").reshape(tuple(r.outputs[0].shape)))
+    want_logits, want_state = reference("gru-lm").run(seq.astype(np.int64))
+    assert np.abs(np.concatenate([p.reshape(-1, p.shape[-1]) for p in parts]) - want_logits).max() <= TOL
+    with servers[1].client() as c:
+        got = c.get("v2-cluster-seq", include_state=True)
+        assert got.offset == 30
+        for g, w in zip(state_of(got), want_state):
+            assert np.abs(g - w).max() <= TOL
+        made = [r.token for r in c.generate("v2-cluster-seq", max_tokens=5, temperature=0.0)]
+    # greedy generation is the reference's argmax, fed back: the same tokens from one pass
+    ref = reference("gru-lm")
+    tokens = list(seq)
+    for _ in range(5):
+        logits, _ = ref.run(np.array(tokens, np.int64))
+        tokens.append(int(np.argmax(logits[-1])))
+    assert made == tokens[30:]
 
 
 def _check_one_pass(c: RecurClient, sequences: dict[str, np.ndarray], reference, model: str) -> None:  # type: ignore[no-untyped-def]

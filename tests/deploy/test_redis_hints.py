@@ -22,7 +22,7 @@ from service.packed import PackedInput
 from service.runtime import RuntimeOptions
 from service.sessions import SessionService
 from service.store.redis import RedisStore
-from service.types import StepInput
+from service.types import GenerateInput, StepInput
 from tests.helpers import TOL, Redis, Reference
 
 
@@ -131,6 +131,29 @@ async def test_packed_batches_across_replicas(redis: Redis, repository: ModelRep
             assert got is not None
             for g, w in zip(got, want):
                 assert np.abs(g.value - w).max() <= TOL
+
+
+@pytest.mark.parametrize("cache_size", [100, 0])
+async def test_generate_chains_its_writes_on_redis(redis: Redis, repository: ModelRepository,
+                                                   reference: Callable[[str], Reference], cache_size: int) -> None:
+    """Generate writes each token without reading the session again: each write is compared with
+    the one before it (the store remembers its last write's id), hints or none. Greedy tokens are
+    the one-pass reference's argmax fed back."""
+    core = SessionService(Settings(cache_size=cache_size), repository, RedisStore(redis.url, cache_size=cache_size),
+                          Engine(EngineOptions()))
+    try:
+        await core.create("t", "gru-lm", 1, "g")
+        made = [t.token async for t in core.generate("t", GenerateInput("g", prompt_tokens=[1, 2, 3], max_tokens=6,
+                                                                          temperature=0.0))]
+        tokens = [1, 2, 3]
+        for _ in range(6):
+            logits, _ = reference("gru-lm").run(np.array(tokens, np.int64))
+            tokens.append(int(np.argmax(logits[-1])))
+        assert made == tokens[3:]
+        assert (await core.get("t", "g")).offset == 9
+    finally:
+        await core.store.close()
+        await core.close()
 
 
 async def test_scripts_survive_a_script_flush(redis: Redis, repository: ModelRepository) -> None:
