@@ -42,7 +42,7 @@ def _redis_version() -> str:
 
 
 def _primaries(nodes: list[RedisNode]) -> list[RedisNode]:
-    return [n for n in nodes if n.proc and n.proc.poll() is None and n.info().get("role", "").strip() == "master"]
+    return [n for n in nodes if n.proc and n.proc.poll() is None and n.role() == "master"]
 
 
 def _counters(nodes: list[RedisNode]) -> tuple[int, float, int]:
@@ -160,7 +160,9 @@ class _Topology:
             assert self.cluster is not None
             self.cluster.wait_ok()
         victim.start()
-        until(lambda: victim.info().get("role", "").strip() == "slave", 60, "not back as a replica")
+        until(lambda: victim.role() == "slave", 60, "not back as a replica")
+        if self.sentinels:
+            self.sentinels.settled()
         wait_linked(self.nodes)
 
     def stop(self) -> None:

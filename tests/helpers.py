@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import itertools
 import json
 import os
 import re
@@ -280,11 +281,21 @@ class RedisNode:
         text = redis_cli(self.port, "info", section, timeout=5)
         return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
+    def role(self) -> str:
+        """"master", "slave", or "" while it does not answer (starting, loading, switching roles)."""
+        try:
+            return self.info().get("role", "").strip()
+        except (AssertionError, subprocess.TimeoutExpired):
+            return ""
+
 
 def wait_linked(nodes: list[RedisNode], timeout: float = 30.0) -> None:
     """Until every live replica among `nodes` has its primary's data and follows it."""
     def linked() -> bool:
-        infos = [n.info() for n in nodes if n.proc is not None and n.proc.poll() is None]
+        try:
+            infos = [n.info() for n in nodes if n.proc is not None and n.proc.poll() is None]
+        except (AssertionError, subprocess.TimeoutExpired):  # one switching roles: not yet
+            return False
         return all(i.get("master_link_status", "up").strip() == "up" and i.get("master_sync_in_progress", "0")
                    .strip() == "0" for i in infos if i.get("role", "").strip() == "slave")
     until(linked, timeout, "the replicas did not finish their sync")
@@ -339,29 +350,26 @@ class RedisCluster:
         return sum(1 for line in lines if role in line.split()[2] and "fail" not in line.split()[2])
 
     def primary_of(self, key: str) -> RedisNode:
-        """The node serving `key`'s slot now."""
-        slot = int(redis_cli(self.alive()[0].port, "cluster", "keyslot", key, timeout=5))
-        for line in redis_cli(self.alive()[0].port, "cluster", "nodes", timeout=5).splitlines():
-            parts = line.split()
-            if "master" not in parts[2] or "fail" in parts[2]:
-                continue
-            for r in parts[8:]:
-                lo, _, hi = r.partition("-")
-                if not lo.startswith("[") and int(lo) <= slot <= int(hi or lo):
-                    port = int(parts[1].split("@")[0].rsplit(":", 1)[1])
-                    return next(n for n in self.nodes if n.port == port)
+        """The node serving `key`'s slot now, by its own word (another node's view may lag a failover)."""
+        from redis.crc import key_slot
+
+        slot = key_slot(key.encode())
+        for node in self.alive():
+            if slot in self.slots_of(node):
+                return node
         raise LookupError(f"no primary serves slot {slot}")
 
     def slots_of(self, node: RedisNode) -> list[int]:
-        """The slots `node` serves now, in order."""
-        for line in redis_cli(self.alive()[0].port, "cluster", "nodes", timeout=5).splitlines():
+        """The slots `node` says it serves, in order (none unless it says it is a primary)."""
+        for line in redis_cli(node.port, "cluster", "nodes", timeout=5).splitlines():
             parts = line.split()
-            if int(parts[1].split("@")[0].rsplit(":", 1)[1]) == node.port:
+            if "myself" in parts[2]:
                 slots: list[int] = []
-                for r in parts[8:]:
-                    if not r.startswith("["):
-                        lo, _, hi = r.partition("-")
-                        slots.extend(range(int(lo), int(hi or lo) + 1))
+                if "master" in parts[2]:
+                    for r in parts[8:]:
+                        if not r.startswith("["):
+                            lo, _, hi = r.partition("-")
+                            slots.extend(range(int(lo), int(hi or lo) + 1))
                 return sorted(slots)
         return []
 
@@ -430,6 +438,21 @@ class RedisSentinels:
                               timeout=5).split()
         return next(n for n in self.nodes if n.port == int(host_port[1]))
 
+    def settled(self, timeout: float = 60.0) -> RedisNode:
+        """Until every sentinel names the same primary, it alone says it is one, and every other live
+        node is its synced replica (after a failover, the sentinels reconfigure the others one by one)."""
+        def agreed() -> bool:
+            names = {redis_cli(s.port, "sentinel", "get-master-addr-by-name", self.service, timeout=5)
+                     for s in self.sentinels}
+            if len(names) != 1:
+                return False
+            port = int(names.pop().split()[1])
+            alive = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+            return all(n.role() == ("master" if n.port == port else "slave") for n in alive)
+        until(agreed, timeout, "the sentinels and the nodes did not settle on one primary")
+        wait_linked(self.nodes)
+        return self.primary()
+
     def stop(self) -> None:
         for n in [*self.sentinels, *self.nodes]:
             n.kill()
@@ -448,15 +471,13 @@ class Fed:
         return max((o for o, _ in self.acked.get(session_id, [])), default=0)
 
     def gap_over(self, t: float) -> float:
-        """The longest wait any session had for an acknowledgement across time `t` (what a client
-        sees of an outage at t)."""
+        """The longest wait any session had between two acknowledgements once time `t` had passed (what
+        a client sees of an outage at t: a chunk acknowledged just after t may still be followed by the stall)."""
         gaps = []
         for acks in self.acked.values():
-            times = [at for _, at in acks]
-            before = [a for a in times if a <= t]
-            after = [a for a in times if a > t]
-            if before and after:
-                gaps.append(min(after) - max(before))
+            times = sorted(at for _, at in acks)
+            if times and times[0] <= t:
+                gaps += [b - a for a, b in itertools.pairwise(times) if b > t]
         return max(gaps, default=0.0)
 
 

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2
 from service.health import watch_store
 from service.store.base import SessionRecord
 from service.store.redis import RedisStore
-from tests.helpers import TOL, Fed, RedisSentinels, Server, feed, state_of, until, wait_linked
+from tests.helpers import TOL, Fed, RedisSentinels, Server, feed, state_of, until
 
 WINDOW = 1.0  # seconds: acknowledged chunks a kill may lose without WAIT were acknowledged this close to it
 
@@ -44,8 +44,8 @@ def _rejoin(sentinels: RedisSentinels, port: int) -> None:
     """The killed node back (the sentinels make it a replica of the new primary), synced."""
     node = next(n for n in sentinels.nodes if n.port == port)
     node.start()
-    until(lambda: node.info().get("role", "").strip() == "slave", 30, "the old primary did not become a replica")
-    wait_linked(sentinels.nodes)
+    until(lambda: node.role() == "slave", 30, "the old primary did not become a replica")
+    sentinels.settled()
 
 
 def _rec(sid: str) -> SessionRecord:
