@@ -99,11 +99,45 @@ def ops_and_cpu(tmp: Path) -> tuple[list[tuple], dict[str, float]]:
     return rows, per_session
 
 
-def throughput(tmp: Path) -> list[tuple]:
-    """Two recur replicas, 256 sessions each, packed C = 16, on a cluster of 1 and of 3 primaries."""
+def creates(tmp: Path, n: int = 300) -> list[tuple]:
+    """Milliseconds per create, one store in process, one at a time: one Redis and a 3-primary cluster,
+    without a limit and with --max-sessions set (the cluster then counts the other buckets first)."""
+    from service.store.base import SessionRecord
+    from service.store.redis import RedisStore
+
+    async def run(url: str, limit: int, tag: str) -> float:
+        store = RedisStore(url)
+        state = [np.zeros((2, 1, 256), np.float32)] * 2
+        t = time.time()
+        try:
+            await store.create(SessionRecord("t", f"{tag}-warm", "m", 1, 0, t, t, 3600, state), max_sessions=limit)
+            start = time.perf_counter()
+            for i in range(n):
+                await store.create(SessionRecord("t", f"{tag}{i}", "m", 1, 0, t, t, 3600, state), max_sessions=limit)
+            return 1e3 * (time.perf_counter() - start) / n
+        finally:
+            await store.close()
+
     rows = []
-    for primaries in (1, 3):
-        cluster = RedisCluster(tmp / f"tp{primaries}", primaries=primaries, replicas=0)
+    node = RedisNode(tmp / "creates-single").start()
+    cluster = RedisCluster(tmp / "creates-cluster", primaries=3, replicas=0)
+    try:
+        cluster.start()
+        for name, url in (("redis", f"redis://127.0.0.1:{node.port}/0"), ("cluster", cluster.url)):
+            rows.append((name, asyncio.run(run(url, 0, "n")), asyncio.run(run(url, 1_000_000, "l"))))
+            print(rows[-1], flush=True)
+    finally:
+        node.kill()
+        cluster.stop()
+    return rows
+
+
+def throughput(tmp: Path) -> list[tuple]:
+    """Two recur replicas, 256 sessions each, packed C = 16, on a cluster of 1 and of 3 primaries, in
+    two alternating rounds (the spread says what one run is worth on a shared machine)."""
+    rows = []
+    for k, primaries in enumerate((1, 3, 1, 3)):
+        cluster = RedisCluster(tmp / f"tp{k}", primaries=primaries, replicas=0)
         servers: list[Process] = []
         try:
             cluster.start()
@@ -246,11 +280,17 @@ def main() -> None:
             single16 = max(cpu for s, a, c, _, _, cpu, _ in rows if s == "cluster" and c == 1)
             kib = max(per_session.values()) / 1024
             parts.append(_paper(single16, kib))
+            rows = creates(tmp)
+            parts.append("\nCreating a session (one store, one create at a time, 300 creates; ms each):\n\n"
+                         "| store | no limit | --max-sessions set |\n|---|---:|---:|\n"
+                         + "\n".join(f"| {name} | {free:.2f} | {limited:.2f} |" for name, free, limited in rows)
+                         + "\n")
         if "throughput" in only:
             rows = throughput(tmp)
             parts.append(
                 "\n### Two replicas on 1 and on 3 cluster primaries\n\nTwo `recur serve` processes, 256 sessions "
-                "each, packed C = 16, one run each.\n\n| primaries | tokens/s | chunks/s | Redis CPU µs per chunk |\n"
+                "each, packed C = 16, two alternating rounds.\n\n"
+                "| primaries | tokens/s | chunks/s | Redis CPU µs per chunk |\n"
                 "|---:|---:|---:|---:|\n"
                 + "\n".join(f"| {p} | {rate:,.0f} | {cps:,.0f} | {cpu:.1f} |" for p, rate, cps, cpu in rows) + "\n")
         if "failover" in only:
