@@ -559,7 +559,8 @@ class Nginx:
         servers, n = re.subn(r"server replica:50051([^;]*);", lambda m: " ".join(
             f"server 127.0.0.1:{port}{m.group(1)};" for port in self.upstreams), env["RECUR_UPSTREAM_SERVERS"])
         assert n == 1, env["RECUR_UPSTREAM_SERVERS"]
-        values = {**env, "RECUR_UPSTREAM_SERVERS": servers, "RECUR_LB_PORT": str(self.port), **self.extra}
+        values = {**env, "RECUR_UPSTREAM_SERVERS": servers, "RECUR_LB_PORT": str(self.port),
+                  "RECUR_LB_HEALTH_PORT": str(free_port()), **self.extra}  # the container's fixed one may be taken here
         template = (ROOT / "deploy" / "nginx" / self.template).read_text()
         for name, value in values.items():  # what the nginx image's envsubst does with defined names
             template = template.replace("${" + name + "}", str(value))
