@@ -55,6 +55,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         _base_images(e, tmp_path_factory.mktemp("stand-ins"))
         yield e
     finally:
+        e.run(["image", "prune", "-f"], check=False)  # earlier builds' images, kept by the cached data root
         e.stop()
         print("\ncontainers:", {k: round(v, 1) for k, v in TIMINGS.items()})
 

@@ -17,6 +17,7 @@ from pathlib import Path
 CACHE = Path(os.environ.get("RECUR_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "recur"))
 TABLES = ("filter", "nat")
 FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+LOCK = Path(tempfile.gettempdir()) / "recur-docker.lock"
 
 
 def _rules() -> dict[str, list[str]]:
@@ -53,8 +54,9 @@ class Engine:
 
     def start(self) -> Engine:
         self.data_root.mkdir(parents=True, exist_ok=True)
-        self._lock = os.open(self.data_root.parent / "docker.lock", os.O_CREAT | os.O_RDWR)
-        fcntl.flock(self._lock, fcntl.LOCK_EX)  # one test session per data root
+        # One test engine on the machine at a time: each puts back the iptables rules it found.
+        self._lock = os.open(LOCK, os.O_CREAT | os.O_RDWR)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         self._before, self._forward = _rules(), FORWARD.read_text().strip()
         # No default bridge (docker0): compose makes its own networks and the builds use the host's.
         with open(self.run_dir / "dockerd.log", "w") as log:
