@@ -132,6 +132,31 @@ def creates(tmp: Path, n: int = 300) -> list[tuple]:
     return rows
 
 
+def wait_cost(tmp: Path) -> list[tuple]:
+    """One replica on a primary with one Redis replica, --redis-min-replicas 0 and then 1: what WAIT
+    adds to a chunk (S = 256; packed C = 16 and Stream C = 1)."""
+    primary = RedisNode(tmp / "wait-primary").start()
+    replica = RedisNode(tmp / "wait-replica", ["--replicaof", "127.0.0.1", str(primary.port)]).start()
+    rows = []
+    try:
+        wait_linked([primary, replica])
+        url = f"redis://127.0.0.1:{primary.port}/0"
+        for api, chunk in (("packed", 16), ("stream", 1)):
+            for n in (0, 1):
+                server = _drained(recur_server(url, "--redis-min-replicas", str(n)))
+                try:
+                    seqs = _sequences(256, 512 if chunk == 16 else 256, seed=chunk)
+                    r = asyncio.run(_drive(server, seqs, chunk, api, check=1, budget=BUDGET))
+                finally:
+                    server.stop()
+                rows.append((api, chunk, n, r.rate, r.p(50), r.p(99)))
+                print(rows[-1], flush=True)
+    finally:
+        replica.kill()
+        primary.kill()
+    return rows
+
+
 def throughput(tmp: Path) -> list[tuple]:
     """Two recur replicas, 256 sessions each, packed C = 16, on a cluster of 1 and of 3 primaries, in
     two alternating rounds (the spread says what one run is worth on a shared machine)."""
@@ -248,7 +273,7 @@ def failover(tmp: Path, runs: int) -> list[tuple]:
 def main() -> None:
     global S, BUDGET  # one run's settings, read by the measurements
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", default="ops,throughput,failover")
+    parser.add_argument("--only", default="ops,throughput,failover,wait")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--sessions", type=int, default=S, help="S of the cost rows")
     parser.add_argument("--budget", type=float, default=BUDGET, help="seconds a row")
@@ -306,7 +331,21 @@ def main() -> None:
                 "|---|---:|---:|---:|---:|\n"
                 + "\n".join(f"| {t} | {m} | {p50:.2f} | {mx:.2f} | {lost} of {runs} runs |"
                             for t, m, p50, mx, lost, runs in rows) + "\n")
-    write_section(args.out, "## Redis beyond one process", "".join(parts))
+    if "wait" in only:  # its own section: measured apart from the rest
+        with tempfile.TemporaryDirectory() as t:
+            rows = wait_cost(Path(t))
+        write_section(args.out, "## Redis: what --redis-min-replicas costs", (
+            f"## Redis: what --redis-min-replicas costs\n\nMeasured {started} on {machine()}. Command: "
+            "`python -m bench.redis_ha --only wait`. One replica on a Redis primary with one Redis replica (same "
+            f"machine, append-only), S = 256 sessions of pylm, {BUDGET:.0f} s a row; with 1, every write and every "
+            "read that is not a hint is followed by WAIT on its connection.\n\n"
+            "| API | C | --redis-min-replicas | tokens/s | p50 chunk ms | p99 chunk ms |\n"
+            "|---|---:|---:|---:|---:|---:|\n"
+            + "\n".join(f"| {a} | {c} | {n} | {rate:,.0f} | {p50:.2f} | {p99:.2f} |"
+                        for a, c, n, rate, p50, p99 in rows)
+            + "\n"))
+    if only - {"wait"}:
+        write_section(args.out, "## Redis beyond one process", "".join(parts))
 
 
 def _paper(cpu_us: float, kib: float) -> str:
