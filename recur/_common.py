@@ -220,6 +220,7 @@ class Resume:
         self._failing_since: float | None = None
         self._progress_at, self._backoff = 0, FIRST_BACKOFF
         self._lost = False  # a stream was lost: the next one that answers is a reconnect
+        self.reconnections = 0  # streams that reached a server after a lost one
 
     @property
     def done(self) -> bool:
@@ -234,7 +235,9 @@ class Resume:
     def accept(self, reply: pb.StepResponse) -> bool:
         """Take the reply to `request()`; raises RetryChunk or ChunkRefused for a refused chunk.
         True when this reply is the first on a stream after a lost one (a reconnection)."""
-        reconnected, self._lost = self._lost, False  # counted once per reconnection, not per attempt
+        # counted once per reconnection, not per attempt, also when the new stream answers a refusal
+        reconnected, self._lost = self._lost, False
+        self.reconnections += reconnected
         if reply.HasField("status"):
             if reply.status.code in RETRYABLE_VALUES:
                 raise RetryChunk(reply.status.code, reply.status.message)

@@ -172,8 +172,11 @@ class RecurClient:
                     if reply is grpc.aio.EOF:  # an OK end before the answer: only a server going away does that
                         raise _Lost("the stream ended before its chunk was answered")
                     assert isinstance(reply, pb.StepResponse)
-                    if run.accept(reply):
-                        self.reconnects += 1
+                    seen = run.reconnections
+                    try:
+                        run.accept(reply)
+                    finally:
+                        self.reconnects += run.reconnections - seen
                     if on_reply is not None:
                         maybe = on_reply(reply)
                         if maybe is not None:

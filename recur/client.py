@@ -189,8 +189,11 @@ class RecurClient:
                 while not run.done:
                     requests.put(run.request())
                     reply = next(call)
-                    if run.accept(reply):
-                        self.reconnects += 1
+                    seen = run.reconnections
+                    try:
+                        run.accept(reply)
+                    finally:
+                        self.reconnects += run.reconnections - seen
                     if on_reply is not None:
                         on_reply(reply)
                 requests.put(None)
