@@ -117,9 +117,9 @@ def server_options(settings: Settings, models: ModelRepository) -> list[tuple[st
     return options
 
 
-async def create_server(settings: Settings) -> Running:
-    """Load models, open the store and start serving; returns the bound port too."""
-    # Checked first: a bad key file or TLS flag stops the start before anything is loaded.
+def _checked_start(settings: Settings) -> tuple[grpc.ServerCredentials | None, Authenticator]:
+    """TLS credentials and the key file, and the settings that cannot work together: checked first, so
+    a bad flag stops the start before anything is loaded."""
     credentials = tls.server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     if not 0 < settings.max_reply_bytes <= settings.stream_buffer_bytes:
         raise SystemExit(f"recur serve: --max-reply-bytes ({settings.max_reply_bytes}) must be 1 or more and at most "
@@ -134,6 +134,30 @@ async def create_server(settings: Settings) -> Running:
                     DEFAULT_TENANT)
     else:
         log.info("API keys from %s: tenants %s", auth.source, ", ".join(auth.tenants))
+    return credentials, auth
+
+
+async def _admin_server(settings: Settings, models: ModelRepository, servicer: RecurAdminServicer,
+                        credentials: grpc.ServerCredentials | None) -> grpc.aio.Server:
+    """--admin-port's server: the admin API only, on --admin-host."""
+    admin_server = grpc.aio.server(interceptors=[MalformedRequests()], options=server_options(settings, models))
+    recur_pb2_grpc.add_RecurAdminServicer_to_server(servicer, admin_server)
+    admin_address = f"{settings.admin_host}:{settings.admin_port}"
+    try:
+        bound = (admin_server.add_secure_port(admin_address, credentials) if credentials
+                 else admin_server.add_insecure_port(admin_address))
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise SystemExit(f"cannot bind --admin-port {admin_address} (in use, or not an address of this machine)")
+    await admin_server.start()
+    log.info("admin API on %s", admin_address)
+    return admin_server
+
+
+async def create_server(settings: Settings) -> Running:
+    """Load models, open the store and start serving; returns the bound port too."""
+    credentials, auth = _checked_start(settings)
     ort.disable_telemetry_events()  # no device ids or model names written anywhere
     try:
         providers = execution_providers(settings.provider)  # refused before any model loads
@@ -185,20 +209,7 @@ async def create_server(settings: Settings) -> Running:
     admin_servicer = RecurAdminServicer(lifecycle, auth, replica_id, metrics)
     if not auth.is_open:
         recur_pb2_grpc.add_RecurAdminServicer_to_server(admin_servicer, server)
-    admin_server = None
-    if settings.admin_port:
-        admin_server = grpc.aio.server(interceptors=[MalformedRequests()], options=server_options(settings, models))
-        recur_pb2_grpc.add_RecurAdminServicer_to_server(admin_servicer, admin_server)
-        admin_address = f"{settings.admin_host}:{settings.admin_port}"
-        try:
-            bound = (admin_server.add_secure_port(admin_address, credentials) if credentials
-                     else admin_server.add_insecure_port(admin_address))
-        except RuntimeError:
-            bound = 0
-        if bound == 0:
-            raise SystemExit(f"cannot bind --admin-port {admin_address} (in use, or not an address of this machine)")
-        await admin_server.start()
-        log.info("admin API on %s", admin_address)
+    admin_server = await _admin_server(settings, models, admin_servicer, credentials) if settings.admin_port else None
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

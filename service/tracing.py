@@ -149,22 +149,16 @@ class ServerSpans(grpc.aio.ServerInterceptor):
                     return await inner_uu(request, context)
 
             return handler._replace(unary_unary=unary_unary)
+        def streamed(inner: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+            async def replies(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                with span():
+                    async for reply in inner(request, context):
+                        yield reply
+
+            return replies
+
         if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-
-            async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                with span():
-                    async for reply in inner_us(request, context):
-                        yield reply
-
-            return handler._replace(unary_stream=unary_stream)
+            return handler._replace(unary_stream=streamed(handler.unary_stream))
         if handler.stream_stream is not None:
-            inner_ss = handler.stream_stream
-
-            async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                with span():
-                    async for reply in inner_ss(requests, context):
-                        yield reply
-
-            return handler._replace(stream_stream=stream_stream)
+            return handler._replace(stream_stream=streamed(handler.stream_stream))
         return handler
