@@ -430,7 +430,9 @@ def add_key(path: Path, tenant: str, *, label: str = "", max_sessions: int | Non
                 raise SystemExit(f"--{name.replace('_', '-')} must be 0 (no limit) or more")
             limits[name] = value
     doc["tenants"][tenant] = {k: v for k, v in limits.items() if v}
-    key = secrets.token_urlsafe(32)
+    key = "-"
+    while key.startswith("-"):  # a key starting with "-" would read as a flag in `recur client --api-key KEY`
+        key = secrets.token_urlsafe(32)
     entry: dict[str, Any] = {"sha256": hash_key(key), "tenant": tenant,
              "created": datetime.now(UTC).replace(microsecond=0).isoformat()}
     if label:
