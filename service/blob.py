@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import InvalidInput, RecurError
-from service.models import Model
+from service.repository.models import Model
 
 MAGIC = b"RECURSESSION1\n"
 FORMAT = 1

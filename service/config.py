@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recur.flags import add_dataclass_arguments, from_args
-from service.engine import EngineOptions
+from service.engine.engine import EngineOptions
 from service.store.base import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_CAPACITY,

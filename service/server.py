@@ -22,21 +22,21 @@ from grpc_reflection.v1alpha import reflection
 
 from recur.kserve import grpc_service_pb2_grpc
 from recur.v1 import recur_pb2, recur_pb2_grpc
-from service import tls
-from service.admin import Lifecycle, RecurAdminServicer, poll
 from service.auth import DEFAULT_TENANT, Authenticator
 from service.config import Settings
-from service.engine import Engine, EngineOptions
-from service.health import watch_store
+from service.core.sessions import SessionService
+from service.engine.engine import Engine, EngineOptions
+from service.engine.runtime import ProviderUnavailable, RuntimeOptions, execution_providers
 from service.metrics import Metrics, TimedStore
-from service.models import ModelRepository
-from service.runtime import ProviderUnavailable, RuntimeOptions, execution_providers
-from service.servicer import MalformedRequests, RecurServicer
-from service.sessions import SessionService
+from service.repository.models import ModelRepository
 from service.store import Store, open_store, redact_url
 from service.tracing import OFF, ServerSpans, Tracing, wanted
-from service.v2 import SERVICE as V2_SERVICE_NAME
-from service.v2 import InferenceServicer
+from service.transport import tls
+from service.transport.admin import Lifecycle, RecurAdminServicer, poll
+from service.transport.health import watch_store
+from service.transport.servicer import MalformedRequests, RecurServicer
+from service.transport.v2 import SERVICE as V2_SERVICE_NAME
+from service.transport.v2 import InferenceServicer
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.outputs import OutputOptions, StepOutput
+from service.core.outputs import OutputOptions, StepOutput
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class SessionView:
     updated_at: float
     expires_at: float
     state: list[NamedTensor] | None = None
-    last_request: str = ""  # the replay key of its last chunk (what a record keeps of it: service.sessions)
+    last_request: str = ""  # the replay key of its last chunk (what a record keeps of it: service.core.sessions)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ value; and one per-step output [batch, time, classes] (float32). Batch and time 
 The importer finds the data input and the output, pairs state inputs with state outputs by shape
 and then by name (h0/hn, c0/cn, state_h/new_state_h, h_in/h_out ...; --state-pairs when that is
 ambiguous), writes the manifest (format 1, the fields training/export.py writes), loads the model
-exactly as the server does (service.models.load_model) and checks that running a random sequence
+exactly as the server does (service.repository.models.load_model) and checks that running a random sequence
 in chunks gives what one pass gives before it puts the directory in place.
 
 This is the training side: it imports onnx (the serving code does not).
@@ -30,9 +30,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from service.engine.runtime import RuntimeOptions
 from service.errors import ModelInvalid
-from service.models import graph_opset, load_model
-from service.runtime import RuntimeOptions
+from service.repository.models import graph_opset, load_model
 
 MANIFEST_FORMAT = 1
 PARITY_TOL = 1e-5

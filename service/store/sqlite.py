@@ -43,6 +43,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from service.engine.threads import name_this_thread
 from service.errors import AlreadyExists, SessionExpired, SessionNotFound, StoreConflict, Unavailable
 from service.store.base import (
     DEFAULT_CACHE_BYTES,
@@ -60,7 +61,6 @@ from service.store.base import (
     tenant_limit,
     unpack_arrays,
 )
-from service.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 

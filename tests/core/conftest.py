@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from service.config import Settings
-from service.engine import Engine, EngineOptions
-from service.models import ModelRepository
-from service.runtime import RuntimeOptions
-from service.sessions import SessionService
+from service.core.sessions import SessionService
+from service.engine.engine import Engine, EngineOptions
+from service.engine.runtime import RuntimeOptions
+from service.repository.models import ModelRepository
 from service.store import MemoryStore, SqliteStore, Store
 from tests.helpers import ManualClock
 

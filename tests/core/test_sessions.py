@@ -14,7 +14,9 @@ import pytest
 
 from service.auth import TenantLimits
 from service.config import Settings
-from service.engine import Engine, EngineOptions
+from service.core.outputs import OutputOptions
+from service.core.sessions import SessionService
+from service.engine.engine import Engine, EngineOptions
 from service.errors import (
     AlreadyExists,
     DeadlineExceeded,
@@ -27,8 +29,6 @@ from service.errors import (
     SessionNotFound,
     Unavailable,
 )
-from service.outputs import OutputOptions
-from service.sessions import SessionService
 from service.store import MemoryStore
 from service.types import GenerateInput, NamedTensor, StepInput, StepResult
 from tests.core.conftest import MakeCore

@@ -23,6 +23,7 @@ from recur.client import RecurClient, packed_request
 from recur.kserve import grpc_service_pb2 as kpb
 from recur.kserve import grpc_service_pb2_grpc
 from recur.v1 import recur_pb2 as pb
+from service.engine.runtime import RuntimeOptions
 from service.errors import (
     AlreadyExists,
     LimitExceeded,
@@ -31,8 +32,7 @@ from service.errors import (
     StoreConflict,
     Unavailable,
 )
-from service.models import ModelRepository
-from service.runtime import RuntimeOptions
+from service.repository.models import ModelRepository
 from service.store.base import SessionRecord
 from service.store.redis import RedisStore
 from service.store.redis_cluster import ClusterStore, bucket_tags

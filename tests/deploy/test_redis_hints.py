@@ -15,12 +15,12 @@ import pytest
 import redis as sync_redis
 
 from service.config import Settings
-from service.engine import Engine, EngineOptions
+from service.core.packed import PackedInput
+from service.core.sessions import SessionService
+from service.engine.engine import Engine, EngineOptions
+from service.engine.runtime import RuntimeOptions
 from service.errors import OffsetMismatch
-from service.models import ModelRepository
-from service.packed import PackedInput
-from service.runtime import RuntimeOptions
-from service.sessions import SessionService
+from service.repository.models import ModelRepository
 from service.store.redis import RedisStore
 from service.types import GenerateInput, StepInput
 from tests.helpers import TOL, Redis, Reference

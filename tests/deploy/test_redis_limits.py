@@ -19,9 +19,9 @@ from grpc_health.v1 import health, health_pb2
 
 from recur.client import RecurClient
 from service.errors import LimitExceeded, SessionExpired, SessionNotFound, Unavailable
-from service.health import watch_store
 from service.store.base import SessionRecord
 from service.store.redis import RedisStore
+from service.transport.health import watch_store
 from tests.helpers import Redis, Server
 
 PASSWORD = "pw-9f8e7d6c5b4a"
@@ -135,7 +135,7 @@ async def test_health_follows_redis_away_and_back(redis: Redis, caplog: pytest.L
     finally:
         watcher.cancel()
         await store.close()
-    transitions = [r.getMessage() for r in caplog.records if r.name == "service.health"]
+    transitions = [r.getMessage() for r in caplog.records if r.name == "service.transport.health"]
     assert any("NOT_SERVING" in m for m in transitions) and any("SERVING again" in m for m in transitions)
 
 

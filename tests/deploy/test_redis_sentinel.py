@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2
 
-from service.health import watch_store
 from service.store.base import SessionRecord
 from service.store.redis import RedisStore
+from service.transport.health import watch_store
 from tests.helpers import TOL, Fed, RedisSentinels, Server, feed, redis_cli, state_of, until
 
 WINDOW = 1.0  # seconds: acknowledged chunks a kill may lose without WAIT were acknowledged this close to it

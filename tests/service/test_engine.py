@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from recur.v1 import recur_pb2 as pb
-from service.engine import Engine, EngineOptions
-from service.models import Model, load_model
-from service.runtime import ModelRuntime, RuntimeOptions
+from service.engine.engine import Engine, EngineOptions
+from service.engine.runtime import ModelRuntime, RuntimeOptions
+from service.repository.models import Model, load_model
 from tests.helpers import TOL, Server, logits_of, state_of
 
 

@@ -39,7 +39,7 @@ def test_json_lines_carry_the_lifecycle_and_hash_session_ids(tiny_models, tmp_pa
         created, forked, deleted = (by_event[f"session {e}"] for e in ("created", "forked", "deleted"))
         for rec in (created, forked, deleted):
             assert {"timestamp", "level", "event", "logger"} <= rec.keys()
-            assert rec["level"] == "info" and rec["logger"] == "service.sessions" and rec["tenant"] == "default"
+            assert rec["level"] == "info" and rec["logger"] == "service.core.sessions" and rec["tenant"] == "default"
             assert rec["timestamp"].endswith("Z")
             assert "session" not in rec  # only at debug level
         assert created["model"] == MODEL and created["version"] == 1
@@ -65,7 +65,8 @@ def test_debug_level_names_the_session(tiny_models) -> None:  # type: ignore[no-
 
 
 def _record(**extra: object) -> logging.LogRecord:
-    rec = logging.LogRecord("service.servicer", logging.WARNING, __file__, 1, "call failed after %d ms", (12,), None)
+    rec = logging.LogRecord("service.transport.servicer", logging.WARNING, __file__, 1, "call failed after %d ms",
+                            (12,), None)
     rec.__dict__.update(extra)
     return rec
 
@@ -78,4 +79,4 @@ def test_the_formatters_carry_rpc_code_and_duration() -> None:
                                                                                           "m", "t")
     assert out["session_hash"] == session_hash("x") and "session" not in out
     text = TextFormatter().format(_record(rpc="Step", code="NOT_FOUND"))
-    assert text.endswith("WARNING service.servicer: call failed after 12 ms rpc=Step code=NOT_FOUND")
+    assert text.endswith("WARNING service.transport.servicer: call failed after 12 ms rpc=Step code=NOT_FOUND")

@@ -9,8 +9,8 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 
-from service.models import load_model
-from service.runtime import ProviderUnavailable, RuntimeOptions, execution_providers
+from service.engine.runtime import ProviderUnavailable, RuntimeOptions, execution_providers
+from service.repository.models import load_model
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 

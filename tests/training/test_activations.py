@@ -16,10 +16,10 @@ import onnx
 import pytest
 import torch
 
+from service.engine.runtime import ActivationsUnavailable, RuntimeOptions
 from service.errors import ModelInvalid
-from service.models import Model, ModelRepository, load_model
-from service.runtime import ActivationsUnavailable, RuntimeOptions
-from service.schema import problem
+from service.repository.models import Model, ModelRepository, load_model
+from service.repository.schema import problem
 from tests.helpers import CELLS, HEADS, TOL, torch_activations
 from training.export import build_graph, model_from_repository, reexport
 

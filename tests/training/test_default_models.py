@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.models import load_model
-from service.runtime import RuntimeOptions
+from service.engine.runtime import RuntimeOptions
+from service.repository.models import load_model
 from training import data
 
 MODELS = Path(__file__).resolve().parents[2] / "models"

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from recur.cli import main as recur_main
+from service.engine.runtime import RuntimeOptions
 from service.errors import ModelInvalid
-from service.models import ModelRepository, load_model
-from service.runtime import RuntimeOptions
-from service.schema import MANIFEST_SCHEMA, problem
+from service.repository.models import ModelRepository, load_model
+from service.repository.schema import MANIFEST_SCHEMA, problem
 from tests.helpers import ROOT, TOL, Server, logits_of
 from training.importer import ImportRefused, import_model
 
@@ -227,7 +227,7 @@ def test_a_directory_without_a_manifest_is_logged(imported: Path, tmp_path: Path
     shutil.copytree(imported / "lstm-tokens", tmp_path / "lstm-tokens")
     (tmp_path / "bare" / "1").mkdir(parents=True)
     shutil.copy(imported / "lstm-tokens" / "1" / "model.onnx", tmp_path / "bare" / "1" / "model.onnx")
-    with caplog.at_level(logging.INFO, logger="service.models"):
+    with caplog.at_level(logging.INFO, logger="service.repository.models"):
         repo = ModelRepository.load(tmp_path, RuntimeOptions())
     assert [(m.name, m.version) for m in repo.all()] == [("lstm-tokens", 1)]
     assert f"{tmp_path / 'bare' / '1'}: no manifest.json; run recur import" in caplog.text
@@ -257,7 +257,7 @@ def test_schema_refusals_name_the_field(imported: Path, tmp_path: Path, change, 
 
 def test_the_published_schema_is_the_one_the_loader_uses() -> None:
     assert json.loads((ROOT / "docs" / "manifest.schema.json").read_text()) == MANIFEST_SCHEMA, \
-        "regenerate it: python -m service.schema > docs/manifest.schema.json"
+        "regenerate it: python -m service.repository.schema > docs/manifest.schema.json"
     for manifest in sorted((ROOT / "models").glob("*/*/manifest.json")):
         assert problem(json.loads(manifest.read_text())) is None, manifest
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from service.engine.runtime import RuntimeOptions
 from service.errors import ModelInvalid
-from service.models import ModelRepository, load_model
-from service.runtime import RuntimeOptions
+from service.repository.models import ModelRepository, load_model
 
 
 @pytest.fixture

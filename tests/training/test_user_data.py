@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from recur.cli import main
-from service.models import Model, load_model
-from service.runtime import RuntimeOptions
+from service.engine.runtime import RuntimeOptions
+from service.repository.models import Model, load_model
 from training.config import TrainConfig
 from training.export import export
 from training.train import Trainer

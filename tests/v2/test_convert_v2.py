@@ -1,4 +1,4 @@
-"""In process: the v2 conversions (service/convert_v2.py) over the tiny models."""
+"""In process: the v2 conversions (service/transport/convert_v2.py) over the tiny models."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from recur.kserve import grpc_service_pb2 as pb
-from service import convert_v2
+from service.engine.runtime import RuntimeOptions
 from service.errors import InvalidInput
-from service.models import ModelRepository
-from service.runtime import RuntimeOptions
+from service.repository.models import ModelRepository
+from service.transport import convert_v2
 from service.types import NamedTensor, StepResult
 
 

@@ -440,9 +440,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _load(directory: Path) -> Any:
+    from service.engine.runtime import RuntimeOptions
     from service.errors import ModelInvalid
-    from service.models import load_model
-    from service.runtime import RuntimeOptions
+    from service.repository.models import load_model
 
     try:
         model = load_model(directory, RuntimeOptions())

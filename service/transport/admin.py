@@ -20,13 +20,13 @@ import grpc
 
 from recur.v1 import recur_pb2 as pb
 from recur.v1 import recur_pb2_grpc
-from service import convert
 from service.auth import Authenticator
+from service.core.sessions import SessionService
 from service.errors import ModelInvalid, ModelNotFound
 from service.metrics import Metrics
-from service.models import Model, ModelRepository, Refusal
-from service.servicer import unary
-from service.sessions import SessionService
+from service.repository.models import Model, ModelRepository, Refusal
+from service.transport import convert
+from service.transport.servicer import unary
 
 log = logging.getLogger(__name__)
 

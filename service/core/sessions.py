@@ -19,15 +19,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service import blob, budget, packed
+from service import blob
 from service.auth import NO_LIMITS, TenantLimits
 from service.config import Settings
-from service.engine import Engine
+from service.core import budget, packed
+from service.core.locks import CallGate, SessionLocks
+from service.core.outputs import OutputOptions, StopStrings, sample, select_activations, step_outputs, top_k_of
+from service.core.packed import PackedInput, PackedResult
+from service.engine.engine import Engine
 from service.errors import InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, RecurError, StoreConflict
-from service.locks import CallGate, SessionLocks
-from service.models import Model, ModelRepository, StateSpec
-from service.outputs import OutputOptions, StopStrings, sample, select_activations, step_outputs, top_k_of
-from service.packed import PackedInput, PackedResult
+from service.repository.models import Model, ModelRepository, StateSpec
 from service.store import SessionRecord, Store
 from service.store.base import NO_EVENTS, Events, SessionSummary
 from service.tracing import OFF, Tracing
@@ -175,7 +176,7 @@ class SessionService:
         self._calls = CallGate()
         self._widest: tuple[list[Model], budget.Widths] = ([], budget.Widths())
 
-    # -- the reply budget (service/budget.py) ---------------------------------
+    # -- the reply budget (service/core/budget.py) ---------------------------------
     def _widest_widths(self) -> budget.Widths:
         """The widest loaded model's widths: a bound for requests whose sessions are not read yet."""
         models = self.models.all()
@@ -190,7 +191,7 @@ class SessionService:
 
     def reply_bytes(self, tenant: str, inputs: list[StepInput]) -> int:
         """The most bytes the replies to these chunks can hold, before any session is read (a stream
-        reserves it; service/streams.py)."""
+        reserves it; service/transport/streams.py)."""
         w, max_chunk = self._widest_widths(), self._max_chunk(tenant)
         return sum(budget.reply_budget(w, budget.Shape(1, self._declared_steps(inp, w, max_chunk), inp.options)).bytes
                    for inp in inputs)

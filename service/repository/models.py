@@ -18,9 +18,9 @@ from typing import cast
 
 import numpy as np
 
+from service.engine.runtime import ActivationGraph, ModelRuntime, RuntimeOptions
 from service.errors import InvalidInput, ModelInvalid, ModelNotFound, RecurError
-from service.runtime import ActivationGraph, ModelRuntime, RuntimeOptions
-from service.schema import problem as schema_problem
+from service.repository.schema import problem as schema_problem
 
 log = logging.getLogger(__name__)
 

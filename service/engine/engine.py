@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from service.engine.runtime import ModelRuntime
+from service.engine.threads import name_this_thread
 from service.errors import DeadlineExceeded, LimitExceeded, RecurError
-from service.runtime import ModelRuntime
-from service.threads import name_this_thread
 from service.tracing import OFF, now_ns
 
 log = logging.getLogger(__name__)

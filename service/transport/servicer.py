@@ -19,13 +19,13 @@ import grpc
 
 from recur.v1 import recur_pb2 as pb
 from recur.v1 import recur_pb2_grpc
-from service import convert, streams
 from service.auth import Authenticator
 from service.config import Settings
+from service.core.packed import PackedInput
+from service.core.sessions import BatchPlan, SessionService
 from service.errors import InvalidInput, LimitExceeded, RecurError
 from service.metrics import Metrics
-from service.packed import PackedInput
-from service.sessions import BatchPlan, SessionService
+from service.transport import convert, streams
 from service.types import StepInput, StepResult
 
 log = logging.getLogger(__name__)

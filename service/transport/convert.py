@@ -9,10 +9,10 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from recur.v1 import recur_pb2 as pb
+from service.core.outputs import MAX_SELECTION, MAX_STOP_STRINGS, ActivationRequest, OutputOptions
+from service.core.packed import PackedInput, PackedResult
 from service.errors import InvalidInput
-from service.models import Model, Refusal
-from service.outputs import MAX_SELECTION, MAX_STOP_STRINGS, ActivationRequest, OutputOptions
-from service.packed import PackedInput, PackedResult
+from service.repository.models import Model, Refusal
 from service.store.base import SessionSummary
 from service.types import GeneratedToken, GenerateInput, NamedTensor, SessionView, StepInput, StepResult
 

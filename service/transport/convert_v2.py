@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from recur.kserve import grpc_service_pb2 as pb
+from service.core.outputs import OutputOptions
 from service.errors import InvalidInput
-from service.models import Model
-from service.outputs import OutputOptions
+from service.repository.models import Model
 from service.types import StepResult
 
 LOGITS = "logits"

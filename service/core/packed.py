@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.core.outputs import ActivationRequest
 from service.errors import InvalidInput, LimitExceeded
-from service.outputs import ActivationRequest
 from service.types import NamedTensor
 
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.engine.runtime import ActivationsUnavailable
 from service.errors import InvalidInput
-from service.models import Model
-from service.runtime import ActivationsUnavailable
+from service.repository.models import Model
 
 MAX_SELECTION = 4096  # layers, units or states named in one request
 

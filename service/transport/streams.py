@@ -64,7 +64,7 @@ def give_back_memory() -> None:
 
 class ByteBudget:
     """The bytes of replies a stream holds, running or waiting to be sent, granted in arrival order.
-    A request reserves its reply budget (service/budget.py) before it runs and gives it back once its
+    A request reserves its reply budget (service/core/budget.py) before it runs and gives it back once its
     reply was handed to gRPC; one larger than the whole budget is granted it alone (the core refuses
     replies over --max-reply-bytes, which the server keeps at most the stream's budget)."""
 

@@ -31,15 +31,24 @@ import grpc
 
 from recur.kserve import grpc_service_pb2 as pb
 from recur.kserve import grpc_service_pb2_grpc
-from service import convert_v2, streams
 from service.auth import Authenticator
 from service.config import Settings
+from service.core.locks import SessionLocks
+from service.core.sessions import SessionService, replay_key
 from service.errors import InvalidInput, NotFound, RecurError, SessionExpired, SessionNotFound
-from service.locks import SessionLocks
 from service.metrics import Metrics
-from service.models import Model
-from service.servicer import REPLICA_HEADER, Malformed, _deadline, applied, parsed, send_replica, status_of, unary
-from service.sessions import SessionService, replay_key
+from service.repository.models import Model
+from service.transport import convert_v2, streams
+from service.transport.servicer import (
+    REPLICA_HEADER,
+    Malformed,
+    _deadline,
+    applied,
+    parsed,
+    send_replica,
+    status_of,
+    unary,
+)
 from service.types import SessionView, StepInput, StepResult
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

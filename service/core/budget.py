@@ -14,9 +14,9 @@ import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from service.core.outputs import ActivationRequest, OutputOptions
 from service.errors import LimitExceeded
-from service.models import Model
-from service.outputs import ActivationRequest, OutputOptions
+from service.repository.models import Model
 
 CHUNK_OVERHEAD = 512  # a chunk's ids, offsets, status and field tags, beyond its per-step rows
 TENSOR_OVERHEAD = 64  # a named tensor's name, shape and tags

@@ -6,7 +6,7 @@ minimum. A problem is reported with the path of the field it is about (`state[1]
 
 The schema lives here, not only in docs/, because the serving image ships `service/` but not
 `docs/`; a test keeps docs/manifest.schema.json equal to MANIFEST_SCHEMA
-(regenerate it with `python -m service.schema > docs/manifest.schema.json`).
+(regenerate it with `python -m service.repository.schema > docs/manifest.schema.json`).
 """
 
 from __future__ import annotations
