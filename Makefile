@@ -55,8 +55,11 @@ models: $(VENV)/.dev
 	$(BIN)/recur export runs/digits/best.pt --name digits --version 1
 
 # The benchmark suite: writes BENCHMARKS.md and bench/throughput.png (several minutes; run it on a quiet machine).
+# bench.capacity's load generator is h2load (Debian's nghttp2-client), outside Python.
 bench: $(VENV)/.dev $(VENV)-tritonclient/.done
+	deploy/ensure-packages h2load
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.capacity
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.redis_store
 	$(BIN)/python -m bench.redis_ha

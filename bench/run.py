@@ -9,6 +9,9 @@ state its session's previous chunk left):
              Step for S = 1; memory store and SQLite sync
   naive      bench/naive_server.py: grpcio, unary calls, dict of states, no batching; PyTorch eager
              and ONNX Runtime
+  yardstick  bench/yardstick.py (not recur): grpc.aio answering StreamPacked with nothing but a gather,
+             one ONNX Runtime call and a scatter, driven by the packed rows' client: what the Python
+             gRPC stack itself allows
 Every gRPC row asks every chunk's full logits back (return_logits, compact), and the load generator
 builds all its request messages before the clock starts. For each recur row the server process's
 own CPU time per chunk (user + system, /proc) is recorded next to ONNX Runtime's CPU time per chunk
@@ -27,6 +30,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -61,6 +65,7 @@ class Result:
     chunks: int = 0  # chunks answered
     server_cpu: float = 0.0  # seconds of the server process's CPU over the window
     ort_seconds: float = 0.0  # seconds inside ONNX Runtime calls over the window (recur only)
+    client_cpu: float = 0.0  # seconds of the load generator's CPU (this process, every thread) over the window
 
     def per_chunk_us(self, seconds: float) -> float:
         return 1e6 * seconds / self.chunks if self.chunks else float("nan")
@@ -118,7 +123,7 @@ def in_process(seqs: np.ndarray, chunk: int, batched: bool, threads: int = 1) ->
 
 
 class Process:
-    """A server process on a free port, with its peak RSS readable."""
+    """A server process on a free port (it prints "... listening on port N"), with its peak RSS readable."""
 
     def __init__(self, cmd: list[str]) -> None:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
@@ -128,8 +133,8 @@ class Process:
         for line in self.proc.stdout:
             if line.startswith("metrics on port "):
                 self.metrics_port = int(line.split()[-1])
-            if line.startswith("recur listening on port "):
-                self.port = int(line.split()[-1])
+            if listening := re.fullmatch(r"\S+ listening on port (\d+)\s*", line):
+                self.port = int(listening[1])
                 break
         else:
             raise RuntimeError(f"{cmd} did not start")
@@ -184,6 +189,10 @@ def naive_server(engine: str = "torch") -> Process:
                     "--engine", engine])
 
 
+def yardstick_server() -> Process:
+    return Process([sys.executable, "-m", "bench.yardstick", "--model", str(MODEL_DIR), "--port", "0"])
+
+
 def _prebuilt(sids: list[str], seqs: np.ndarray, chunk: int, api: str, options: dict | None = None) -> list:
     """Every request message of the run, built before the clock starts: per session (step, stream)
     or per tick (batch, packed), each asking its full logits back."""
@@ -222,6 +231,7 @@ async def _drive(server: Process | int, seqs: np.ndarray, chunk: int, api: str, 
         if on_start is not None:
             on_start()
         cpu0, ort0 = (proc.cpu_seconds(), proc.ort_seconds()) if proc else (0.0, 0.0)
+        client0 = time.process_time()
         t0 = time.perf_counter()
         deadline = t0 + budget
 
@@ -306,6 +316,7 @@ async def _drive(server: Process | int, seqs: np.ndarray, chunk: int, api: str, 
                     if done == n:
                         await call.done_writing()
         seconds = time.perf_counter() - t0
+        client_cpu = time.process_time() - client0
         cpu, ort_s = (proc.cpu_seconds() - cpu0, proc.ort_seconds() - ort0) if proc else (0.0, 0.0)
     checked = 0
     for i, parts in logits.items():
@@ -317,7 +328,7 @@ async def _drive(server: Process | int, seqs: np.ndarray, chunk: int, api: str, 
                 raise AssertionError(f"session {i}: logits differ from the one-pass reference by {err}")
             checked += 1
     return Result(api, n, chunk, sum(pos), seconds, lat, checked=checked, chunks=len(lat), server_cpu=cpu,
-                  ort_seconds=ort_s)
+                  ort_seconds=ort_s, client_cpu=client_cpu)
 
 
 def over_grpc(server: Process, mode: str, seqs: np.ndarray, chunk: int, api: str, budget: float) -> Result:
@@ -329,10 +340,12 @@ def over_grpc(server: Process, mode: str, seqs: np.ndarray, chunk: int, api: str
 
 def run_suite(sessions: list[int], chunks: list[int], length: int, budget: float, naive: bool,
               only: set[str] | None = None) -> list[Result]:
-    """`only`: a subset of the row labels (packed, Stream, StreamBatch, Step, naive) for a spot check."""
+    """`only`: a subset of the row labels (packed, Stream, StreamBatch, Step, naive) for a spot check
+    (packed takes the yardstick's row with it)."""
     results: list[Result] = []
     with tempfile.TemporaryDirectory() as tmp:
-        servers = {"recur memory": recur_server("memory:"), "recur sqlite-sync": recur_server(f"sqlite:{tmp}/b.db")}
+        servers = {"recur memory": recur_server("memory:"), "recur sqlite-sync": recur_server(f"sqlite:{tmp}/b.db"),
+                   "yardstick": yardstick_server()}
         if naive:
             servers["naive torch"] = naive_server("torch")
             servers["naive ort"] = naive_server("ort")
@@ -344,7 +357,8 @@ def run_suite(sessions: list[int], chunks: list[int], length: int, budget: float
                     results.append(in_process(seqs, c, batched=True, threads=1))
                     results.append(in_process(seqs, c, batched=True, threads=0))
                     results.append(in_process(seqs, c, batched=False))
-                    cells = [("recur memory", "packed", "packed"), ("recur sqlite-sync", "packed", "packed"),
+                    cells = [("recur memory", "packed", "packed"), ("yardstick", "packed", "packed"),
+                             ("recur sqlite-sync", "packed", "packed"),
                              ("recur memory", "Stream", "stream"), ("recur sqlite-sync", "Stream", "stream"),
                              ("recur memory", "StreamBatch", "batch")]
                     if s == 1:
@@ -436,7 +450,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write raw results here")
     p.add_argument("--sessions", help="comma-separated S values (a spot check; BENCHMARKS.md is not written)")
     p.add_argument("--chunks", help="comma-separated C values (a spot check)")
-    p.add_argument("--only", help="comma-separated rows: packed, Stream, StreamBatch, Step, naive (a spot check)")
+    p.add_argument("--only", help="comma-separated rows: packed (with the yardstick), Stream, StreamBatch, Step, "
+                   "naive (a spot check)")
     args = p.parse_args()
     if args.quick:
         sessions, chunks, length, budget = [1, 4], [1, 4], 32, 10.0
