@@ -109,11 +109,16 @@ def creates(tmp: Path, n: int = 300) -> list[tuple]:
         store = RedisStore(url)
         state = [np.zeros((2, 1, 256), np.float32)] * 2
         t = time.time()
+
+        def record(sid: str) -> SessionRecord:
+            return SessionRecord(tenant="t", session_id=sid, model="m", version=1, offset=0, created_at=t,
+                                 updated_at=t, ttl=3600, state=state)
+
         try:
-            await store.create(SessionRecord("t", f"{tag}-warm", "m", 1, 0, t, t, 3600, state), max_sessions=limit)
+            await store.create(record(f"{tag}-warm"), max_sessions=limit)
             start = time.perf_counter()
             for i in range(n):
-                await store.create(SessionRecord("t", f"{tag}{i}", "m", 1, 0, t, t, 3600, state), max_sessions=limit)
+                await store.create(record(f"{tag}{i}"), max_sessions=limit)
             return 1e3 * (time.perf_counter() - start) / n
         finally:
             await store.close()

@@ -36,8 +36,9 @@ async def fill(path: Path, n: int) -> float:
     batch = 5000
     for start in range(0, n, batch):
         t = time.time()
-        await asyncio.gather(*(store.create(SessionRecord("default", f"idle-{i}", "pylm", 1, 0, t, t, 30 * 86400,
-                                                          zeros)) for i in range(start, min(n, start + batch))))
+        await asyncio.gather(*(store.create(SessionRecord(
+            tenant="default", session_id=f"idle-{i}", model="pylm", version=1, offset=0, created_at=t, updated_at=t,
+            ttl=30 * 86400, state=zeros)) for i in range(start, min(n, start + batch))))
     await store.close()
     return time.perf_counter() - t0
 

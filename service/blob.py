@@ -8,11 +8,13 @@ Layout (format 1), all integers little-endian:
     arrays                     each float32 array the header lists, in its order: u8 rank, rank x u32
                                dims, then the data (C order)
 
-The header holds `format` (1), `session_id`, `model`, `version`, `model_sha256` (the sha256 of the
-model's ONNX file, as its manifest states it), `offset`, `created_at`, `updated_at`, `ttl`,
-`last_digest` (hex), `last_start` and `arrays`: the names of the arrays that follow, in order
-(`state.0`, ... then `last_logits` when kept, then `last_prev_state.0`, ... when kept). The tenant
-is not part of a blob: an import recreates the session in the importing caller's tenant.
+The header holds `format` (1), `model_sha256` (the sha256 of the model's ONNX file, as its manifest
+states it), `arrays` (the names of the arrays that follow, in order) and the session record's
+fields as service.store.record declares them: `session_id`, `model`, `version`, `offset`,
+`created_at`, `updated_at`, `ttl`, `last_digest` (hex), `last_start`, and `last_request` when there
+is one; the arrays are `state.0`, ... then `last_logits` when kept, then `last_prev_state.0`, ...
+when kept. The tenant is not part of a blob: an import recreates the session in the importing
+caller's tenant.
 
 `decode` checks sizes before contents (a blob over MAX_BLOB_BYTES, a header over MAX_HEADER_BYTES,
 an array whose declared size runs past the end are refused before anything is allocated for them)
@@ -33,6 +35,7 @@ import numpy as np
 
 from service.errors import InvalidInput, RecurError
 from service.repository.models import Model
+from service.store.record import from_blob, to_blob
 
 MAGIC = b"RECURSESSION1\n"
 FORMAT = 1
@@ -52,7 +55,10 @@ class ModelMismatch(RecurError):
 
 @dataclass
 class ExportedSession:
-    """What a blob carries: a session record without its tenant, and the model's sha256."""
+    """What a blob carries: a session record's fields but its tenant and the store's version (`token`),
+    and the model's sha256. Which fields a blob carries, and how, is SessionRecord's declaration
+    (service.store.record); these are the same fields (tests/core/test_record_formats.py holds them
+    equal), declared here because the core builds this class positionally."""
 
     session_id: str
     model: str
@@ -71,20 +77,8 @@ class ExportedSession:
 
 
 def encode(s: ExportedSession) -> bytes:
-    names = [f"state.{i}" for i in range(len(s.state))]
-    arrays = list(s.state)
-    if s.last_logits is not None:
-        names.append("last_logits")
-        arrays.append(s.last_logits)
-    for i, a in enumerate(s.last_prev_state or []):
-        names.append(f"last_prev_state.{i}")
-        arrays.append(a)
-    header = {"format": FORMAT, "session_id": s.session_id, "model": s.model, "version": s.version,
-              "model_sha256": s.model_sha256, "offset": s.offset, "created_at": s.created_at,
-              "updated_at": s.updated_at, "ttl": s.ttl, "last_digest": s.last_digest.hex(),
-              "last_start": s.last_start, "arrays": names}
-    if s.last_request:
-        header["last_request"] = s.last_request
+    header, names, arrays = to_blob(s)
+    header.update(format=FORMAT, model_sha256=s.model_sha256, arrays=names)
     head = json.dumps(header, sort_keys=True).encode()
     parts = [MAGIC, struct.pack("<I", len(head)), head]
     for a in arrays:
@@ -157,26 +151,10 @@ def decode(blob: bytes) -> ExportedSession:
     arrays = dict(zip(names, _arrays(blob, pos + n, len(names))))
     if len(arrays) != len(names):
         raise _bad("the header names an array twice")
-    try:
-        digest = bytes.fromhex(_field(header, "last_digest", str))
-    except ValueError:
-        raise _bad("last_digest is not hex") from None
-    states = [arrays.pop(f"state.{i}") for i in range(sum(x.startswith("state.") for x in names))
-              if f"state.{i}" in arrays]
-    prev_names = [f"last_prev_state.{i}" for i in range(sum(x.startswith("last_prev_state.") for x in names))]
-    prev = [arrays.pop(k) for k in prev_names if k in arrays]
-    logits = arrays.pop("last_logits", None)
-    if arrays or len(prev) != len(prev_names):
+    values = from_blob(header, arrays)  # pops the arrays it knows
+    if arrays:
         raise _bad(f"unexpected arrays {sorted(arrays)}")
-    s = ExportedSession(
-        session_id=_field(header, "session_id", str), model=_field(header, "model", str),
-        version=_field(header, "version", int), model_sha256=_field(header, "model_sha256", str),
-        offset=_field(header, "offset", int), created_at=float(_field(header, "created_at", (int, float))),
-        updated_at=float(_field(header, "updated_at", (int, float))), ttl=float(_field(header, "ttl", (int, float))),
-        state=states, last_digest=digest, last_start=_field(header, "last_start", int), last_logits=logits,
-        last_prev_state=prev or None, last_request=_field(header, "last_request", str) if "last_request" in header
-        else "",
-    )
+    s = ExportedSession(model_sha256=_field(header, "model_sha256", str), **values)
     # every field in range before anything is stored: a value a store or a reply cannot hold is refused here
     if not 0 < s.version < 2**31 or not 0 <= s.offset < 2**62:
         raise _bad(f"version must be 1 to {2**31 - 1} and offset 0 to {2**62 - 1}")

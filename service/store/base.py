@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import struct
 import time
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
-
-import numpy as np
+from dataclasses import dataclass
+from typing import TypeVar
 
 from service.errors import LimitExceeded, RecurError
+from service.store.record import SessionRecord
 
 DURABILITY_MODES = ("sync", "async", "none")
 # The one source of these defaults: the stores and the server's settings both read them.
@@ -26,75 +24,10 @@ DEFAULT_MAX_PENDING_WRITES = 10_000  # sqlite, async: acknowledged records await
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024  # sqlite: bytes of clean records cached in process
 DEFAULT_MEMORY_BYTES = 1024 * 1024 * 1024  # memory store: bytes of session records held
 DEFAULT_MAX_REPLAY_BYTES = 64 * 1024  # largest last_logits kept for a replay; beyond, last_prev_state
-RECORD_OVERHEAD = 256  # bytes a record costs beyond its arrays (ids, numbers, dict slots), for byte bounds
 
 Clock = Callable[[], float]  # seconds since the epoch; injected so tests can move time
 
 T = TypeVar("T")
-
-
-@dataclass
-class SessionRecord:
-    """One sequence's life on the server. `state` tensors are (layers, hidden), batch-free.
-
-    `last_*` describe the last applied chunk, so a retry of it can be answered
-    with the recorded reply without advancing the state again.
-    """
-
-    tenant: str
-    session_id: str
-    model: str
-    version: int
-    offset: int
-    created_at: float
-    updated_at: float
-    ttl: float
-    state: list[np.ndarray]
-    last_digest: bytes = b""
-    last_start: int = -1
-    last_logits: np.ndarray | None = None  # (T, C) of the last applied chunk
-    # The state before the last applied chunk, kept only when its logits were too large to keep
-    # (over --max-replay-bytes), so that a replay can recompute them.
-    last_prev_state: list[np.ndarray] | None = None
-    # The request id the last chunk came with where the protocol makes it a replay key (the Open Inference
-    # Protocol's request `id`): a request with the same id is that chunk's retry. Kept in the store, so it
-    # holds per tenant and sequence, across restarts and replicas.
-    last_request: str = ""
-    token: bytes = b""  # the store's version of the record, where it keeps one (redis: the last write's id)
-    _nbytes: int = field(default=-1, init=False, repr=False, compare=False)  # computed once (records are not mutated)
-
-    @property
-    def expires_at(self) -> float:
-        return self.updated_at + self.ttl
-
-    @property
-    def nbytes(self) -> int:
-        """What holding this record in process costs, for the byte bounds of caches and the memory store."""
-        if self._nbytes < 0:
-            arrays = 0
-            for a in self.state:
-                arrays += a.nbytes
-            for a in self.last_prev_state or ():
-                arrays += a.nbytes
-            if self.last_logits is not None:
-                arrays += self.last_logits.nbytes
-            names = len(self.tenant) + len(self.session_id) + len(self.last_request)
-            self._nbytes = arrays + len(self.last_digest) + names + RECORD_OVERHEAD
-        return self._nbytes
-
-    def copy(self, **changes: Any) -> SessionRecord:
-        """A new record with `changes` (field names); dataclasses.replace costs ~10 µs on the hot path."""
-        if __debug__ and not changes.keys() <= _RECORD_FIELDS:
-            raise TypeError(f"SessionRecord has no field(s) {sorted(changes.keys() - _RECORD_FIELDS)}")
-        new = object.__new__(SessionRecord)
-        d = new.__dict__
-        d.update(self.__dict__)
-        d.update(changes)
-        d["_nbytes"] = -1
-        return new
-
-
-_RECORD_FIELDS = frozenset(f.name for f in fields(SessionRecord) if f.init)
 
 
 @dataclass(frozen=True)
@@ -116,34 +49,12 @@ class SessionSummary:
 
 @dataclass(frozen=True)
 class Tombstone:
-    """What remains of a session that expired or was evicted, so its id is answered clearly."""
+    """What remains of a session that expired, so its id is answered clearly (recur never evicts a session)."""
 
     tenant: str
     session_id: str
     at: float
-    reason: str  # "expired" or "evicted"
-
-
-def pack_arrays(arrays: list[np.ndarray]) -> bytes:
-    """Compact float32 encoding: count, then each array's rank, dims and little-endian data."""
-    parts = [struct.pack("<B", len(arrays))]
-    for a in arrays:
-        a = np.ascontiguousarray(a, dtype="<f4")
-        parts.append(struct.pack(f"<B{a.ndim}I", a.ndim, *a.shape))
-        parts.append(a.tobytes())
-    return b"".join(parts)
-
-
-def unpack_arrays(blob: bytes) -> list[np.ndarray]:
-    (count,), pos, out = struct.unpack_from("<B", blob), 1, []
-    for _ in range(count):
-        (ndim,) = struct.unpack_from("<B", blob, pos)
-        shape = struct.unpack_from(f"<{ndim}I", blob, pos + 1)
-        pos += 1 + 4 * ndim
-        n = int(np.prod(shape)) if shape else 1
-        out.append(np.frombuffer(blob, dtype="<f4", count=n, offset=pos).reshape(shape).copy())
-        pos += 4 * n
-    return out
+    reason: str  # "expired"
 
 
 class Events:

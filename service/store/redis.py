@@ -42,6 +42,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from dataclasses import fields
 from typing import Any, cast
 
 from redis.commands.core import AsyncScript as Script
@@ -57,13 +58,12 @@ from service.store.base import (
     SessionSummary,
     Store,
     fmt_time,
-    pack_arrays,
     redact_url,
     server_limit,
     settled,
     tenant_limit,
-    unpack_arrays,
 )
+from service.store.record import from_hash, hash_field, hash_value, to_hash
 from service.store.redis_url import RedisUrl, connect, parse
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,11 @@ return 1
 _COUNT = _NOW + """
 return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
 """
+# ListSessions' fields from a hash (model first: a missing one means the hash has expired); the id is the
+# key's, and the expiry updated + ttl
+_SUMMARY = ["model", *(f.name for f in fields(SessionSummary) if f.name not in ("session_id", "model", "expires_at")),
+            "ttl"]
+_SUMMARY_FIELDS = [hash_field(name) for name in _SUMMARY]
 _GLOBAL = "recur-live"  # not under "recur:", so no tenant or id can name it
 # KEYS: session hashes. A no-op write (the key's expiry set to itself) that moves this connection's
 # replication offset past every earlier write of those keys, so that a WAIT after it covers them.
@@ -287,15 +292,6 @@ class RedisStore(Store):
         return Unavailable(f"the redis session store is unreachable ({e.__class__.__name__}); "
                            "nothing was applied, retry shortly")
 
-    @staticmethod
-    def _fields(r: SessionRecord, wid: bytes) -> list:
-        logits = b"" if r.last_logits is None else pack_arrays([r.last_logits])
-        prev = b"" if r.last_prev_state is None else pack_arrays(r.last_prev_state)
-        return ["model", r.model, "version", r.version, "offset", r.offset, "created", repr(r.created_at),
-                "updated", repr(r.updated_at), "ttl", repr(r.ttl), "state", pack_arrays(r.state),
-                "last_digest", r.last_digest, "last_start", r.last_start, "last_logits", logits,
-                "last_prev_state", prev, "last_request", r.last_request, "wid", wid]
-
     def _ms(self, r: SessionRecord) -> tuple[int, int]:
         ttl_ms = max(1, int(r.ttl * 1000))
         return ttl_ms, ttl_ms + int(self.tombstone_seconds * 1000)
@@ -354,16 +350,7 @@ class RedisStore(Store):
                 raise SessionExpired(f"session {session_id!r} expired at {fmt_time(float(expired_at))} "
                                      "after its idle TTL")
             raise SessionNotFound(f"session {session_id!r} does not exist")
-        logits = h[b"last_logits"]
-        prev = h.get(b"last_prev_state", b"")
-        return SessionRecord(
-            tenant=tenant, session_id=session_id, model=h[b"model"].decode(), version=int(h[b"version"]),
-            offset=int(h[b"offset"]), created_at=float(h[b"created"]), updated_at=float(h[b"updated"]),
-            ttl=float(h[b"ttl"]), state=unpack_arrays(h[b"state"]), last_digest=h[b"last_digest"],
-            last_start=int(h[b"last_start"]), last_logits=unpack_arrays(logits)[0] if logits else None,
-            last_prev_state=unpack_arrays(prev) if prev else None,
-            last_request=h.get(b"last_request", b"").decode("utf-8", "replace"), token=h.get(b"wid", b""),
-        )
+        return from_hash(h, tenant, session_id)
 
     async def create(self, record: SessionRecord, *, max_sessions: int = 0, max_tenant_sessions: int = 0) -> None:
         ttl_ms, tomb_ms = self._ms(record)
@@ -372,7 +359,7 @@ class RedisStore(Store):
             res = await self._write(self._create, self._keys(record.tenant, record.session_id),
                                     [ttl_ms, tomb_ms, repr(record.expires_at), max_sessions, max_tenant_sessions,
                                      record.session_id, self._member(record.tenant, record.session_id),
-                                     *self._fields(record, wid)], applied=1)
+                                     *to_hash(record, wid)], applied=1)
         except REDIS_ERRORS as e:
             raise self._down(e) from e
         if res == 1:
@@ -390,7 +377,7 @@ class RedisStore(Store):
         ttl_ms, tomb_ms = self._ms(record)
         return [ttl_ms, tomb_ms, prev_offset, repr(record.expires_at), record.session_id,
                 self._member(record.tenant, record.session_id), self._token(record, prev_offset),
-                *self._fields(record, wid)]
+                *to_hash(record, wid)]
 
     def _outcome(self, record: SessionRecord, res: object, wid: bytes) -> RecurError | None:
         """What the put script's answer means: -2 applied, -1 no such session, -3 written since it was
@@ -529,21 +516,20 @@ class RedisStore(Store):
     async def _summaries(self, tenant: str, ids: list[str], model: str, limit: int) -> list[SessionSummary]:
         """Up to `limit` summaries of these sorted ids' sessions, read a page at a time in one pipeline
         each; an id whose hash has expired is skipped."""
-        fields = ("model", "version", "offset", "created", "updated", "ttl")
         out: list[SessionSummary] = []
         try:
             while ids and len(out) < limit:
                 page, ids = ids[:limit], ids[limit:]
                 async with self._permits, self._r.pipeline(transaction=False) as pipe:
                     for sid in page:
-                        pipe.hmget(self._keys(tenant, sid)[0], fields)
+                        pipe.hmget(self._keys(tenant, sid)[0], _SUMMARY_FIELDS)
                     rows = await pipe.execute()
                 for sid, row in zip(page, rows):
                     if row[0] is None or (model and row[0].decode() != model) or len(out) >= limit:
                         continue
-                    updated, ttl = float(row[4]), float(row[5])
-                    out.append(SessionSummary(sid, row[0].decode(), int(row[1]), int(row[2]), float(row[3]),
-                                              updated, updated + ttl))
+                    values = {name: hash_value(name, raw) for name, raw in zip(_SUMMARY, row)}
+                    ttl = values.pop("ttl")
+                    out.append(SessionSummary(session_id=sid, expires_at=values["updated_at"] + ttl, **values))
         except REDIS_ERRORS as e:
             raise self._down(e) from e
         return out

@@ -36,6 +36,7 @@ from redis.commands.core import AsyncScript as Script
 
 from service.errors import AlreadyExists, Unavailable
 from service.store.base import SessionRecord, SessionSummary, server_limit, tenant_limit
+from service.store.record import to_hash
 from service.store.redis import _NOW, REDIS_ERRORS, RedisStore
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ class ClusterStore(RedisStore):
             res = await self._write(self._create_cluster, self._keys(record.tenant, record.session_id),
                                     [ttl_ms, tomb_ms, repr(record.expires_at), max_sessions, max_tenant_sessions,
                                      record.session_id, self._member(record.tenant, record.session_id),
-                                     others_all, others_tenant, *self._fields(record, wid)], applied=1)
+                                     others_all, others_tenant, *to_hash(record, wid)], applied=1)
         except REDIS_ERRORS as e:
             raise self._down(e) from e
         if res == 1:

@@ -37,11 +37,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
-
-import numpy as np
 
 from service.engine.threads import name_this_thread
 from service.errors import AlreadyExists, SessionExpired, SessionNotFound, StoreConflict, Unavailable
@@ -55,37 +53,30 @@ from service.store.base import (
     SessionSummary,
     Store,
     fmt_time,
-    pack_arrays,
     server_limit,
     settled,
     tenant_limit,
-    unpack_arrays,
 )
+from service.store.record import SQLITE_COLUMNS, SQLITE_FIXED, from_row, sqlite_column, to_row
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Key = tuple[str, str]
 
-# One column list drives the schema, the statements and the mapping to records. A column added
-# later must be nullable: an existing file gets it with ALTER TABLE ADD COLUMN at open.
-_SESSION_COLUMNS = (
-    ("tenant", "TEXT NOT NULL"), ("id", "TEXT NOT NULL"), ("model", "TEXT NOT NULL"), ("version", "INTEGER NOT NULL"),
-    ("offset", "INTEGER NOT NULL"), ("created", "REAL NOT NULL"), ("updated", "REAL NOT NULL"),
-    ("ttl", "REAL NOT NULL"), ("expires", "REAL NOT NULL"), ("state", "BLOB NOT NULL"),
-    ("last_digest", "BLOB NOT NULL"), ("last_start", "INTEGER NOT NULL"), ("last_logits", "BLOB"),
-    ("last_prev_state", "BLOB"), ("last_request", "TEXT"),
-)
-_NAMES = [name for name, _ in _SESSION_COLUMNS]
-_FIXED = ("tenant", "id", "model", "created")  # never change after creation (a migration changes the version)
+# The columns, the statements and the mapping to records all come from SessionRecord's declaration
+# (service.store.record). A column added later is nullable: an existing file gets it with ALTER TABLE
+# ADD COLUMN at open.
+_NAMES = [name for name, _ in SQLITE_COLUMNS]
+_SUMMARY = [(f.name, sqlite_column(f.name)) for f in fields(SessionSummary)]  # ListSessions' columns
 _SELECT = f"SELECT {', '.join(f'[{n}]' for n in _NAMES)} FROM sessions WHERE tenant=:tenant AND id=:id"
 _INSERT = (f"INSERT INTO sessions ({', '.join(f'[{n}]' for n in _NAMES)}) "
            f"VALUES ({', '.join(f':{n}' for n in _NAMES)})")
-_UPDATE = (f"UPDATE sessions SET {', '.join(f'[{n}]=:{n}' for n in _NAMES if n not in _FIXED)} "
+_UPDATE = (f"UPDATE sessions SET {', '.join(f'[{n}]=:{n}' for n in _NAMES if n not in SQLITE_FIXED)} "
            "WHERE tenant=:tenant AND id=:id AND [offset]=:prev_offset")
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS sessions (
-    {", ".join(f"[{n}] {t}" for n, t in _SESSION_COLUMNS)}, PRIMARY KEY (tenant, id)) WITHOUT ROWID;
+    {", ".join(f"[{n}] {t}" for n, t in SQLITE_COLUMNS)}, PRIMARY KEY (tenant, id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS sessions_expires ON sessions (expires);
 CREATE INDEX IF NOT EXISTS sessions_model ON sessions (model, version);
 CREATE TABLE IF NOT EXISTS tombstones (
@@ -104,25 +95,6 @@ END;
 """
 _EXPIRE_AT_A_TIME = 1000  # expired rows a create at a limit removes to make room (the sweep takes the rest)
 _SWEEP_AT_A_TIME = 5000  # expired rows one sweep transaction removes: other writes go between them
-
-
-def _row(r: SessionRecord) -> dict[str, object]:
-    logits = None if r.last_logits is None else pack_arrays([r.last_logits])
-    prev = None if r.last_prev_state is None else pack_arrays(r.last_prev_state)
-    return {"tenant": r.tenant, "id": r.session_id, "model": r.model, "version": r.version, "offset": r.offset,
-            "created": r.created_at, "updated": r.updated_at, "ttl": r.ttl, "expires": r.expires_at,
-            "state": pack_arrays(r.state), "last_digest": r.last_digest, "last_start": r.last_start,
-            "last_logits": logits, "last_prev_state": prev, "last_request": r.last_request}
-
-
-def _record(row: sqlite3.Row) -> SessionRecord:
-    logits: np.ndarray | None = None if row["last_logits"] is None else unpack_arrays(row["last_logits"])[0]
-    prev = None if row["last_prev_state"] is None else unpack_arrays(row["last_prev_state"])
-    return SessionRecord(tenant=row["tenant"], session_id=row["id"], model=row["model"], version=row["version"],
-                         offset=row["offset"], created_at=row["created"], updated_at=row["updated"], ttl=row["ttl"],
-                         state=unpack_arrays(row["state"]), last_digest=row["last_digest"],
-                         last_start=row["last_start"], last_logits=logits, last_prev_state=prev,
-                         last_request=row["last_request"] or "")
 
 
 def _key(key: Key) -> dict[str, str]:
@@ -203,7 +175,7 @@ class SqliteStore(Store):
             conn.execute(f"PRAGMA max_page_count={int(self.max_pages)}")
         conn.executescript(_SCHEMA)
         have = {r["name"] for r in conn.execute("PRAGMA table_info(sessions)")}
-        for name, decl in _SESSION_COLUMNS:
+        for name, decl in SQLITE_COLUMNS:
             if name not in have:  # a file written before this column existed
                 conn.execute(f"ALTER TABLE sessions ADD COLUMN [{name}] {decl}")
         if conn.execute("SELECT n FROM session_total").fetchone() is None:  # a new file, or one from before counters
@@ -288,7 +260,7 @@ class SqliteStore(Store):
                 if tomb is not None:
                     raise _expired(key[1], tomb["at"])
                 raise SessionNotFound(f"session {key[1]!r} does not exist")
-            rec = _record(row)
+            rec = from_row(row)
             self._remember(rec)
             return rec
 
@@ -453,10 +425,10 @@ class SqliteStore(Store):
             if refused is not None:
                 return refused
             c.execute("DELETE FROM tombstones WHERE tenant=:tenant AND id=:id", key)
-            c.execute(_INSERT, _row(w.record))
+            c.execute(_INSERT, to_row(w.record))
         elif w.kind == "put":
             assert w.record is not None
-            if c.execute(_UPDATE, {**_row(w.record), "prev_offset": w.prev_offset}).rowcount != 1:
+            if c.execute(_UPDATE, {**to_row(w.record), "prev_offset": w.prev_offset}).rowcount != 1:
                 row = c.execute("SELECT [offset] FROM sessions WHERE tenant=:tenant AND id=:id", key).fetchone()
                 if row is not None:
                     return StoreConflict(f"session {w.key[1]!r} is at offset {row['offset']}", row["offset"])
@@ -677,7 +649,7 @@ class SqliteStore(Store):
         assert self._conn is not None
         of_model = " AND model = :model" if model else ""
         return self._conn.execute(  # the primary key (tenant, id) orders and bounds the scan
-            "SELECT id, model, version, [offset], created, updated, expires FROM sessions "
+            f"SELECT {', '.join(f'[{c}]' for _, c in _SUMMARY)} FROM sessions "
             f"WHERE tenant = :tenant AND id > :after AND expires > :t{of_model} ORDER BY id LIMIT :limit",
             {"tenant": tenant, "after": after_id, "t": t, "model": model, "limit": limit}).fetchall()
 
@@ -690,8 +662,7 @@ class SqliteStore(Store):
         for row in rows:
             pending = self._pending.get((tenant, row["id"]))
             out.append(SessionSummary.of(pending) if pending is not None else
-                       SessionSummary(row["id"], row["model"], row["version"], row["offset"], row["created"],
-                                      row["updated"], row["expires"]))
+                       SessionSummary(**{name: row[column] for name, column in _SUMMARY}))
         return out
 
     def _read_probe(self) -> None:

@@ -12,14 +12,15 @@ import pytest
 
 from service.errors import AlreadyExists, LimitExceeded, SessionExpired, SessionNotFound, StoreConflict
 from service.store import MemoryStore, SessionRecord, SqliteStore, Store
-from service.store.base import pack_arrays, unpack_arrays
+from service.store.record import pack_arrays, unpack_arrays
 from tests.helpers import ManualClock
 
 
 def _rec(sid: str, offset: int = 0, ttl: float = 3600, t: float | None = None) -> SessionRecord:
     t = time.time() if t is None else t
     state = [np.full((2, 4), offset, np.float32), np.ones((2, 4), np.float32)]
-    return SessionRecord("default", sid, "m", 1, offset, t, t, ttl, state)
+    return SessionRecord(tenant="default", session_id=sid, model="m", version=1, offset=offset, created_at=t,
+                         updated_at=t, ttl=ttl, state=state)
 
 
 async def _sqlite(path: Path, durability: str = "sync", clock: Callable[[], float] = time.time) -> SqliteStore:

@@ -26,7 +26,8 @@ def _rec(sid: str, offset: int = 0, ttl: float = 3600, t: float | None = None, t
          hidden: int = 4) -> SessionRecord:
     t = time.time() if t is None else t
     state = [np.full((2, hidden), offset, np.float32), np.ones((2, hidden), np.float32)]
-    return SessionRecord(tenant, sid, "m", 1, offset, t, t, ttl, state)
+    return SessionRecord(tenant=tenant, session_id=sid, model="m", version=1, offset=offset, created_at=t, updated_at=t,
+                         ttl=ttl, state=state)
 
 
 def _advance(rec: SessionRecord, clock: ManualClock | None = None) -> SessionRecord:
@@ -367,7 +368,7 @@ async def test_a_file_from_before_gets_the_new_column_and_counters(tmp_path: Pat
             CREATE INDEX sessions_expires ON sessions (expires);
             CREATE TABLE tombstones (tenant TEXT NOT NULL, id TEXT NOT NULL, at REAL NOT NULL, reason TEXT NOT NULL,
                 PRIMARY KEY (tenant, id)) WITHOUT ROWID;""")
-        from service.store.base import pack_arrays
+        from service.store.record import pack_arrays
         t = time.time()
         for tenant, sid in (("x", "a"), ("x", "b"), ("y", "c")):
             c.execute("INSERT INTO sessions VALUES (?, ?, 'm', 1, 3, ?, ?, 3600, ?, ?, x'', 2, NULL)",

@@ -96,7 +96,8 @@ def repository(tiny_models: Path) -> ModelRepository:
 
 def _rec(sid: str, tenant: str = "t", offset: int = 0, ttl: float = 3600, model: str = "m") -> SessionRecord:
     t = time.time()
-    return SessionRecord(tenant, sid, model, 1, offset, t, t, ttl, [np.full((2, 4), offset, np.float32)])
+    return SessionRecord(tenant=tenant, session_id=sid, model=model, version=1, offset=offset, created_at=t,
+                         updated_at=t, ttl=ttl, state=[np.full((2, 4), offset, np.float32)])
 
 
 def test_bucket_tags_spread_evenly_over_the_slots() -> None:

@@ -29,7 +29,8 @@ PASSWORD = "pw-9f8e7d6c5b4a"
 
 def _rec(sid: str, tenant: str = "t", ttl: float = 3600, offset: int = 0) -> SessionRecord:
     t = time.time()
-    return SessionRecord(tenant, sid, "m", 1, offset, t, t, ttl, [np.full((2, 4), offset, np.float32)])
+    return SessionRecord(tenant=tenant, session_id=sid, model="m", version=1, offset=offset, created_at=t, updated_at=t,
+                         ttl=ttl, state=[np.full((2, 4), offset, np.float32)])
 
 
 @pytest.fixture

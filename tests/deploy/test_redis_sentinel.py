@@ -50,7 +50,8 @@ def _rejoin(sentinels: RedisSentinels, port: int) -> None:
 
 def _rec(sid: str) -> SessionRecord:
     t = time.time()
-    return SessionRecord("t", sid, "m", 1, 0, t, t, 3600, [np.zeros((2, 4), np.float32)])
+    return SessionRecord(tenant="t", session_id=sid, model="m", version=1, offset=0, created_at=t, updated_at=t,
+                         ttl=3600, state=[np.zeros((2, 4), np.float32)])
 
 
 async def test_health_follows_the_primary_through_a_failover(sentinels: RedisSentinels) -> None:
