@@ -37,6 +37,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recur.client import RecurClient, open_channel
 from recur.v1 import recur_pb2 as pb
+from service.store import SessionRecord, Store
+from service.store.base import SessionSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -616,6 +618,81 @@ class ManualClock:
 
     def advance(self, seconds: float) -> None:
         self.t += seconds
+
+
+class HintedStore(Store):
+    """One replica's view of a shared store, with hints as the Redis store keeps them (in process, no
+    Redis): `get` and `get_many` answer from the record this view last wrote or read, which another
+    view may have advanced since (a stale hint); `fresh` reads the shared store. Writes are the shared
+    store's compare-and-set. `replica()` is another view of the same shared store: what another
+    replica's hints would be. `hint_reads` counts the reads a hint answered."""
+
+    hints = True
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.clock = inner.clock
+        self._hints: dict[tuple[str, str], SessionRecord] = {}
+        self.hint_reads = 0
+
+    def replica(self) -> HintedStore:
+        return HintedStore(self.inner)
+
+    def _remember(self, rec: SessionRecord) -> None:
+        self._hints[(rec.tenant, rec.session_id)] = rec
+
+    async def get(self, tenant: str, session_id: str) -> SessionRecord:
+        hint = self._hints.get((tenant, session_id))
+        if hint is not None and hint.expires_at > self.clock():
+            self.hint_reads += 1
+            return hint
+        return await self.fresh(tenant, session_id)
+
+    async def fresh(self, tenant: str, session_id: str) -> SessionRecord:
+        self._hints.pop((tenant, session_id), None)
+        rec = await self.inner.get(tenant, session_id)
+        self._remember(rec)
+        return rec
+
+    async def create(self, record: SessionRecord, *, max_sessions: int = 0, max_tenant_sessions: int = 0) -> None:
+        await self.inner.create(record, max_sessions=max_sessions, max_tenant_sessions=max_tenant_sessions)
+        self._remember(record)
+
+    async def put(self, record: SessionRecord, prev_offset: int) -> None:
+        try:
+            await self.inner.put(record, prev_offset)
+        except Exception:
+            self._hints.pop((record.tenant, record.session_id), None)
+            raise
+        self._remember(record)
+
+    async def delete(self, tenant: str, session_id: str) -> None:
+        self._hints.pop((tenant, session_id), None)
+        await self.inner.delete(tenant, session_id)
+
+    async def count(self, tenant: str | None = None) -> int:
+        return await self.inner.count(tenant)
+
+    async def count_by_model(self, tenant: str | None = None) -> dict[tuple[str, int], int] | None:
+        return await self.inner.count_by_model(tenant)
+
+    async def list_sessions(self, tenant: str, model: str = "", after_id: str = "",
+                            limit: int = 100) -> list[SessionSummary]:
+        return await self.inner.list_sessions(tenant, model, after_id, limit)
+
+    async def ping(self) -> None:
+        await self.inner.ping()
+
+    async def sweep(self) -> int:
+        return await self.inner.sweep()
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+
+
+def another_replica(store: Store) -> Store:
+    """What another replica on the same store reads through: its own hints where the store keeps them."""
+    return store.replica() if isinstance(store, HintedStore) else store
 
 
 # -- a throwaway PKI for TLS tests ---------------------------------------------------------------

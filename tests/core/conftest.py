@@ -1,5 +1,6 @@
-"""Fixtures for the in-process core: a SessionService over the memory store or SQLite on a temp
-file, the tiny models loaded once, and a clock the tests move by hand."""
+"""Fixtures for the in-process core: a SessionService over the memory store, SQLite on a temp file,
+or a store with replica-local hints (tests.helpers.HintedStore), the tiny models loaded once, and a
+clock the tests move by hand."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from service.engine.engine import Engine, EngineOptions
 from service.engine.runtime import RuntimeOptions
 from service.repository.models import ModelRepository
 from service.store import MemoryStore, SqliteStore, Store
-from tests.helpers import ManualClock
+from service.store.base import NO_EVENTS, Events
+from tests.helpers import HintedStore, ManualClock
 
 MakeCore = Callable[..., AbstractAsyncContextManager[SessionService]]
 
@@ -26,7 +28,7 @@ def repository(tiny_models: Path) -> ModelRepository:
     return ModelRepository.load(tiny_models, RuntimeOptions())
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "hinted"])
 def store_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
@@ -39,22 +41,26 @@ def clock() -> ManualClock:
 @pytest.fixture
 def make_core(repository: ModelRepository, tmp_path: Path, store_kind: str, clock: ManualClock) -> MakeCore:
     """`async with make_core(max_chunk=64) as core:` a started core; settings override the defaults.
-    `store=` shares one store between cores (two replicas)."""
+    `store=` shares one store between cores (two replicas; `another_replica(store)` gives the second
+    its own hints); `events=` receives the core's events."""
 
     @asynccontextmanager
-    async def make(store: Store | None = None, **settings: Any) -> AsyncIterator[SessionService]:
+    async def make(store: Store | None = None, events: Events = NO_EVENTS, **settings: Any
+                   ) -> AsyncIterator[SessionService]:
         cfg = Settings(**settings)
         own = store is None
         if store is None:
-            if store_kind == "memory":
+            if store_kind in ("memory", "hinted"):
                 store = MemoryStore(cfg.memory_capacity, cfg.tombstone_seconds, clock=clock,
                                     memory_bytes=cfg.memory_bytes)
+                if store_kind == "hinted":
+                    store = HintedStore(store)
             else:
                 store = await SqliteStore(tmp_path / "core.db", durability=cfg.durability, cache_size=cfg.cache_size,
                                           tombstone_seconds=cfg.tombstone_seconds, clock=clock,
                                           cache_bytes=cfg.cache_bytes, max_pending_writes=cfg.max_pending_writes
                                           ).open()
-        core = SessionService(cfg, repository, store, Engine(EngineOptions()))
+        core = SessionService(cfg, repository, store, Engine(EngineOptions()), events=events)
         try:
             yield core
         finally:
