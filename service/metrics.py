@@ -20,7 +20,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
-from service.store.base import Events, SessionRecord, Store
+from service.store.base import READS, WRITES, Events, Store
+from service.store.timed import timed
 
 disable_created_metrics()  # no `*_created` timestamp series beside each counter and histogram
 
@@ -110,11 +111,10 @@ class Metrics(Events):
                                       "its thread).",
                                       buckets=_LATENCY, registry=r)
         self.queue_depth = Gauge("recur_engine_queue_depth", "Chunks queued or running in the engine.", registry=r)
-        self.read_seconds = Histogram("recur_store_read_duration_seconds", "Time of one store read (get, get_many).",
-                                      buckets=_LATENCY, registry=r)
+        self.read_seconds = Histogram("recur_store_read_duration_seconds", "Time of one store read "
+                                      f"({', '.join(READS)}).", buckets=_LATENCY, registry=r)
         self.write_seconds = Histogram("recur_store_write_duration_seconds", "Time of one store write as the "
-                                       "caller waits for it (create, put, put_many, delete).", buckets=_LATENCY,
-                                       registry=r)
+                                       f"caller waits for it ({', '.join(WRITES)}).", buckets=_LATENCY, registry=r)
         self.commit_writes = Histogram("recur_store_group_commit_writes", "Writes committed in one SQLite "
                                        "transaction (group commit).", buckets=_SIZES, registry=r)
         self.write_lag = Gauge("recur_store_write_behind_lag_seconds", "Age of the oldest acknowledged write not "
@@ -136,6 +136,10 @@ class Metrics(Events):
         self._live.store, self._live.loop = store, loop
         self.queue_depth.set_function(lambda: float(admitted()))
         self.write_lag.set_function(store.write_lag)
+
+    def timed(self, store: Store) -> Store:
+        """`store` with its reads and writes timed into recur_store_read/write_duration_seconds."""
+        return timed(store, read=self.read_seconds.observe, write=self.write_seconds.observe)
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP endpoint on its own thread; returns the bound port."""
@@ -194,87 +198,3 @@ class Metrics(Events):
 
     def group_commit(self, writes: int) -> None:
         self.commit_writes.observe(writes)
-
-
-class TimedStore(Store):
-    """A store whose reads and writes are timed into `Metrics`; everything else goes to the store it wraps."""
-
-    def __init__(self, inner: Store, metrics: Metrics) -> None:
-        self.inner, self._read, self._write = inner, metrics.read_seconds, metrics.write_seconds
-        self.clock = inner.clock
-        self.hints = inner.hints
-
-    # Store's own (non-abstract) methods that a store overrides must be delegated here too: they
-    # would otherwise run on this wrapper. __getattr__ covers only what Store does not define.
-    def __getattr__(self, name: str) -> Any:  # methods a store adds beyond the interface
-        return getattr(self.inner, name)
-
-    async def get(self, tenant: str, session_id: str) -> SessionRecord:
-        t = time.perf_counter()
-        try:
-            return await self.inner.get(tenant, session_id)
-        finally:
-            self._read.observe(time.perf_counter() - t)
-
-    async def fresh(self, tenant: str, session_id: str) -> SessionRecord:
-        t = time.perf_counter()
-        try:
-            return await self.inner.fresh(tenant, session_id)
-        finally:
-            self._read.observe(time.perf_counter() - t)
-
-    async def get_many(self, tenant: str, session_ids: list[str]) -> list[SessionRecord | Exception]:
-        t = time.perf_counter()
-        try:
-            return await self.inner.get_many(tenant, session_ids)
-        finally:
-            self._read.observe(time.perf_counter() - t)
-
-    async def create(self, record: SessionRecord, *, max_sessions: int = 0, max_tenant_sessions: int = 0) -> None:
-        t = time.perf_counter()
-        try:
-            await self.inner.create(record, max_sessions=max_sessions, max_tenant_sessions=max_tenant_sessions)
-        finally:
-            self._write.observe(time.perf_counter() - t)
-
-    async def put(self, record: SessionRecord, prev_offset: int) -> None:
-        t = time.perf_counter()
-        try:
-            await self.inner.put(record, prev_offset)
-        finally:
-            self._write.observe(time.perf_counter() - t)
-
-    async def put_many(self, writes: list[tuple[SessionRecord, int]]) -> list[Exception | None]:
-        t = time.perf_counter()
-        try:
-            return await self.inner.put_many(writes)
-        finally:
-            self._write.observe(time.perf_counter() - t)
-
-    async def delete(self, tenant: str, session_id: str) -> None:
-        t = time.perf_counter()
-        try:
-            await self.inner.delete(tenant, session_id)
-        finally:
-            self._write.observe(time.perf_counter() - t)
-
-    async def count(self, tenant: str | None = None) -> int:
-        return await self.inner.count(tenant)
-
-    async def count_by_model(self, tenant: str | None = None) -> dict[tuple[str, int], int] | None:
-        return await self.inner.count_by_model(tenant)
-
-    async def ping(self) -> None:
-        await self.inner.ping()
-
-    async def sweep(self) -> int:
-        return await self.inner.sweep()
-
-    async def flush(self) -> None:
-        await self.inner.flush()
-
-    async def close(self) -> None:
-        await self.inner.close()
-
-    def write_lag(self) -> float:
-        return self.inner.write_lag()

@@ -27,7 +27,7 @@ from service.config import Settings
 from service.core.sessions import SessionService
 from service.engine.engine import Engine, EngineOptions
 from service.engine.runtime import ProviderUnavailable, RuntimeOptions, execution_providers
-from service.metrics import Metrics, TimedStore
+from service.metrics import Metrics
 from service.repository.models import ModelRepository
 from service.store import Store, open_store, redact_url
 from service.tracing import OFF, ServerSpans, Tracing, wanted
@@ -184,7 +184,7 @@ async def create_server(settings: Settings) -> Running:
     engine.on_call = metrics.engine_call
     tracing = Tracing.start() if wanted(settings.tracing) else OFF
     engine.tracing = tracing
-    core = SessionService(settings, models, TimedStore(store, metrics), engine, auth.limits, events=metrics,
+    core = SessionService(settings, models, metrics.timed(store), engine, auth.limits, events=metrics,
                           tracing=tracing)
     interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequests()]
     if tracing.on:
