@@ -93,3 +93,14 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type[Dataclass
 def from_args(cls: type[T], args: argparse.Namespace) -> T:
     """An instance of `cls` from the namespace that add_dataclass_arguments filled."""
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def to_environment(instance: DataclassInstance, env_prefix: str) -> dict[str, str]:
+    """PREFIX<NAME> -> text for every field of `instance`: what add_dataclass_arguments reads back as
+    the same values (bools as true/false). Another process gets its settings this way without a
+    command line (which any user of the machine can read)."""
+    out = {}
+    for f in fields(instance):
+        value = getattr(instance, f.name)
+        out[env_prefix + f.name.upper()] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+    return out

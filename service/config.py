@@ -37,6 +37,11 @@ class Settings:
         "(refused ones are logged); 0: off (the admin API's ReloadRepository does it on demand)."})
     host: str = field(default="[::]", metadata={"help": "Address to listen on."})
     port: int = field(default=50051, metadata={"help": "gRPC port (0: any free port; the bound port is logged)."})
+    workers: int = field(default=1, metadata={
+        "help": "Serving processes sharing --port (SO_REUSEPORT), each with its own event loop, engine and ONNX "
+        "Runtime sessions, under a supervisor that restarts one that dies, gathers /metrics (a worker label) and "
+        "applies --admin-port's calls to every worker. 1: this process serves, no supervisor. More needs a store "
+        "the workers share: sqlite:PATH with --durability sync, or redis."})
     admin_port: int = field(default=0, metadata={
         "help": "A second gRPC port serving only the admin API (recur.v1.RecurAdmin), on --admin-host; 0: off. "
         "Without --auth-keys this is the only place the admin API is served; with keys it is also on --port, "

@@ -2,9 +2,9 @@
 
 JSON: one object a line with `timestamp` (UTC, ISO 8601), `level`, `event` (the message), `logger`,
 and, when the call passed them with `extra=`, `model`, `version`, `tenant`, `rpc`, `code`,
-`duration_ms`, `count`, `offset`, `from_version`. A session id is written as itself only when the
-server logs at DEBUG; else as `session_hash`, a short sha256 (enough to follow one session through the
-lines, not to name it).
+`duration_ms`, `count`, `offset`, `from_version`; a worker of `recur serve --workers` adds `worker`.
+A session id is written as itself only when the server logs at DEBUG; else as `session_hash`, a short
+sha256 (enough to follow one session through the lines, not to name it).
 Text: the classic line, with those fields appended as key=value.
 """
 
@@ -16,7 +16,8 @@ import json
 import logging
 
 LOG_FORMATS = ("text", "json")
-FIELDS = ("model", "version", "from_version", "offset", "tenant", "rpc", "code", "duration_ms", "count", "reason")
+FIELDS = ("model", "version", "from_version", "offset", "tenant", "rpc", "code", "duration_ms", "count", "reason",
+          "worker")
 
 
 def session_hash(session_id: str) -> str:

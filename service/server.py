@@ -43,6 +43,16 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = recur_pb2.DESCRIPTOR.services_by_name["Recur"].full_name
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """This server is worker `index` of `recur serve --workers N` (service/workers.py starts it): it shares
+    --port with the other workers (SO_REUSEPORT), names itself REPLICA/INDEX in x-recur-replica, and serves
+    /metrics and the admin API on loopback ports of its own, printed for the supervisor, which gathers the
+    one and applies the other's calls to every worker."""
+
+    index: int
+
+
 @dataclass
 class Running:
     """A started server, the port it bound, and what it must drain on stop."""
@@ -57,6 +67,7 @@ class Running:
     tracing: Tracing = OFF
     admin: grpc.aio.Server | None = None  # --admin-port's server (the admin API only)
     metrics: Metrics | None = None  # its /metrics endpoint runs while metrics.http_port is not 0
+    admin_port: int = 0  # the admin server's bound port
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
@@ -138,11 +149,14 @@ def _checked_start(settings: Settings) -> tuple[grpc.ServerCredentials | None, A
 
 
 async def _admin_server(settings: Settings, models: ModelRepository, servicer: RecurAdminServicer,
-                        credentials: grpc.ServerCredentials | None) -> grpc.aio.Server:
-    """--admin-port's server: the admin API only, on --admin-host."""
+                        credentials: grpc.ServerCredentials | None,
+                        worker: WorkerRole | None) -> tuple[grpc.aio.Server, int]:
+    """--admin-port's server: the admin API only, on --admin-host. A worker's is on any free loopback port in
+    plaintext, for its supervisor alone (which serves --admin-port, with TLS if set)."""
     admin_server = grpc.aio.server(interceptors=[MalformedRequests()], options=server_options(settings, models))
     recur_pb2_grpc.add_RecurAdminServicer_to_server(servicer, admin_server)
-    admin_address = f"{settings.admin_host}:{settings.admin_port}"
+    admin_address = f"{settings.admin_host}:{settings.admin_port}" if worker is None else "127.0.0.1:0"
+    credentials = credentials if worker is None else None
     try:
         bound = (admin_server.add_secure_port(admin_address, credentials) if credentials
                  else admin_server.add_insecure_port(admin_address))
@@ -152,10 +166,33 @@ async def _admin_server(settings: Settings, models: ModelRepository, servicer: R
         raise SystemExit(f"cannot bind --admin-port {admin_address} (in use, or not an address of this machine)")
     await admin_server.start()
     log.info("admin API on %s", admin_address)
-    return admin_server
+    return admin_server, bound
 
 
-async def create_server(settings: Settings) -> Running:
+def _bind(server: grpc.aio.Server, settings: Settings, credentials: grpc.ServerCredentials | None) -> int:
+    address = f"{settings.host}:{settings.port}"
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc raises where it once returned 0
+        port = 0
+    if port == 0:
+        raise SystemExit(f"cannot bind {address} (in use, or not an address of this machine)")
+    return port
+
+
+def _serve_metrics(metrics: Metrics, settings: Settings, worker: WorkerRole | None) -> None:
+    """/metrics on --metrics-port; a worker's on any free loopback port (its supervisor serves --metrics-port)."""
+    if not settings.metrics_port:
+        return
+    host, port = ("127.0.0.1", 0) if worker is not None else (settings.host.strip("[]") or "::",
+                                                              max(settings.metrics_port, 0))
+    try:
+        metrics.serve(host, port)
+    except OSError as e:  # serving goes on: metrics are not worth refusing traffic for
+        log.error("cannot serve /metrics on port %d (%s); running without it", settings.metrics_port, e)
+
+
+async def create_server(settings: Settings, worker: WorkerRole | None = None) -> Running:
     """Load models, open the store and start serving; returns the bound port too."""
     credentials, auth = _checked_start(settings)
     ort.disable_telemetry_events()  # no device ids or model names written anywhere
@@ -189,16 +226,13 @@ async def create_server(settings: Settings) -> Running:
     interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequests()]
     if tracing.on:
         interceptors.insert(0, ServerSpans(tracing))
-    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings, models),
+    reuse = [("grpc.so_reuseport", 1)] if worker is not None else []  # the workers share --port
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(settings, models) + reuse,
                              maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None)
-    address = f"{settings.host}:{settings.port}"
-    try:
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError:  # grpc raises where it once returned 0
-        port = 0
-    if port == 0:
-        raise SystemExit(f"cannot bind {address} (in use, or not an address of this machine)")
+    port = _bind(server, settings, credentials)
     replica_id = settings.replica_id or f"{socket.gethostname()}:{port}"
+    if worker is not None:
+        replica_id = f"{replica_id}/{worker.index}"
     servicer = RecurServicer(core, auth, settings, replica_id, metrics)
     recur_pb2_grpc.add_RecurServicer_to_server(servicer, server)
     # the Open Inference Protocol (KServe v2 + Triton's sequences) on the same core and port
@@ -207,23 +241,20 @@ async def create_server(settings: Settings) -> Running:
     # the admin API: on this port for admin keys only; without keys, only on --admin-port (docs: README)
     lifecycle = Lifecycle(core)
     admin_servicer = RecurAdminServicer(lifecycle, auth, replica_id, metrics)
-    if not auth.is_open:
+    if not auth.is_open and worker is None:  # a worker's admin calls come through its supervisor, to every worker
         recur_pb2_grpc.add_RecurAdminServicer_to_server(admin_servicer, server)
-    admin_server = await _admin_server(settings, models, admin_servicer, credentials) if settings.admin_port else None
+    admin_server, admin_port = (await _admin_server(settings, models, admin_servicer, credentials, worker)
+                                if settings.admin_port else (None, 0))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [SERVICE_NAME, V2_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server
     )
-    await server.start()
-    for name in ("", SERVICE_NAME, V2_SERVICE_NAME):
+    for name in ("", SERVICE_NAME, V2_SERVICE_NAME):  # before start: the first connection already hears SERVING
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    if settings.metrics_port:
-        try:
-            metrics.serve(settings.host.strip("[]") or "::", settings.metrics_port if settings.metrics_port > 0 else 0)
-        except OSError as e:  # serving goes on: metrics are not worth refusing traffic for
-            log.error("cannot serve /metrics on port %d (%s); running without it", settings.metrics_port, e)
+    await server.start()
+    _serve_metrics(metrics, settings, worker)
     background = [asyncio.create_task(_sweep(store, settings.sweep_interval, metrics), name="sweeper"),
                   asyncio.create_task(watch_store(store, health_servicer, [SERVICE_NAME, V2_SERVICE_NAME],
                                                   settings.health_interval),
@@ -233,7 +264,7 @@ async def create_server(settings: Settings) -> Running:
     if settings.auth_keys and settings.auth_keys_poll > 0:
         background.append(asyncio.create_task(_watch_keys(auth, settings.auth_keys_poll), name="key-poll"))
     return Running(server, port, core, store, health_servicer, background, admin=admin_server, metrics=metrics,
-                   auth=auth, tracing=tracing)
+                   auth=auth, tracing=tracing, admin_port=admin_port)
 
 
 async def _watch_keys(auth: Authenticator, interval: float) -> None:
@@ -254,13 +285,15 @@ def _loopback(host: str) -> bool:
         return False
 
 
-async def serve(settings: Settings) -> None:
-    running = await create_server(settings)
+async def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
+    running = await create_server(settings, worker)
     log.info("recur listening on port %d (%s; store %s, durability %s)", running.port,
              tls.describe(settings.tls_cert, settings.tls_client_ca), redact_url(settings.store), settings.durability)
     if running.metrics is not None and running.metrics.http_port:
         log.info("metrics on port %d (/metrics)", running.metrics.http_port)
         print(f"metrics on port {running.metrics.http_port}", flush=True)
+    if worker is not None and running.admin_port:
+        print(f"admin on port {running.admin_port}", flush=True)
     print(f"recur listening on port {running.port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -280,5 +313,10 @@ async def serve(settings: Settings) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    asyncio.run(serve(Settings.from_args(args)))
+    settings = Settings.from_args(args)
+    if settings.workers != 1:  # a supervisor of worker processes (service/workers.py)
+        from service.workers import supervise
+
+        return supervise(settings, log_level=args.log_level, log_format=args.log_format)
+    asyncio.run(serve(settings))
     return 0
