@@ -100,7 +100,7 @@ class Settings:
     inference_threads: int = field(default=_ENGINE.threads, metadata={
         "help": "ONNX Runtime calls that may run at once, each on its own thread beside the event loop."})
     max_batch: int = field(default=_ENGINE.max_batch, metadata={
-        "help": "Most sessions' chunks in one batched ONNX Runtime call."})
+        "help": "Most rows (chunks) in one ONNX Runtime call, packed batches included: a larger block is split."})
     slice_steps: int = field(default=_ENGINE.slice_steps, metadata={
         "help": "Most steps of one chunk per batched call; longer chunks advance a slice at a time."})
     batch_window: float = field(default=_ENGINE.window, metadata={
@@ -112,7 +112,7 @@ class Settings:
         "help": "Largest per-step outputs kept with a session for replaying its last chunk; a larger chunk's "
         "replay recomputes them from the stored state before it."})
     max_batch_chunks: int = field(default=1024, metadata={
-        "help": "Most chunks in one StepBatch message (StreamBatch); the engine still runs at most --max-batch "
+        "help": "Most chunks in one StepBatch or PackedStepBatch message; the engine still runs at most --max-batch "
         "in one call."})
     max_queue: int = field(default=_ENGINE.max_queue, metadata={
         "help": "Most chunks queued or running in the engine; past it a chunk is shed with RESOURCE_EXHAUSTED."})

@@ -24,6 +24,7 @@ from recur.kserve import grpc_service_pb2_grpc
 from recur.v1 import recur_pb2, recur_pb2_grpc
 from service.auth import DEFAULT_TENANT, Authenticator
 from service.config import Settings
+from service.core.lifecycle import Lifecycle, poll
 from service.core.sessions import SessionService
 from service.engine.engine import Engine, EngineOptions
 from service.engine.runtime import ProviderUnavailable, RuntimeOptions, execution_providers
@@ -32,9 +33,10 @@ from service.repository.models import ModelRepository
 from service.store import Store, open_store, redact_url
 from service.tracing import OFF, ServerSpans, Tracing, wanted
 from service.transport import tls
-from service.transport.admin import Lifecycle, RecurAdminServicer, poll
+from service.transport.admin import RecurAdminServicer
+from service.transport.calls import MalformedRequests
 from service.transport.health import watch_store
-from service.transport.servicer import MalformedRequests, RecurServicer
+from service.transport.servicer import RecurServicer
 from service.transport.v2 import SERVICE as V2_SERVICE_NAME
 from service.transport.v2 import InferenceServicer
 

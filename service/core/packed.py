@@ -44,6 +44,15 @@ class PackedResult:
     top_probs: np.ndarray | None = None
     activations: list[NamedTensor] | None = None  # each (rows, units) when asked
 
+    def applied(self) -> tuple[int, int]:
+        """Chunks answered, and the steps they newly applied (a replay applies none): what metrics count."""
+        answered = len(self.offsets) - len(self.errors)
+        if not answered:
+            return 0, 0
+        fresh = self.start_offsets >= 0
+        fresh[list(self.replayed)] = False
+        return answered, int((self.offsets - self.start_offsets)[fresh].sum())
+
 
 @dataclass
 class Layout:

@@ -1,11 +1,13 @@
 """Cross-session batching: chunks of many sessions of one model run as one ONNX Runtime call.
 
-A job is one session's chunk and its state. Jobs wait in a FIFO per model; whenever an
-inference thread is free, the scheduler takes up to `max_batch` jobs, cuts each to its next
-slice of at most `slice_steps` steps, groups slices of equal length, stacks their states
-(batch axis 1) and runs each group as one call. Nothing is padded, so no padded step can
-reach a state. A job with steps left goes to the back of the queue with its new state, so a
-long chunk advances a slice at a time and never holds up short ones.
+A job is a block of B equal-length chunks gathered already (a single chunk is a block of one):
+x (B, T[, D]) and states each (L, B, H). Jobs wait in a FIFO per model; whenever an inference
+thread is free, the scheduler takes jobs from the front up to `max_batch` rows, cuts each to its
+next slice of at most `slice_steps` steps, and runs the jobs whose slices have equal length (and
+ask for activations alike) as one call, their rows concatenated. A block of more than `max_batch`
+rows is split when it is submitted, so `max_batch` bounds the rows of every call. Nothing is
+padded, so no padded step can reach a state. A job with steps left goes to the back of the queue
+with its new state, so a long chunk advances a slice at a time and never holds up short ones.
 
 While every thread is busy, arriving jobs queue up and form the next batch: batching comes
 from load, not from waiting. `window` adds an optional wait to gather more when idle.
@@ -31,13 +33,14 @@ from service.tracing import OFF, now_ns
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Ran = tuple[np.ndarray, list[np.ndarray], list[np.ndarray] | None]  # logits, states, activations
 
 
 @dataclass(frozen=True)
 class EngineOptions:
     """The engine's settings; their defaults are the server's (service.config.Settings reads them)."""
 
-    max_batch: int = 256  # most jobs in one call
+    max_batch: int = 256  # most rows (chunks) in one call
     slice_steps: int = 64  # most steps of one job in one call (fairness for long chunks)
     window: float = 0.0  # seconds to wait for more jobs when a thread is idle
     threads: int = 1  # concurrent ONNX Runtime calls
@@ -46,27 +49,34 @@ class EngineOptions:
 
 @dataclass
 class _Job:
-    x: np.ndarray  # (T,) int64 or (T, D) float32
-    states: list[np.ndarray]  # each (L, H)
+    x: np.ndarray  # (B, T) int64 or (B, T, D) float32
+    states: list[np.ndarray]  # each (L, B, H)
     future: asyncio.Future
     deadline: float | None  # on the loop's clock; a job past it is not run
+    activations: bool  # run on the activation graph, which also gives each step's activations
     done_steps: int = 0
-    outputs: list[np.ndarray] = field(default_factory=list)  # (t, C) per slice
-    block: int = 0  # > 0: a block of that many equal-length chunks already batched (the packed path):
-    # x (B, T[, D]), states (L, B, H), outputs (B, t, C); it runs as its own call
-    activations: list[list[np.ndarray]] | None = None  # a block asking for them: each slice's (B, t, H)
+    outputs: list[np.ndarray] = field(default_factory=list)  # (B, t, C) per slice
+    acts: list[list[np.ndarray]] = field(default_factory=list)  # per slice, each (B, t, H)
     link: Any = None  # the span of the call it serves (tracing on), for the engine call's span to link
 
     @property
+    def rows(self) -> int:
+        return self.x.shape[0]
+
+    @property
     def length(self) -> int:
-        return self.x.shape[1] if self.block else len(self.x)
+        return self.x.shape[1]
+
+    def next_slice(self, slice_steps: int) -> int:
+        return min(slice_steps, self.length - self.done_steps)
 
 
 @dataclass
 class EngineStats:
     calls: int = 0
-    slices: int = 0  # job slices run (a chunk longer than slice_steps counts once per slice)
+    slices: int = 0  # rows run (a chunk longer than slice_steps counts once per slice)
     steps: int = 0
+    max_rows: int = 0  # the most rows one call carried
 
 
 class _ModelQueue:
@@ -76,7 +86,7 @@ class _ModelQueue:
 
 
 class Engine:
-    """Runs chunks for all models; `run` returns (logits (T, C), new states each (L, H))."""
+    """Runs blocks of chunks for all models (`submit`)."""
 
     def __init__(self, options: EngineOptions) -> None:
         self.options = options
@@ -92,34 +102,28 @@ class Engine:
         self.on_call: Callable[[int, float, float], None] | None = None
         self.tracing = OFF  # with tracing on, each call is a span linking the calls its chunks came from
 
-    async def run(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray],
-                  deadline: float | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        return await self.submit(runtime, x, states, deadline)
-
     def submit(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray],
-               deadline: float | None = None) -> asyncio.Future:
-        """Queue one chunk; the future gives (logits (T, C), new states each (L, H)). Over the
-        queue bound the chunk is refused at once (shed), never queued."""
-        return self._queue(runtime, _Job(x, states, asyncio.get_running_loop().create_future(), deadline))
-
-    def submit_block(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray],
-                     deadline: float | None = None, activations: bool = False) -> asyncio.Future:
-        """Queue B equal-length chunks gathered already: x (B, T[, D]), states each (L, B, H); the
-        future gives (logits (B, T, C), new states each (L, B, H)), and with `activations` a third
-        item, the model's per-step activations each (B, T, H) (its activation graph runs). It counts
-        as B chunks of the queue bound and runs as its own call(s), a slice at a time like any chunk."""
-        job = _Job(x, states, asyncio.get_running_loop().create_future(), deadline, block=len(x),
-                   activations=[] if activations else None)
-        return self._queue(runtime, job)
-
-    def _queue(self, runtime: ModelRuntime, job: _Job) -> asyncio.Future:
-        n = job.block or 1
-        if self.admitted + n > self.options.max_queue:
+               deadline: float | None = None, activations: bool = False) -> asyncio.Future[Ran]:
+        """Queue B equal-length chunks: x (B, T[, D]), states each (L, B, H). The future gives
+        (logits (B, T, C), new states each (L, B, H), and with `activations` the model's per-step
+        activations each (B, T, H), else None). The block counts as B chunks of the queue bound; over
+        it the block is refused at once (shed), never queued."""
+        rows, cap = len(x), self.options.max_batch
+        if self.admitted + rows > self.options.max_queue:
             raise LimitExceeded(f"the server is overloaded: {self.admitted} chunks are queued, its limit "
                                 f"(--max-queue {self.options.max_queue}); retry shortly")
+        loop = asyncio.get_running_loop()
+        parts = [self._queue(runtime, _Job(x[a : a + cap] if rows > cap else x,
+                                           [s[:, a : a + cap] for s in states] if rows > cap else states,
+                                           loop.create_future(), deadline, activations))
+                 for a in range(0, max(rows, 1), cap)]
+        return parts[0] if len(parts) == 1 else _joined(loop, parts)
+
+    def _queue(self, runtime: ModelRuntime, job: _Job) -> asyncio.Future:
         q = self._queues.get(id(runtime))
         if q is None:
             q = self._queues[id(runtime)] = _ModelQueue(runtime)
+        n = job.rows
         self.admitted += n
         job.future.add_done_callback(lambda _: self._release(n))
         if self.tracing.on:
@@ -158,19 +162,22 @@ class Engine:
             task.add_done_callback(self._calls.discard)
 
     def _take(self) -> tuple[_ModelQueue, list[_Job]] | None:
-        """The longest-waiting model's next batch (round robin over models)."""
+        """The longest-waiting model's next jobs, up to max_batch rows (round robin over models)."""
         for key in list(self._queues):
             q = self._queues[key]
             if q.jobs:
                 self._queues[key] = self._queues.pop(key)  # move to the back: fair across models
-                n = min(len(q.jobs), self.options.max_batch)
-                return q, [q.jobs.popleft() for _ in range(n)]
+                taken, rows = [q.jobs.popleft()], 0
+                rows = taken[0].rows
+                while q.jobs and rows + q.jobs[0].rows <= self.options.max_batch:
+                    rows += q.jobs[0].rows
+                    taken.append(q.jobs.popleft())
+                return q, taken
         return None
 
     async def _run_batch(self, q: _ModelQueue, jobs: list[_Job]) -> None:
         try:
-            groups: dict[int, list[_Job]] = {}
-            blocks: list[_Job] = []
+            groups: dict[tuple[int, bool], list[_Job]] = {}
             now = asyncio.get_running_loop().time()
             for job in jobs:
                 if job.future.done():  # cancelled
@@ -179,123 +186,100 @@ class Engine:
                     job.future.set_exception(DeadlineExceeded("the call's deadline passed before its chunk ran; "
                                                               "nothing was applied"))
                     continue
-                if job.block:
-                    blocks.append(job)
-                    continue
-                steps = min(self.options.slice_steps, len(job.x) - job.done_steps)
-                groups.setdefault(steps, []).append(job)
-            for steps, group in groups.items():
-                for part, result in await self._run_isolating(q.runtime, group, steps):
-                    self._scatter(q, part, steps, *result)
-            if blocks:
-                await self._run_blocks(q, blocks)
+                groups.setdefault((job.next_slice(self.options.slice_steps), job.activations), []).append(job)
+            for (steps, with_acts), group in groups.items():
+                for part, result in await self._run_isolating(q.runtime, group, steps, with_acts):
+                    self._scatter(q, part, steps, result)
         finally:
             self._busy -= 1
             self._schedule()
 
-    async def _run_isolating(self, runtime: ModelRuntime, group: list[_Job], steps: int) -> list[tuple]:
+    async def _run_isolating(self, runtime: ModelRuntime, group: list[_Job], steps: int, with_acts: bool
+                             ) -> list[tuple[list[_Job], Ran]]:
         """Run a group as one call; if the call fails, run its jobs one by one so that only the
         failing job fails, not the rest of its batch."""
         loop = asyncio.get_running_loop()
+        rows = sum(job.rows for job in group)
         try:
             started = now_ns()
-            result, seconds, cpu = await loop.run_in_executor(self._pool, _timed, _run_group, runtime, group, steps)
+            result, seconds, cpu = await loop.run_in_executor(self._pool, _timed, _run_group, runtime, group, steps,
+                                                              with_acts)
             if self.on_call is not None:
-                self.on_call(len(group), seconds, cpu)
+                self.on_call(rows, seconds, cpu)
             if self.tracing.on:
-                self.tracing.engine_call([job.link for job in group], len(group), len(group) * steps, started, now_ns())
+                self.tracing.engine_call([job.link for job in group], rows, rows * steps, started, now_ns())
             return [(group, result)]
         except Exception as e:
             if len(group) == 1:
-                log.warning("chunk failed in ONNX Runtime: %s", e.__class__.__name__)
+                if not isinstance(e, RecurError):
+                    log.warning("a call of %d chunks failed in ONNX Runtime: %s", rows, e.__class__.__name__)
                 if not group[0].future.done():
                     group[0].future.set_exception(e)
                 return []
         results = []
         for job in group:
-            results.extend(await self._run_isolating(runtime, [job], steps))
+            results.extend(await self._run_isolating(runtime, [job], steps, with_acts))
         return results
 
-    def _scatter(self, q: _ModelQueue, group: list[_Job], steps: int, logits: np.ndarray,
-                 new_states: list[np.ndarray]) -> None:
+    def _scatter(self, q: _ModelQueue, group: list[_Job], steps: int, result: Ran) -> None:
+        logits, new_states, acts = result
+        rows = sum(job.rows for job in group)
         self.stats.calls += 1
-        self.stats.slices += len(group)
-        self.stats.steps += steps * len(group)
-        for i, job in enumerate(group):
-            job.outputs.append(logits[i].copy())  # copies: a view would keep the whole batch alive
-            job.states = [np.ascontiguousarray(s[:, i]) for s in new_states]
+        self.stats.slices += rows
+        self.stats.steps += steps * rows
+        self.stats.max_rows = max(self.stats.max_rows, rows)
+        at = 0
+        for job in group:
+            if len(group) == 1:
+                own, own_states, own_acts = logits, new_states, acts
+            else:  # copies: a view would keep the whole call's arrays alive
+                part = slice(at, at + job.rows)
+                own, own_states = logits[part].copy(), [s[:, part].copy() for s in new_states]
+                own_acts = None if acts is None else [a[part].copy() for a in acts]
+            at += job.rows
+            job.outputs.append(own)
+            job.states = own_states
+            if own_acts is not None:
+                job.acts.append(own_acts)
             job.done_steps += steps
-            if job.done_steps < len(job.x):
+            if job.done_steps < job.length:
                 q.jobs.append(job)  # the rest of a long chunk waits its turn
             elif not job.future.done():
-                out = job.outputs[0] if len(job.outputs) == 1 else np.concatenate(job.outputs)
-                job.future.set_result((out, job.states))
+                job.future.set_result(_finished(job))
 
 
-    async def _run_blocks(self, q: _ModelQueue, blocks: list[_Job]) -> None:
-        """Blocks whose next slices have equal length (and ask for activations alike) run as one call:
-        their rows concatenated, the results split back. A failed call fails those blocks only."""
-        groups: dict[tuple[int, bool], list[_Job]] = {}
-        for job in blocks:
-            steps = min(self.options.slice_steps, job.length - job.done_steps)
-            groups.setdefault((steps, job.activations is not None), []).append(job)
-        loop = asyncio.get_running_loop()
-        for (steps, with_acts), group in groups.items():
-            xs = [job.x[:, job.done_steps : job.done_steps + steps] if job.done_steps or steps < job.length
-                  else job.x for job in group]
-            size = sum(job.block for job in group)
-            if len(group) == 1:
-                x, states = xs[0], group[0].states
-            else:
-                x = np.concatenate(xs)
-                states = [np.concatenate(parts, axis=1) for parts in zip(*(job.states for job in group))]
-            try:
-                started = now_ns()
-                if with_acts:
-                    (logits, new_states, acts), seconds, cpu = await loop.run_in_executor(
-                        self._pool, _timed, q.runtime.run_activations, x, states)
-                else:
-                    (logits, new_states), seconds, cpu = await loop.run_in_executor(self._pool, _timed,
-                                                                                    q.runtime.run, x, states)
-                    acts = None
-                if self.on_call is not None:
-                    self.on_call(size, seconds, cpu)
-                if self.tracing.on:
-                    self.tracing.engine_call([job.link for job in group], size, size * steps, started, now_ns())
-            except Exception as e:
-                if not isinstance(e, RecurError):
-                    log.warning("a call of %d chunks failed in ONNX Runtime: %s", size, e.__class__.__name__)
-                for job in group:
-                    if not job.future.done():
-                        job.future.set_exception(e)
-                continue
-            self.stats.calls += 1
-            self.stats.slices += size
-            self.stats.steps += steps * size
-            at = 0
-            for job in group:
-                rows = slice(at, at + job.block)
-                at += job.block
-                whole = len(group) == 1
-                job.outputs.append(logits if whole else logits[rows])
-                job.states = new_states if whole else [s[:, rows] for s in new_states]
-                if job.activations is not None and acts is not None:
-                    job.activations.append(acts if whole else [a[rows] for a in acts])
-                job.done_steps += steps
-                if job.done_steps < job.length:
-                    q.jobs.append(job)
-                elif not job.future.done():
-                    self._finish_block(job)
+def _finished(job: _Job) -> Ran:
+    out = job.outputs[0] if len(job.outputs) == 1 else np.concatenate(job.outputs, axis=1)
+    if not job.activations:
+        return out, job.states, None
+    parts = job.acts
+    return out, job.states, parts[0] if len(parts) == 1 else [np.concatenate(a, axis=1) for a in zip(*parts)]
 
-    @staticmethod
-    def _finish_block(job: _Job) -> None:
-        out = job.outputs[0] if len(job.outputs) == 1 else np.concatenate(job.outputs, axis=1)
-        if job.activations is None:
-            job.future.set_result((out, job.states))
-        else:
-            parts = job.activations
-            acts = parts[0] if len(parts) == 1 else [np.concatenate(a, axis=1) for a in zip(*parts)]
-            job.future.set_result((out, job.states, acts))
+
+def _joined(loop: asyncio.AbstractEventLoop, parts: list[asyncio.Future]) -> asyncio.Future[Ran]:
+    """One future for a block split into parts of at most max_batch rows: their results joined in
+    order, or the first part's error; cancelling it cancels the parts."""
+    out: asyncio.Future[Ran] = loop.create_future()
+
+    def settle(_: asyncio.Future) -> None:
+        if out.done() or not all(p.done() for p in parts):
+            return
+        for p in parts:
+            if p.cancelled():
+                out.cancel()
+                return
+            if p.exception() is not None:
+                out.set_exception(p.exception())  # type: ignore[arg-type]
+                return
+        results = [p.result() for p in parts]
+        acts = None if results[0][2] is None else [np.concatenate(a) for a in zip(*(r[2] for r in results))]
+        out.set_result((np.concatenate([r[0] for r in results]),
+                        [np.concatenate(s, axis=1) for s in zip(*(r[1] for r in results))], acts))
+
+    for p in parts:
+        p.add_done_callback(settle)
+    out.add_done_callback(lambda f: [p.cancel() for p in parts] if f.cancelled() else None)
+    return out
 
 
 def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:
@@ -306,8 +290,17 @@ def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:
     return out, time.perf_counter() - started, time.thread_time() - cpu
 
 
-def _run_group(runtime: ModelRuntime, group: list[_Job], steps: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """One call for a group of equal-length slices: (B, T[, D]) inputs, states stacked on axis 1."""
-    x = np.stack([job.x[job.done_steps : job.done_steps + steps] for job in group])
-    states = [np.stack([job.states[k] for job in group], axis=1) for k in range(len(group[0].states))]
-    return runtime.run(x, states)
+def _run_group(runtime: ModelRuntime, group: list[_Job], steps: int, with_acts: bool) -> Ran:
+    """One call for a group of equal-length slices, their rows concatenated (no copy for a single
+    whole job)."""
+    xs = [job.x if job.done_steps == 0 and steps == job.length else job.x[:, job.done_steps : job.done_steps + steps]
+          for job in group]
+    if len(group) == 1:
+        x, states = xs[0], group[0].states
+    else:
+        x = np.concatenate(xs)
+        states = [np.concatenate(parts, axis=1) for parts in zip(*(job.states for job in group))]
+    if with_acts:
+        return runtime.run_activations(x, states)
+    logits, new_states = runtime.run(x, states)
+    return logits, new_states, None

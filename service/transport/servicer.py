@@ -7,13 +7,10 @@ being read from, and the server's memory for one call is bounded by --max-stream
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
 
 import grpc
 
@@ -23,92 +20,24 @@ from service.auth import Authenticator
 from service.config import Settings
 from service.core.packed import PackedInput
 from service.core.sessions import BatchPlan, SessionService
-from service.errors import InvalidInput, LimitExceeded, RecurError
+from service.errors import LimitExceeded
 from service.metrics import Metrics
 from service.transport import convert, streams
-from service.types import StepInput, StepResult
+from service.transport.calls import (
+    REPLICA_HEADER,
+    Malformed,
+    applied,
+    deadline_of,
+    open_stream,
+    parsed,
+    send_replica,
+    status_of,
+    unary,
+)
+from service.types import StepInput
 
 log = logging.getLogger(__name__)
 
-SERVICE = pb.DESCRIPTOR.services_by_name["Recur"].full_name
-
-REPLICA_HEADER = "x-recur-replica"
-
-T = TypeVar("T")
-
-
-def status_of(e: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status and message a client sees; unexpected errors never leak their text."""
-    if isinstance(e, RecurError):
-        return getattr(grpc.StatusCode, e.code), str(e)
-    log.error("unexpected error", exc_info=e)
-    return grpc.StatusCode.INTERNAL, "internal error (logged on the server)"
-
-
-class Malformed:
-    """What a request that does not parse (invalid UTF-8, bad wire bytes) becomes, so that it is
-    answered INVALID_ARGUMENT by the method rather than UNKNOWN by the framework."""
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-
-def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return deserialize(data)
-        except Exception as e:  # DecodeError and friends
-            return Malformed(e)
-
-    return parse
-
-
-class MalformedRequests(grpc.aio.ServerInterceptor):
-    """Parses recur.v1 requests tolerantly (see Malformed)."""
-
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-                                details: grpc.HandlerCallDetails) -> Any:
-        handler = await continuation(details)
-        ours = details.method.startswith((f"/{SERVICE}/", f"/{SERVICE}Admin/", "/inference.GRPCInferenceService/"))
-        if handler is None or not ours or handler.request_deserializer is None:
-            return handler
-        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
-
-
-def parsed(request: T | Malformed) -> T:
-    if isinstance(request, Malformed):
-        raise InvalidInput(f"the request message does not parse ({request.error.__class__.__name__}): "
-                           "strings must be valid UTF-8")
-    return request
-
-
-def unary(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> T:
-        started = time.perf_counter()
-        try:
-            await send_replica(self, context)
-            return await fn(self, parsed(request), context)
-        except Exception as e:
-            code, message = status_of(e)
-            self.metrics.error(fn.__name__, code.name)
-            ms = round(1000 * (time.perf_counter() - started), 3)
-            log.debug("call refused: %s", message, extra={"rpc": fn.__name__, "code": code.name, "duration_ms": ms})
-            await context.abort(code, message)
-            raise  # unreachable: abort raises
-
-    return wrapper
-
-
-async def send_replica(servicer: Any, context: grpc.aio.ServicerContext) -> None:
-    """The replica header, to callers with a key this server knows only (it names a host and port)."""
-    if servicer.auth.identifies(context.invocation_metadata()):
-        await context.send_initial_metadata(servicer.metadata)
-
-
-def applied(result: StepResult) -> int:
-    """Steps a chunk's reply newly applied (0 for a replay): what recur_tokens_total counts."""
-    return 0 if result.replayed else result.offset - result.start_offset
 
 
 class RecurServicer(recur_pb2_grpc.RecurServicer):
@@ -127,25 +56,13 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         self.auth.charge(tenant, chunks - 1)
         return tenant
 
-    async def _open_stream(self, rpc: str, context: grpc.aio.ServicerContext) -> str:
-        """A stream's start: its caller's tenant (or the call ends UNAUTHENTICATED), the replica header,
-        and one more open stream counted; the caller counts it closed."""
-        try:
-            tenant = self._tenant(context)
-        except RecurError as e:
-            self.metrics.error(rpc, status_of(e)[0].name)
-            await context.abort(*status_of(e))
-        await send_replica(self, context)
-        self.metrics.open_streams.labels(rpc).inc()
-        return tenant
-
     @unary
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         tenant = self._tenant(context)
         counts = await self.core.live_sessions(tenant, admin=self.auth.is_admin(context.invocation_metadata()))
         return pb.ListModelsResponse(models=[convert.model_to_pb(m, convert.live_sessions(counts, m))
-                                             for m in self.core.models.all()])
+                                             for m in self.core.loaded_models()])
 
     @unary
     async def CreateSession(self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext) -> pb.Session:
@@ -182,7 +99,7 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
     @unary
     async def Step(self, request: pb.StepRequest, context: grpc.aio.ServicerContext) -> pb.StepResponse:
         started, tenant = time.perf_counter(), self._tenant(context)
-        result = await self.core.step(tenant, convert.step_from_pb(request, _deadline(context)))
+        result = await self.core.step(tenant, convert.step_from_pb(request, deadline_of(context)))
         self.metrics.rpc("Step", tenant).stepped(applied(result), started)
         return convert.step_to_pb(result, request.request_id)
 
@@ -190,10 +107,10 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StepResponse]:
         """Chunks of different sessions run concurrently, each session's in arrival order
         (the core's per-session locks are FIFO). A refused chunk gets its own status."""
-        tenant = await self._open_stream("Stream", context)
+        tenant = await open_stream(self, "Stream", context)
         try:
             async for reply in streams.handled(request_iterator,
-                                               lambda r: self._stream_chunk(tenant, r, _deadline(context)),
+                                               lambda r: self._stream_chunk(tenant, r, deadline_of(context)),
                                                lambda item: self._step_or_status(tenant, *item),
                                                max_inflight=self.max_stream_inflight, max_bytes=self.stream_bytes,
                                                idle_timeout=self.idle_timeout, context=context):
@@ -264,10 +181,10 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         """Each message's chunks run together; messages are answered in order, and a later message
         may start while an earlier one runs (each session's chunks still apply in arrival order).
         At most max(1, --max-stream-inflight / 16) messages are read ahead of the replies sent."""
-        tenant = await self._open_stream("StreamBatch", context)
+        tenant = await open_stream(self, "StreamBatch", context)
         try:
             async for steps in streams.ordered(request_iterator,
-                                               lambda b: self._batch_chunks(tenant, b, _deadline(context)),
+                                               lambda b: self._batch_chunks(tenant, b, deadline_of(context)),
                                                lambda item: self._batch(tenant, *item),
                                                max(1, self.max_stream_inflight // 16), self.stream_bytes,
                                                self.idle_timeout, context):
@@ -282,11 +199,8 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
         is refused (its columns do not fit, the server is draining)."""
         started = time.perf_counter()
         result = await self.core.step_packed(tenant, inp)
-        answered = len(request.session_ids) - len(result.errors)
+        answered, steps = result.applied()
         if answered:
-            applied = result.start_offsets >= 0  # answered; replays apply nothing
-            applied[list(result.replayed)] = False
-            steps = int((result.offsets - result.start_offsets)[applied].sum())
             self.metrics.rpc(rpc, tenant).stepped_many(answered, steps, started)
         for e in result.errors.values():
             self.metrics.error(rpc, status_of(e)[0].name)
@@ -325,15 +239,15 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
     async def StepPacked(self, request: pb.PackedStepBatch, context: grpc.aio.ServicerContext
                          ) -> pb.PackedStepBatchResponse:
         tenant = self._tenant(context, chunks=max(1, len(request.session_ids)))
-        return await self._packed("StepPacked", tenant, request, convert.packed_from_pb(request, _deadline(context)))
+        return await self._packed("StepPacked", tenant, request, convert.packed_from_pb(request, deadline_of(context)))
 
     async def StreamPacked(self, request_iterator: AsyncIterator[pb.PackedStepBatch | Malformed],
                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.PackedStepBatchResponse]:
         """As StreamBatch: messages answered in order, a later one may start while an earlier one runs."""
-        tenant = await self._open_stream("StreamPacked", context)
+        tenant = await open_stream(self, "StreamPacked", context)
         try:
             async for reply in streams.ordered(request_iterator,
-                                               lambda r: self._packed_chunks(tenant, r, _deadline(context)),
+                                               lambda r: self._packed_chunks(tenant, r, deadline_of(context)),
                                                lambda item: self._packed_or_status(tenant, *item),
                                                max(1, self.max_stream_inflight // 16), self.stream_bytes,
                                                self.idle_timeout, context):
@@ -382,9 +296,3 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
 def _code(e: BaseException) -> tuple[int, str]:
     code, message = status_of(e)
     return code.value[0], message
-
-
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
-    """The call's deadline on the event loop's clock, or None."""
-    remaining = context.time_remaining()
-    return None if remaining is None else asyncio.get_running_loop().time() + remaining

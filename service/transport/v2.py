@@ -4,10 +4,12 @@ Triton's sequence extension, over the same core (`SessionService`) and port as r
 - A sequence (`sequence_id` parameter, int64 or string) is the recur session `v2-<sequence_id>` of
   the caller's tenant: the native API sees it under that id, and it lives in the configured store, so
   it survives a restart like any session. `sequence_start` creates it on the requested model (or
-  resets it: delete, then create); `sequence_end` answers, then deletes it. A request without
+  resets it); `sequence_end` answers, then deletes it. The lifecycle is the core's
+  (service/core/sequences.py); this module converts and calls. A request without
   `sequence_start` for a sequence that does not exist is NOT_FOUND, saying to send `sequence_start`.
   A request that starts a sequence and is then refused leaves the sequence not started.
-- `sequence_id` 0 or "" (no sequence) is a one-shot request: a fresh temporary session, deleted after.
+- `sequence_id` 0 or "" (no sequence) is a one-shot request: its chunk runs from a fresh state and
+  nothing is stored.
 - The request `id` is a replay key, kept with the sequence's session in the store (its record's
   `last_request`): per tenant and sequence, across restarts and replicas, whatever other sequences do.
   The same id again for the same sequence is answered from the session's replay record without
@@ -22,7 +24,6 @@ Triton's sequence extension, over the same core (`SessionService`) and port as r
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import time
 from collections.abc import AsyncIterator
@@ -33,23 +34,23 @@ from recur.kserve import grpc_service_pb2 as pb
 from recur.kserve import grpc_service_pb2_grpc
 from service.auth import Authenticator
 from service.config import Settings
-from service.core.locks import SessionLocks
-from service.core.sessions import SessionService, replay_key
-from service.errors import InvalidInput, NotFound, RecurError, SessionExpired, SessionNotFound
+from service.core.sequences import Sequences, SequenceStep
+from service.core.sessions import SessionService
+from service.errors import InvalidInput, NotFound
 from service.metrics import Metrics
 from service.repository.models import Model
 from service.transport import convert_v2, streams
-from service.transport.servicer import (
+from service.transport.calls import (
     REPLICA_HEADER,
     Malformed,
-    _deadline,
     applied,
+    deadline_of,
+    open_stream,
     parsed,
-    send_replica,
     status_of,
     unary,
 )
-from service.types import SessionView, StepInput, StepResult
+from service.types import StepInput
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 EXTENSIONS = ["sequence"]
@@ -65,13 +66,13 @@ def _version() -> str:
 class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, core: SessionService, auth: Authenticator, settings: Settings, replica_id: str,
                  metrics: Metrics | None = None) -> None:
-        self.core, self.auth, self.models = core, auth, core.models
+        self.core, self.auth = core, auth
         self.metrics = metrics or Metrics()
         self.max_stream_inflight, self.stream_bytes = settings.max_stream_inflight, settings.stream_buffer_bytes
         self.idle_timeout = settings.stream_idle_timeout or None
         self.metadata = ((REPLICA_HEADER, replica_id),)
         self.version = _version()
-        self._locks = SessionLocks()  # one request per sequence at a time, in arrival order (start is two writes)
+        self.sequences = Sequences(core)
 
     def _tenant(self, context: grpc.aio.ServicerContext) -> str:
         return self.auth.tenant_of(context.invocation_metadata() or ())
@@ -82,14 +83,14 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
                           ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=bool(self.models.all()))
+        return pb.ServerReadyResponse(ready=bool(self.core.loaded_models()))
 
     @unary
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelReadyResponse:
         self._tenant(context)
         try:
-            self.models.get(request.name, convert_v2.version_from_pb(request.version))
+            self.core.model(request.name, convert_v2.version_from_pb(request.version))
         except (NotFound, InvalidInput):
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
@@ -104,25 +105,20 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
                             ) -> pb.ModelMetadataResponse:
         self._tenant(context)
-        model = self.models.get(request.name, convert_v2.version_from_pb(request.version))
-        versions = [m.version for m in self.models.all() if m.name == model.name]
+        model = self.core.model(request.name, convert_v2.version_from_pb(request.version))
+        versions = [m.version for m in self.core.loaded_models() if m.name == model.name]
         return convert_v2.model_metadata_to_pb(model, versions)
 
     @unary
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ModelInferResponse:
-        return await self._infer(self._tenant(context), request, _deadline(context))
+        return await self._infer(self._tenant(context), request, deadline_of(context))
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest],
                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently across sequences, each sequence's in arrival order; replies come
         as they are ready (match them by `id`). At most --max-stream-inflight run or wait to be sent."""
-        try:
-            tenant = self._tenant(context)
-        except RecurError as e:
-            self.metrics.error("ModelStreamInfer", status_of(e)[0].name)
-            await context.abort(*status_of(e))
-        await send_replica(self, context)
+        tenant = await open_stream(self, "ModelStreamInfer", context)
 
         def prepare(request: pb.ModelInferRequest | Malformed
                     ) -> tuple[pb.ModelInferRequest | Malformed | Exception, int]:
@@ -139,7 +135,7 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                     raise request
                 request = parsed(request)
                 return pb.ModelStreamInferResponse(infer_response=await self._infer(tenant, request,
-                                                                                    _deadline(context),
+                                                                                    deadline_of(context),
                                                                                     "ModelStreamInfer"))
             except Exception as e:
                 code, message = status_of(e)
@@ -147,15 +143,13 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                 return convert_v2.stream_error_to_pb(request if isinstance(request, pb.ModelInferRequest) else None,
                                                      message)
 
-        open_streams = self.metrics.open_streams.labels("ModelStreamInfer")
-        open_streams.inc()
         try:
             async for reply in streams.handled(request_iterator, prepare, one, max_inflight=self.max_stream_inflight,
                                                max_bytes=self.stream_bytes, idle_timeout=self.idle_timeout,
                                                context=context):
                 yield reply
         finally:
-            open_streams.dec()
+            self.metrics.open_streams.labels("ModelStreamInfer").dec()
 
     # -- one request -----------------------------------------------------------------------------
     def _reply_bytes(self, tenant: str, r: pb.ModelInferRequest) -> int:
@@ -169,74 +163,16 @@ class InferenceServicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer):
                      rpc: str = "ModelInfer") -> pb.ModelInferResponse:
         started = time.perf_counter()
         seq = convert_v2.sequence_from_pb(r)
-        if not seq.id:
-            return await self._one_shot(tenant, r, deadline, rpc, started)
-        async with self._locks.hold((tenant, seq.session_id)):
-            view = await self._sequence(tenant, seq.session_id)
-            replay = view is not None and bool(r.id) and view.last_request == replay_key(r.id)
-            try:
-                if seq.start and not replay:
-                    model, chunk = await self._start(tenant, seq, r)
-                    try:
-                        result = await self._step(tenant, seq.session_id, chunk, r.id, deadline)
-                    except BaseException:
-                        with contextlib.suppress(Exception):
-                            await self.core.delete(tenant, seq.session_id)
-                        raise
-                else:
-                    model = self._model_of(seq, r, view)
-                    chunk = convert_v2.chunk_from_pb(r, model)
-                    result = await self._step(tenant, seq.session_id, chunk, r.id, deadline)
-            except (SessionNotFound, SessionExpired) as e:
-                raise type(e)(f"sequence {seq.id!r} is not active ({e}); send its first request with "
-                              "sequence_start=true") from e
-            if seq.end:
-                await self.core.delete(tenant, seq.session_id)
+        chunks: list[convert_v2.Chunk] = []
+
+        def chunk_of(model: Model) -> StepInput:
+            chunk = convert_v2.chunk_from_pb(r, model)
+            chunks.append(chunk)
+            return StepInput("", tokens=chunk.tokens, features=chunk.features,
+                             options=convert_v2.options_of(chunk.outputs), deadline=deadline)
+
+        step = SequenceStep(seq.session_id if seq.id else "", r.model_name, convert_v2.version_from_pb(r.model_version),
+                            seq.start, seq.end, chunk_of, r.id, name=seq.id)
+        model, result = await self.sequences.infer(tenant, step)
         self.metrics.rpc(rpc, tenant).stepped(applied(result), started)
-        return convert_v2.infer_to_pb(r, model, result, chunk.outputs)
-
-    async def _sequence(self, tenant: str, session_id: str) -> SessionView | None:
-        try:
-            return await self.core.get(tenant, session_id)
-        except (SessionNotFound, SessionExpired):
-            return None
-
-    async def _start(self, tenant: str, seq: convert_v2.Sequence, r: pb.ModelInferRequest
-                     ) -> tuple[Model, convert_v2.Chunk]:
-        """A fresh session for the sequence, after checking the request (a refused one changes nothing)."""
-        model = self.models.get(r.model_name, convert_v2.version_from_pb(r.model_version))
-        chunk = convert_v2.chunk_from_pb(r, model)
-        with contextlib.suppress(SessionNotFound, SessionExpired):
-            await self.core.delete(tenant, seq.session_id)
-        await self.core.create(tenant, model.name, model.version, seq.session_id)
-        return model, chunk
-
-    def _model_of(self, seq: convert_v2.Sequence, r: pb.ModelInferRequest, view: SessionView | None) -> Model:
-        """The model the sequence runs on, which the request must name."""
-        if view is None:
-            raise SessionNotFound(f"sequence {seq.id!r} does not exist")
-        name, version = view.model, view.version
-        asked = convert_v2.version_from_pb(r.model_version)
-        if r.model_name != name or asked not in (0, version):
-            raise InvalidInput(f"sequence {seq.id!r} runs on model {name} version {version}, not "
-                               f"{r.model_name[:64]!r} {r.model_version[:16]!r}; start a new sequence to change models")
-        return self.models.get(name, version)
-
-    async def _step(self, tenant: str, session_id: str, chunk: convert_v2.Chunk, request_id: str,
-                    deadline: float | None) -> StepResult:
-        return await self.core.step(tenant, StepInput(session_id, tokens=chunk.tokens, features=chunk.features,
-                                                      options=convert_v2.options_of(chunk.outputs), deadline=deadline,
-                                                      replay_key=request_id))
-
-    async def _one_shot(self, tenant: str, r: pb.ModelInferRequest, deadline: float | None, rpc: str,
-                        started: float) -> pb.ModelInferResponse:
-        model = self.models.get(r.model_name, convert_v2.version_from_pb(r.model_version))
-        chunk = convert_v2.chunk_from_pb(r, model)
-        view = await self.core.create(tenant, model.name, model.version)
-        try:
-            result = await self._step(tenant, view.session_id, chunk, "", deadline)
-        finally:
-            with contextlib.suppress(Exception):
-                await self.core.delete(tenant, view.session_id)
-        self.metrics.rpc(rpc, tenant).stepped(applied(result), started)
-        return convert_v2.infer_to_pb(r, model, result, chunk.outputs)
+        return convert_v2.infer_to_pb(r, model, result, chunks[-1].outputs)

@@ -26,6 +26,13 @@ def _one_pass(model: Model, x: np.ndarray, states: list[np.ndarray]) -> tuple[np
     return logits[0], [s[:, 0] for s in new]
 
 
+async def _one(engine: Engine, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray]
+               ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One chunk (T,) from states each (L, H), as a block of one."""
+    logits, new, _ = await engine.submit(runtime, x[None], [s[:, None] for s in states])
+    return logits[0], [s[:, 0] for s in new]
+
+
 def _random_state(rng: np.random.Generator) -> list[np.ndarray]:
     return [rng.standard_normal((2, 16)).astype(np.float32) for _ in range(2)]
 
@@ -36,7 +43,7 @@ def test_mixed_lengths_batch_together_and_stay_exact(lstm: Model) -> None:
 
     async def go() -> tuple[list, Engine]:
         engine = Engine(EngineOptions(slice_steps=16, threads=1))
-        results = await asyncio.gather(*(engine.run(lstm.runtime, x, s) for x, s in jobs))
+        results = await asyncio.gather(*(_one(engine, lstm.runtime, x, s) for x, s in jobs))
         await engine.close()
         return results, engine
 
@@ -59,7 +66,7 @@ def test_a_long_chunk_does_not_starve_short_ones(lstm: Model) -> None:
         finished: list[str] = []
 
         async def one(name: str, n: int) -> None:
-            await engine.run(lstm.runtime, rng.integers(0, 98, n), _random_state(rng))
+            await _one(engine, lstm.runtime, rng.integers(0, 98, n), _random_state(rng))
             finished.append(name)
 
         long = asyncio.create_task(one("long", 4096))
@@ -93,7 +100,7 @@ def test_a_failing_chunk_does_not_poison_its_batch(lstm: Model) -> None:
 
     async def go() -> list:
         engine = Engine(EngineOptions(threads=1))
-        jobs = [engine.run(runtime, x, s) for x, s in [*good[:3], bad, *good[3:]]]  # type: ignore[arg-type]
+        jobs = [_one(engine, runtime, x, s) for x, s in [*good[:3], bad, *good[3:]]]  # type: ignore[arg-type]
         results = await asyncio.gather(*jobs, return_exceptions=True)
         await engine.close()
         return results
@@ -151,3 +158,33 @@ def test_a_batch_message_with_repeats_and_refusals(server: Server, reference) ->
     want_b, state_b = reference("gru-lm").run(seq_b)
     assert np.abs(logits_of(replies[1]) - want_b).max() <= TOL
     assert np.abs(state_of(replies[1])[0] - state_b[0]).max() <= TOL
+
+
+def test_max_batch_bounds_the_rows_of_every_call_blocks_included(lstm: Model) -> None:
+    """A packed block of 10 rows with --max-batch 4 runs as calls of at most 4 rows; single chunks queued
+    beside it fill calls up to the bound too; every result equals one pass."""
+    rng = np.random.default_rng(3)
+    block_x = rng.integers(0, 98, (10, 6))
+    block_states = [rng.standard_normal((2, 10, 16)).astype(np.float32) for _ in range(2)]
+    singles = [(rng.integers(0, 98, 6), _random_state(rng)) for _ in range(5)]
+    runtime = _Recording(lstm.runtime)
+
+    async def go() -> tuple[tuple, list]:
+        engine = Engine(EngineOptions(max_batch=4, threads=1))
+        block = engine.submit(runtime, block_x, block_states)  # type: ignore[arg-type]
+        ones = [_one(engine, runtime, x, s) for x, s in singles]  # type: ignore[arg-type]
+        results = await asyncio.gather(block, *ones)
+        await engine.close()
+        return results[0], results[1:]
+
+    (logits, states, acts), ones = asyncio.run(go())
+    assert acts is None and max(runtime.batches) <= 4 and sum(runtime.batches) == 15
+    want, want_states = lstm.runtime.run(block_x, block_states)
+    assert logits.shape == want.shape and np.abs(logits - want).max() <= TOL
+    for a, b in zip(states, want_states):
+        assert a.shape == b.shape and np.abs(a - b).max() <= TOL
+    for (x, s), (got, got_states) in zip(singles, ones):
+        one, one_states = _one_pass(lstm, x, s)
+        assert np.abs(got - one).max() <= TOL
+        for a, b in zip(got_states, one_states):
+            assert np.abs(a - b).max() <= TOL

@@ -183,7 +183,7 @@ def test_a_features_model_rejects_tokens_per_chunk(client: RecurClient) -> None:
     sid = client.create("lstm-classifier").session_id
     reply = client.step_packed([sid], [np.array([1, 2, 3], np.int32)])
     assert reply.errors[0][0] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert "takes features, not tokens" in reply.errors[0][1]
+    assert "takes features (float32 [time, 8]), not tokens" in reply.errors[0][1]  # as Step says it
     assert client.get(sid).offset == 0
 
 

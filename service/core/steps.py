@@ -1,0 +1,494 @@
+"""The chunk pipeline: every entry point's chunks (Step, StepBatch, StreamBatch, the packed batch, v2
+requests, Generate) go through it, so each rule is written once (docs/architecture.md, "The chunk
+pipeline"):
+
+- plan: what needs no session: ids, offsets given, lengths where declared, the reply budget, and
+  the rounds (a session named again runs in a later round, so its chunks apply in order);
+- per round, under the sessions' locks: read the records, then per chunk its model, input (kind,
+  length, token range, finite features), activation selection and the reply's shape rules, and the
+  offset decision: run, replay, refuse, or read again (a replica-local hint was stale);
+- run: chunks of one model version, length and graph as one block through the engine;
+- commit: the store's compare-and-set results: done, conflict, or stale (read again, run again).
+
+The inputs come as columns (`Columns`): the packed batch's are native; Step and StepBatch adapt a
+list of StepInput. Results go to a `Sink`, which shapes the reply of its RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.config import Settings
+from service.core import packed
+from service.core.locks import CallGate, SessionLocks
+from service.core.outputs import ActivationRequest, select_activations
+from service.engine.engine import Engine
+from service.errors import InvalidInput, NoOutputYet, OffsetMismatch, RecurError, StoreConflict
+from service.repository.models import Model, ModelRepository
+from service.store import SessionRecord, Store
+from service.store.base import Events
+from service.tracing import Tracing
+from service.types import StepInput
+
+_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+Picks = list[tuple[int, str, np.ndarray | None]]  # selected activations: (index, name, units or all)
+
+
+def checked_id(session_id: str) -> str:
+    """A session id as given, if it is one (never echoed when it is not: it may be huge)."""
+    if not _ID.fullmatch(session_id):
+        raise InvalidInput("session_id must be 1-128 characters of letters, digits and . _ : @ -")
+    return session_id
+
+
+def replay_key(request_id: str) -> str:
+    """What a record keeps of a request id that is a replay key: the id, or the sha256 of a long one."""
+    return request_id if len(request_id) <= 64 else hashlib.sha256(request_id.encode("utf-8", "replace")).hexdigest()
+
+
+# -- the input rules, each once ------------------------------------------------------------------
+def steps_error(steps: int, max_chunk: int) -> InvalidInput | None:
+    if steps == 0:
+        return InvalidInput("a chunk needs 1 step or more")
+    if steps > max_chunk:
+        return InvalidInput(f"chunk of {steps} steps is longer than the limit of {max_chunk}; "
+                            "split it into smaller chunks")
+    return None
+
+
+def kind_error(model: Model, kind: str) -> InvalidInput | None:
+    if model.input_kind == "tokens" and kind == "features":
+        return InvalidInput(f"model {model.name} takes tokens or text, not features")
+    if model.input_kind == "features" and kind != "features":
+        return InvalidInput(f"model {model.name} takes features (float32 [time, {model.feature_dim}]), not "
+                            f"{kind or 'nothing'}")
+    return None
+
+
+def token_error(model: Model, position: int, token: int) -> InvalidInput:
+    return InvalidInput(f"token id {token} at position {position} is out of range [0, {len(model.vocab)}) "
+                        f"for model {model.name}")
+
+
+def feature_bytes_error(model: Model, size: int) -> InvalidInput | None:
+    row = 4 * model.feature_dim
+    if size % row:
+        return InvalidInput(f"features must be little-endian float32 [time, {model.feature_dim}]: "
+                            f"{size} bytes is not a multiple of {row}")
+    return None
+
+
+NOT_FINITE = "features contain values that are not finite (NaN or infinity)"
+
+
+def _raise(error: Exception | None) -> None:
+    if error is not None:
+        raise error
+
+
+# -- the inputs as columns -----------------------------------------------------------------------
+class Columns:
+    """A message's chunk inputs. `chunk` checks chunk i against its model and gives it as the graph
+    takes it, (T,) int64 or (T, D) float32; `gather` stacks chunks of one length into a block."""
+
+    def chunk(self, i: int, model: Model, max_chunk: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def gather(self, chunks: list[int], xs: list[np.ndarray], model: Model) -> np.ndarray:
+        return np.stack(xs)
+
+
+class InputColumns(Columns):
+    """Step and StepBatch: a list of StepInput, each with tokens, text or features."""
+
+    def __init__(self, inputs: Sequence[StepInput]) -> None:
+        self.inputs = inputs
+
+    def chunk(self, i: int, model: Model, max_chunk: int) -> np.ndarray:
+        inp = self.inputs[i]
+        given = [n for n, v in (("tokens", inp.tokens), ("text", inp.text), ("features", inp.features)) if len(v)]
+        if len(given) != 1:
+            raise InvalidInput(f"give exactly one non-empty input (tokens, text or features); got {given or 'none'}")
+        kind = given[0]
+        _raise(kind_error(model, kind))
+        steps = len(inp.features) // (4 * model.feature_dim) if kind == "features" else len(inp.tokens) or len(inp.text)
+        if kind == "features" and steps <= max_chunk:
+            _raise(feature_bytes_error(model, len(inp.features)))
+        _raise(steps_error(steps, max_chunk))
+        if kind == "features":
+            x = np.frombuffer(inp.features, dtype="<f4").reshape(-1, model.feature_dim).astype(np.float32)
+            if not np.isfinite(x).all():
+                raise InvalidInput(NOT_FINITE)
+            return x
+        if kind == "text":
+            return model.encode(inp.text)
+        if min(inp.tokens) < 0 or max(inp.tokens) >= len(model.vocab):  # C loops, no array for a small chunk
+            ids = np.asarray(inp.tokens, dtype=np.int64)
+            pos = int(np.argmax((ids < 0) | (ids >= len(model.vocab))))
+            raise token_error(model, pos, int(ids[pos]))
+        return np.array(inp.tokens, dtype=np.int64)
+
+
+class PackedColumns(Columns):
+    """The packed batch: one token (or feature) array and each chunk's rows in it. Token ranges and
+    feature rows are checked once per vocabulary size and feature width, over the whole array."""
+
+    def __init__(self, p: packed.PackedInput, lay: packed.Layout) -> None:
+        self.p, self.lay = p, lay
+        self._bad: dict[int, dict[int, tuple[int, int]]] = {}  # vocabulary size -> chunk -> (position, token)
+        self._rows: dict[int, np.ndarray | InvalidInput] = {}  # feature width -> (total, D) or why not
+
+    def chunk(self, i: int, model: Model, max_chunk: int) -> np.ndarray:
+        lay = self.lay
+        _raise(kind_error(model, lay.kind))
+        a, steps = int(lay.starts[i]), int(lay.lengths[i])
+        if lay.ids is not None:
+            bad = self._bad.get(len(model.vocab))
+            if bad is None:
+                bad = self._bad[len(model.vocab)] = packed.first_bad_token(lay, len(model.vocab))
+            if i in bad:
+                raise token_error(model, *bad[i])
+            return lay.ids[a : a + steps]
+        rows = self._rows.get(model.feature_dim)
+        if rows is None:
+            error = feature_bytes_error(model, len(self.p.features))
+            rows = self._rows[model.feature_dim] = error or packed.features_of(self.p, lay, model.feature_dim)
+        if isinstance(rows, InvalidInput):
+            raise rows
+        x = rows[a : a + steps]
+        if not np.isfinite(x).all():
+            raise InvalidInput(NOT_FINITE)
+        return x
+
+    def gather(self, chunks: list[int], xs: list[np.ndarray], model: Model) -> np.ndarray:
+        lay, steps = self.lay, len(xs[0])
+        if lay.ids is not None and len(chunks) == lay.n and steps * lay.n == lay.total:
+            return lay.ids.reshape(lay.n, steps)  # every chunk, in order: no gather
+        source = lay.ids if lay.ids is not None else self._rows[model.feature_dim]
+        assert isinstance(source, np.ndarray)
+        return source[packed.rows_of(lay, np.array(chunks, np.int64), steps)]
+
+
+@dataclass
+class Chunks:
+    """A message's chunks as columns: chunk i is session_ids[i]'s, with the offset it expects (-1:
+    not checked), the activations it asks for and the request id that names it, if any."""
+
+    session_ids: Sequence[str]
+    columns: Columns
+    expected: np.ndarray  # int64 (n,)
+    activations: Sequence[ActivationRequest | None]
+    replay_keys: Sequence[str] = ()
+    deadline: float | None = None
+    declared_steps: np.ndarray | None = None  # (n,) where the message declares them (packed): checked in plan
+
+    @property
+    def n(self) -> int:
+        return len(self.session_ids)
+
+    @classmethod
+    def of_inputs(cls, inputs: Sequence[StepInput]) -> Chunks:
+        # a negative offset given is refused (-2); -1 stands for none given
+        expected = np.fromiter((-1 if i.expected_offset is None else -2 if i.expected_offset < 0
+                                else i.expected_offset for i in inputs), np.int64, len(inputs))
+        return cls([i.session_id for i in inputs], InputColumns(inputs), expected,
+                   [i.options.activations for i in inputs], [i.replay_key for i in inputs],
+                   min((i.deadline for i in inputs if i.deadline is not None), default=None))
+
+
+class Sink:
+    """Where a message's results go; each RPC shapes its reply from them."""
+
+    def accepts(self, i: int, model: Model, picks: Picks | None) -> None:
+        """Raise InvalidInput when chunk i cannot be part of this reply (the packed reply has one width)."""
+
+    def ran(self, chunks: list[int], logits: np.ndarray, acts: list[np.ndarray] | None, picks: Picks | None) -> None:
+        """A block's outputs: logits (B, T, C), activations each (B, T, H) in the model's order."""
+
+    def replayed(self, i: int, model: Model, rec: SessionRecord, logits: np.ndarray,
+                 acts: list[np.ndarray] | None, picks: Picks | None) -> None:
+        """A replay's outputs (1, T, C) from the record as it stands."""
+
+    def committed(self, i: int, model: Model, rec: SessionRecord) -> None:
+        """Chunk i is stored: `rec` is its session now."""
+
+    def refused_at(self, i: int, offset: int) -> None:
+        """Chunk i was refused; its session is at `offset` (-1: unknown)."""
+
+
+@dataclass
+class _Run:
+    i: int
+    model: Model
+    rec: SessionRecord
+    x: np.ndarray
+    digest: bytes
+    picks: Picks | None
+    key: str
+
+
+@dataclass
+class _Replay:
+    i: int
+    model: Model
+    rec: SessionRecord
+    x: np.ndarray
+    picks: Picks | None
+
+
+def advanced(rec: SessionRecord, steps: int, digest: bytes, logits: np.ndarray, states: list[np.ndarray],
+             t: float, max_replay_bytes: int, request: str = "") -> SessionRecord:
+    """The record after a chunk of `steps` steps ran from its state, remembering the chunk for a replay:
+    its outputs when they fit in `max_replay_bytes`, else the final step's and the state before it,
+    from which a replay recomputes them."""
+    if logits.nbytes <= max_replay_bytes:
+        return rec.copy(offset=rec.offset + steps, updated_at=t, state=states, last_digest=digest,
+                        last_start=rec.offset, last_logits=logits, last_prev_state=None, last_request=request)
+    return rec.copy(offset=rec.offset + steps, updated_at=t, state=states, last_digest=digest,
+                    last_start=rec.offset, last_logits=logits[-1:].copy(), last_prev_state=rec.state,
+                    last_request=request)
+
+
+def conflict_error(e: StoreConflict, session_id: str) -> OffsetMismatch:
+    where = f"it is at offset {e.actual}" if e.actual is not None else "read it again for its offset"
+    return OffsetMismatch(f"session {session_id} was advanced elsewhere; {where}",
+                          e.actual if e.actual is not None else -1)
+
+
+class Pipeline:
+    """The chunk pipeline over a store, a model repository and an engine."""
+
+    def __init__(self, settings: Settings, models: ModelRepository, store: Store, engine: Engine,
+                 max_chunk: Callable[[str], int], events: Events, tracing: Tracing, locks: SessionLocks,
+                 calls: CallGate) -> None:
+        self.settings, self.models, self.store, self.engine = settings, models, store, engine
+        self.max_chunk, self.events, self.tracing, self.locks, self.calls = max_chunk, events, tracing, locks, calls
+
+    # -- plan ------------------------------------------------------------------------------------
+    def plan(self, tenant: str, c: Chunks, errors: dict[int, Exception]) -> list[list[int]]:
+        """The rules that need no session, and the rounds: each a list of chunks of distinct sessions."""
+        if c.declared_steps is not None:
+            max_chunk = self.max_chunk(tenant)
+            for i in np.flatnonzero((c.declared_steps == 0) | (c.declared_steps > max_chunk)).tolist():
+                errors[i] = steps_error(int(c.declared_steps[i]), max_chunk)  # type: ignore[assignment]
+        for i in np.flatnonzero(c.expected < -1).tolist():
+            errors[i] = InvalidInput("expected offsets must be 0 or more, or -1 (not checked)")
+        rounds: list[list[int]] = [[]]
+        seen: dict[str, int] = {}
+        for i, sid in enumerate(c.session_ids):
+            if i in errors:
+                continue
+            if not _ID.fullmatch(sid):
+                errors[i] = InvalidInput("session_id must be 1-128 characters of letters, digits and . _ : @ -")
+                continue
+            k = seen.get(sid, 0)
+            seen[sid] = k + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(i)
+        return [r for r in rounds if r]
+
+    async def run(self, tenant: str, c: Chunks, sink: Sink, errors: dict[int, Exception] | None = None
+                  ) -> dict[int, Exception]:
+        """Every chunk of the message, round by round, each round under its sessions' locks (all taken
+        at once: messages keep arrival order and cannot deadlock). Returns the refused chunks' errors
+        (`errors`: chunks the caller refused already)."""
+        errors = {} if errors is None else errors
+        rounds = self.plan(tenant, c, errors)
+        async with self.calls:
+            for chunks in rounds:
+                async with self.locks.hold_many([(tenant, c.session_ids[i]) for i in chunks]):
+                    stale = await self.round(tenant, c, chunks, sink, errors)
+                    if stale:  # read from hints another replica made stale: again, from the store
+                        await self.round(tenant, c, stale, sink, errors, fresh=True)
+        return errors
+
+    async def _read(self, tenant: str, c: Chunks, chunks: list[int], fresh: bool
+                    ) -> list[SessionRecord | Exception]:
+        if not fresh:
+            with self.tracing.span("recur.store.read", tenant, rows=len(chunks)):
+                return await self.store.get_many(tenant, [c.session_ids[i] for i in chunks])
+        records: list[SessionRecord | Exception] = []
+        for i in chunks:
+            try:
+                records.append(await self.store.fresh(tenant, c.session_ids[i]))
+            except RecurError as e:
+                records.append(e)
+        return records
+
+    # -- one round -------------------------------------------------------------------------------
+    async def round(self, tenant: str, c: Chunks, chunks: list[int], sink: Sink, errors: dict[int, Exception],
+                    fresh: bool = False, records: Sequence[SessionRecord | Exception] | None = None,
+                    write: bool = True) -> list[int]:
+        """One round of distinct sessions, held locked by the caller. Returns the chunks to run again
+        from fresh reads (their hint was stale). `records`: read already; `write` False: run and
+        answer without storing (a one-shot request, or a record its caller stores)."""
+        retry = self.store.hints and not fresh and records is None
+        with self.tracing.span("recur.plan", tenant, rows=len(chunks),
+                               session=c.session_ids[chunks[0]] if len(chunks) == 1 else ""):
+            if records is None:
+                records = await self._read(tenant, c, chunks, fresh)
+            runs, replays, stale = self._decide(tenant, c, chunks, records, sink, errors, retry)
+        ran = await self._run(c, runs, replays, errors)
+        for r, result in zip(replays, ran[len(runs):]):
+            if not isinstance(result, BaseException):
+                sink.replayed(r.i, r.model, r.rec, result[0], result[2], r.picks)
+        stale += await self._commit(tenant, runs, ran[: len(runs)], sink, errors, retry, write)
+        return sorted(stale)
+
+    def _decide(self, tenant: str, c: Chunks, chunks: list[int], records: Sequence[SessionRecord | Exception],
+                sink: Sink, errors: dict[int, Exception], retry: bool
+                ) -> tuple[list[list[_Run]], list[_Replay], list[int]]:
+        """Each chunk checked against its session: a run (grouped into blocks), a replay, a refusal, or
+        stale (its hint disagrees: read again)."""
+        max_chunk = self.max_chunk(tenant)
+        models: dict[tuple[str, int], Model] = {}
+        picked: dict[tuple[int, int], Picks] = {}  # (model, selection) -> picks
+        blocks: dict[tuple[int, int, bool], list[_Run]] = {}
+        replays: list[_Replay] = []
+        stale: list[int] = []
+        for i, rec in zip(chunks, records):
+            try:
+                if isinstance(rec, Exception):
+                    raise rec
+                model = models.get((rec.model, rec.version))
+                if model is None:
+                    model = models[(rec.model, rec.version)] = self.models.get(rec.model, rec.version)
+                x = c.columns.chunk(i, model, max_chunk)
+                picks = self._picks(model, c.activations[i], picked)
+                sink.accepts(i, model, picks)
+            except RecurError as e:
+                errors[i] = e
+                continue
+            digest = hashlib.sha256(x.tobytes()).digest()
+            expected, key = int(c.expected[i]), c.replay_keys[i] if c.replay_keys else ""
+            by_key = key and expected < 0 and rec.last_start >= 0 and replay_key(key) == rec.last_request
+            if by_key:
+                expected = rec.last_start  # the retry of the chunk this request id applied last
+            if 0 <= expected != rec.offset:
+                if retry:
+                    stale.append(i)
+                elif expected == rec.last_start and digest == rec.last_digest:
+                    self.events.replayed(model.name, model.version, tenant)
+                    replays.append(_Replay(i, model, rec, x, picks))
+                else:
+                    self.events.conflict(model.name, model.version, tenant)
+                    errors[i] = self._mismatch(c.session_ids[i], rec, expected, key if by_key else "")
+                    sink.refused_at(i, rec.offset)
+                continue
+            blocks.setdefault((id(model), len(x), picks is not None), []).append(
+                _Run(i, model, rec, x, digest, picks, key))
+        return list(blocks.values()), replays, stale
+
+    @staticmethod
+    def _picks(model: Model, request: ActivationRequest | None, picked: dict[tuple[int, int], Picks]
+               ) -> Picks | None:
+        if request is None:
+            return None
+        picks = picked.get((id(model), id(request)))
+        if picks is None:
+            picks = picked[(id(model), id(request))] = select_activations(model, request)
+        return picks
+
+    @staticmethod
+    def _mismatch(session_id: str, rec: SessionRecord, expected: int, key: str) -> OffsetMismatch:
+        if key:
+            return OffsetMismatch(f"request id {key[:64]!r} was last applied to session {session_id} at offset "
+                                  f"{rec.last_start} with other inputs; give each request its own id", rec.offset)
+        return OffsetMismatch(f"session {session_id} is at offset {rec.offset}, not {expected}; resend from offset "
+                              f"{rec.offset}", rec.offset)
+
+    # -- run -------------------------------------------------------------------------------------
+    async def _run(self, c: Chunks, runs: list[list[_Run]], replays: list[_Replay], errors: dict[int, Exception]
+                   ) -> list[tuple | BaseException]:
+        """Each block as one engine job, and each replay that recomputes its outputs as a job of one
+        row; the results in that order (an error for a job that failed)."""
+        jobs: list[asyncio.Future | tuple | BaseException] = []
+        with self.tracing.span("recur.engine", rows=sum(len(b) * len(b[0].x) for b in runs)):
+            for block in runs:
+                model = block[0].model
+                x = c.columns.gather([r.i for r in block], [r.x for r in block], model)
+                states = [np.stack([r.rec.state[k] for r in block], axis=1) for k in range(len(model.states))]
+                jobs.append(self._submit(model, x, states, c.deadline, block[0].picks is not None))
+            for r in replays:
+                jobs.append(self._replay(r, c.deadline))
+            futures = [j for j in jobs if isinstance(j, asyncio.Future)]
+            try:
+                await asyncio.wait(futures) if futures else None
+            except asyncio.CancelledError:
+                for f in futures:
+                    f.cancel()
+                raise
+        out: list[tuple | BaseException] = []
+        chunks = [[r.i for r in b] for b in runs] + [[r.i] for r in replays]
+        for j, indices in zip(jobs, chunks):
+            result = j if not isinstance(j, asyncio.Future) else j.exception() or j.result()
+            if isinstance(result, BaseException):
+                for i in indices:
+                    errors[i] = result if isinstance(result, Exception) else RuntimeError("cancelled")
+            out.append(result)
+        return out
+
+    def _submit(self, model: Model, x: np.ndarray, states: list[np.ndarray], deadline: float | None,
+                activations: bool) -> asyncio.Future | BaseException:
+        try:
+            return self.engine.submit(model.runtime, x, states, deadline, activations)
+        except RecurError as e:  # the queue bound: refused at once
+            return e
+
+    def _replay(self, r: _Replay, deadline: float | None) -> asyncio.Future | tuple | BaseException:
+        """A replay's outputs: as recorded, or recomputed from the state before the chunk (the retry
+        carries the same chunk, checked by its digest); nothing is stored."""
+        prev = r.rec.last_prev_state
+        if r.picks is not None and prev is None:
+            return NoOutputYet(f"session {r.rec.session_id}'s last chunk was applied without return_activations, "
+                               "so its activations were not kept; its retry cannot return them")
+        if prev is None:
+            assert r.rec.last_logits is not None
+            return (r.rec.last_logits[None], [], None)
+        return self._submit(r.model, r.x[None], [s[:, None] for s in prev], deadline, r.picks is not None)
+
+    # -- commit ----------------------------------------------------------------------------------
+    async def _commit(self, tenant: str, runs: list[list[_Run]], ran: list[tuple | BaseException], sink: Sink,
+                      errors: dict[int, Exception], retry: bool, write: bool) -> list[int]:
+        """The new records, stored by compare-and-set; returns the chunks whose hint was stale."""
+        writes: list[tuple[SessionRecord, int]] = []
+        done: list[tuple[_Run, SessionRecord]] = []
+        t = self.store.clock()
+        for block, result in zip(runs, ran):
+            if isinstance(result, BaseException):
+                continue
+            logits, new_states, acts = result
+            sink.ran([r.i for r in block], logits, acts, block[0].picks)
+            max_replay = self.settings.max_replay_bytes if block[0].picks is None else -1  # replays recompute them
+            for j, r in enumerate(block):
+                own = logits[j]
+                own = own.copy() if own.nbytes <= max_replay else own  # a view would pin the whole block
+                new = advanced(r.rec, len(r.x), r.digest, own, [np.ascontiguousarray(s[:, j]) for s in new_states],
+                               t, max_replay, replay_key(r.key) if r.key else "")
+                writes.append((new, r.rec.offset))
+                done.append((r, new))
+        if not write:
+            stored: list[Exception | None] = [None] * len(writes)
+        else:
+            with self.tracing.span("recur.store.write", rows=len(writes)):
+                stored = await self.store.put_many(writes) if writes else []
+        stale = []
+        for (r, new), err in zip(done, stored):
+            if err is None:
+                sink.committed(r.i, r.model, new)
+            elif isinstance(err, StoreConflict) and retry:
+                stale.append(r.i)
+            elif isinstance(err, StoreConflict):
+                self.events.conflict(r.model.name, r.model.version, tenant)
+                errors[r.i] = conflict_error(err, new.session_id)
+                sink.refused_at(r.i, -1 if err.actual is None else err.actual)
+            else:
+                errors[r.i] = err
+        return stale
