@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(sub.add_parser("serve", help="serve the model repository over gRPC"))
     add_client_arguments(sub.add_parser("client", help="talk to a running server"))
-    from service.auth import add_keys_arguments
+    from recur.keys import add_keys_arguments
 
     add_keys_arguments(sub.add_parser("keys", help="manage the API key file of --auth-keys"))
     _add_train(sub)
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_report(args)
     if args.command == "keys":
-        from service.auth import run_keys
+        from recur.keys import run_keys
 
         return run_keys(args)
     if args.command == "serve":

@@ -41,7 +41,6 @@ Standard library only: the serving image imports this too.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import hmac
@@ -51,7 +50,6 @@ import math
 import os
 import re
 import secrets
-import sys
 import tempfile
 import threading
 import time
@@ -61,7 +59,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.errors import LimitExceeded, RecurError, Unauthenticated
+from service.errors import LimitExceeded, PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +69,6 @@ UNKNOWN_KEY = "unknown API key"
 TENANT_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KEY_FIELDS = {"sha256", "tenant", "label", "created", "admin"}
-
-
-class PermissionDenied(RecurError):
-    """A known caller asking for what its key does not allow (the admin API without an admin key)."""
-
-    code = "PERMISSION_DENIED"
 
 
 @dataclass(frozen=True)
@@ -445,41 +437,18 @@ def add_key(path: Path, tenant: str, *, label: str = "", max_sessions: int | Non
     return key
 
 
-# -- `recur keys` ----------------------------------------------------------------------------------
-
-
-def add_keys_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="keys_action", required=True)
-    a = sub.add_parser("add", help="make a new API key for a tenant: prints the key once, stores only its hash")
-    a.add_argument("--file", type=Path, required=True, help="the key file (created when missing)")
-    a.add_argument("--tenant", required=True, help="tenant name: letters, digits, '.', '_', '-'")
-    a.add_argument("--label", default="", help="a note stored beside the hash (e.g. who holds the key)")
-    a.add_argument("--max-sessions", type=int, default=None, help="the tenant's most live sessions (0: no limit)")
-    a.add_argument("--max-chunk", type=int, default=None, help="the tenant's most steps in one chunk (0: no limit)")
-    a.add_argument("--requests-per-second", type=float, default=None,
-                   help="the tenant's most calls per second (0: no limit)")
-    a.add_argument("--admin", action="store_true",
-                   help="the key may call the admin API (load, unload and reload models)")
-    ls = sub.add_parser("list", help="tenants, their limits and how many keys each has (no keys or hashes)")
-    ls.add_argument("--file", type=Path, required=True, help="the key file")
-
-
-def run_keys(args: argparse.Namespace) -> int:
-    if args.keys_action == "add":
-        key = add_key(args.file, args.tenant, label=args.label, max_sessions=args.max_sessions,
-                      max_chunk=args.max_chunk, requests_per_second=args.requests_per_second, admin=args.admin)
-        print(f"added a key for tenant {args.tenant} to {args.file}; it is shown only this once:", file=sys.stderr)
-        print(key, flush=True)
-        return 0
-    keys, limits, admins = _parse(args.file)
+def key_file_summary(path: Path) -> list[str]:
+    """One line per tenant of a key file: how many keys (and admin keys), and its limits; no key or hash."""
+    keys, limits, admins = _parse(path)
     counts: dict[str, int] = {}
     admin_counts: dict[str, int] = {}
     for digest, tenant in keys:
         counts[tenant] = counts.get(tenant, 0) + 1
         admin_counts[tenant] = admin_counts.get(tenant, 0) + (digest in admins)
+    lines = []
     for tenant in sorted(set(counts) | set(limits)):
         lim = limits.get(tenant, TenantLimits())
         shown = ", ".join(f"{k} {_number(v)}" for k, v in asdict(lim).items() if v) or "no limits of its own"
         admin = f" ({admin_counts[tenant]} admin)" if admin_counts.get(tenant) else ""
-        print(f"{tenant}: {counts.get(tenant, 0)} key(s){admin}; {shown}")
-    return 0
+        lines.append(f"{tenant}: {counts.get(tenant, 0)} key(s){admin}; {shown}")
+    return lines

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import InvalidInput, RecurError
+from service.errors import InvalidInput, ModelMismatch
 from service.repository.models import Model
 from service.store.record import from_blob, to_blob
 
@@ -45,12 +45,6 @@ MAX_ARRAYS = 256
 MAX_RANK = 4
 MAX_TIME = 253402300799.0  # 9999-12-31T23:59:59Z, the last second a protobuf Timestamp holds
 MAX_NAME = 128  # characters of the session id, the model name and the last request id
-
-
-class ModelMismatch(RecurError):
-    """The importing server's model is not the exporting server's (their sha256 differ)."""
-
-    code = "FAILED_PRECONDITION"
 
 
 @dataclass

@@ -81,3 +81,39 @@ class DeadlineExceeded(RecurError):
     """The call's deadline passed before its chunk ran; the chunk was not applied."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+class ModelUnloaded(RecurError):
+    """A session's model version was unloaded (forced while sessions used it)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class ModelMismatch(RecurError):
+    """The importing server's model is not the exporting server's (their sha256 differ)."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class PermissionDenied(RecurError):
+    """A known caller asking for what its key does not allow (the admin API without an admin key)."""
+
+    code = "PERMISSION_DENIED"
+
+
+class ActivationsUnavailable(RecurError):
+    """Activations were asked of a model exported without them."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class VersionMismatch(RecurError):
+    """A session cannot move to a version whose state tensors differ from its own."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class VersionInUse(RecurError):
+    """A version cannot be unloaded while live sessions use it (unless forced)."""
+
+    code = "FAILED_PRECONDITION"

@@ -1,5 +1,6 @@
-"""The columnar batch (PackedStepBatch): its layout checked and decoded with numpy, and its
-columnar reply assembled from whole-batch arrays.
+"""The columnar batch (PackedStepBatch): its columns checked against each other and decoded with
+numpy. The chunk pipeline reads chunks from them (steps.PackedColumns); the reply's rows are
+assembled in replies.PackedReplies.
 
 Chunk i is session_ids[i], lengths[i] steps starting at row starts[i] of one token (or feature)
 array. Output rows follow the same layout (one row per chunk with final_only). Every size is
@@ -80,7 +81,7 @@ def layout(p: PackedInput, max_chunks: int) -> Layout:
         raise InvalidInput(f"expected_offsets must be empty or hold one offset per session id: "
                            f"{len(p.expected_offsets)} for {n} ids")
     if p.top_k < 0:
-        raise InvalidInput("top_k must be 0 or more")
+        raise InvalidInput("top_k must be 0 or more")  # as steps.NEGATIVE_TOP_K: one option for the message
     lengths = np.array(p.lengths, dtype=np.int64)
     if n and lengths.min() < 0:
         raise InvalidInput(f"lengths must be 1 or more; chunk {int(np.argmin(lengths))} has {int(lengths.min())}")

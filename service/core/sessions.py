@@ -24,10 +24,26 @@ from service.core.locks import CallGate, SessionLocks
 from service.core.outputs import OutputOptions, StopStrings, sample
 from service.core.packed import PackedInput, PackedResult
 from service.core.replies import PackedReplies, StepReplies
-from service.core.steps import Chunks, PackedColumns, Pipeline, conflict_error, replay_key
+from service.core.steps import (
+    Chunks,
+    PackedColumns,
+    Pipeline,
+    conflict_error,
+    kind_error,
+    offset_mismatch,
+    replay_key,
+)
 from service.core.steps import checked_id as _checked
 from service.engine.engine import Engine
-from service.errors import InvalidInput, LimitExceeded, NoOutputYet, OffsetMismatch, RecurError, StoreConflict
+from service.errors import (
+    InvalidInput,
+    LimitExceeded,
+    NoOutputYet,
+    OffsetMismatch,
+    StoreConflict,
+    VersionInUse,
+    VersionMismatch,
+)
 from service.repository.models import Model, ModelRepository, StateSpec
 from service.store import SessionRecord, Store
 from service.store.base import NO_EVENTS, Events, SessionSummary
@@ -47,14 +63,6 @@ class BatchPlan:
 
     inputs: list[StepInput]
     reply_bytes: int
-
-
-class VersionMismatch(RecurError):
-    code = "FAILED_PRECONDITION"
-
-
-class VersionInUse(RecurError):
-    code = "FAILED_PRECONDITION"
 
 
 def _specs_str(specs: list[tuple[str, int, int]]) -> str:
@@ -288,10 +296,8 @@ class SessionService:
         those chunks afterwards, in order. Each chunk succeeds or fails alone: the list holds a
         StepResult or the error for each input."""
         inputs = (batch if isinstance(batch, BatchPlan) else self.plan_batch(tenant, batch)).inputs
-        errors: dict[int, Exception] = {i: InvalidInput("top_k must be 0 or more")
-                                        for i, inp in enumerate(inputs) if inp.options.top_k < 0}
         sink = StepReplies(inputs)
-        await self.pipeline.run(tenant, Chunks.of_inputs(inputs), sink, errors)
+        errors = await self.pipeline.run(tenant, Chunks.of_inputs(inputs), sink)
         return [errors[i] if i in errors else sink.results[i] for i in range(len(inputs))]
 
     async def step_packed(self, tenant: str, p: PackedInput) -> PackedResult:
@@ -311,8 +317,10 @@ class SessionService:
         after it and its reply. `write` False: nothing is stored (the caller stores the record, or drops it)."""
         self.plan_batch(tenant, [inp])  # the reply budget
         sink = StepReplies([inp])
-        errors: dict[int, Exception] = {}
-        await self.pipeline.round(tenant, Chunks.of_inputs([inp]), [0], sink, errors, records=[rec], write=write)
+        chunks, errors = Chunks.of_inputs([inp]), dict[int, Exception]()
+        self.pipeline.plan(tenant, chunks, errors)
+        if not errors:
+            await self.pipeline.round(tenant, chunks, [0], sink, errors, records=[rec], write=write)
         if 0 in errors:
             raise errors[0]
         return sink.records[0], sink.results[0]
@@ -343,12 +351,14 @@ class SessionService:
         async with self.calls, self.locks.hold((tenant, _checked(g.session_id))):
             rec = await self.store.fresh(tenant, g.session_id)
             model = self.models.get(rec.model, rec.version)
+            error = kind_error(model, "tokens")  # as Step says it
+            if error is not None:
+                raise error
             if model.head != "lm":
                 raise InvalidInput(f"model {model.name} has a {model.head} head; Generate needs a language model")
             if g.expected_offset is not None and g.expected_offset != rec.offset:
                 self.events.conflict(model.name, model.version, tenant)
-                raise OffsetMismatch(f"session {g.session_id} is at offset {rec.offset}, not {g.expected_offset}",
-                                     rec.offset)
+                raise offset_mismatch(g.session_id, rec, g.expected_offset)
             if g.prompt or g.prompt_tokens:
                 rec, _ = await self.advance(tenant, rec, StepInput(g.session_id, tokens=g.prompt_tokens, text=g.prompt,
                                                                    options=_COMPACT))

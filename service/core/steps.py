@@ -85,6 +85,7 @@ def feature_bytes_error(model: Model, size: int) -> InvalidInput | None:
 
 
 NOT_FINITE = "features contain values that are not finite (NaN or infinity)"
+NEGATIVE_TOP_K = "top_k must be 0 or more"
 
 
 def _raise(error: Exception | None) -> None:
@@ -187,6 +188,7 @@ class Chunks:
     replay_keys: Sequence[str] = ()
     deadline: float | None = None
     declared_steps: np.ndarray | None = None  # (n,) where the message declares them (packed): checked in plan
+    top_k: Sequence[int] = ()  # per chunk where chunks ask their own (the packed batch's is checked whole)
 
     @property
     def n(self) -> int:
@@ -199,7 +201,8 @@ class Chunks:
                                 else i.expected_offset for i in inputs), np.int64, len(inputs))
         return cls([i.session_id for i in inputs], InputColumns(inputs), expected,
                    [i.options.activations for i in inputs], [i.replay_key for i in inputs],
-                   min((i.deadline for i in inputs if i.deadline is not None), default=None))
+                   min((i.deadline for i in inputs if i.deadline is not None), default=None),
+                   top_k=[i.options.top_k for i in inputs])
 
 
 class Sink:
@@ -255,6 +258,14 @@ def advanced(rec: SessionRecord, steps: int, digest: bytes, logits: np.ndarray, 
                     last_request=request)
 
 
+def offset_mismatch(session_id: str, rec: SessionRecord, expected: int, key: str = "") -> OffsetMismatch:
+    if key:
+        return OffsetMismatch(f"request id {key[:64]!r} was last applied to session {session_id} at offset "
+                              f"{rec.last_start} with other inputs; give each request its own id", rec.offset)
+    return OffsetMismatch(f"session {session_id} is at offset {rec.offset}, not {expected}; resend from offset "
+                          f"{rec.offset}", rec.offset)
+
+
 def conflict_error(e: StoreConflict, session_id: str) -> OffsetMismatch:
     where = f"it is at offset {e.actual}" if e.actual is not None else "read it again for its offset"
     return OffsetMismatch(f"session {session_id} was advanced elsewhere; {where}",
@@ -273,12 +284,17 @@ class Pipeline:
     # -- plan ------------------------------------------------------------------------------------
     def plan(self, tenant: str, c: Chunks, errors: dict[int, Exception]) -> list[list[int]]:
         """The rules that need no session, and the rounds: each a list of chunks of distinct sessions."""
-        if c.declared_steps is not None:
+        if c.declared_steps is not None and c.n:
             max_chunk = self.max_chunk(tenant)
             for i in np.flatnonzero((c.declared_steps == 0) | (c.declared_steps > max_chunk)).tolist():
                 errors[i] = steps_error(int(c.declared_steps[i]), max_chunk)  # type: ignore[assignment]
-        for i in np.flatnonzero(c.expected < -1).tolist():
-            errors[i] = InvalidInput("expected offsets must be 0 or more, or -1 (not checked)")
+        if c.top_k and min(c.top_k) < 0:
+            for i, k in enumerate(c.top_k):
+                if k < 0:
+                    errors[i] = InvalidInput(NEGATIVE_TOP_K)
+        if c.n and c.expected.min() < -1:
+            for i in np.flatnonzero(c.expected < -1).tolist():
+                errors[i] = InvalidInput("expected offsets must be 0 or more, or -1 (not checked)")
         rounds: list[list[int]] = [[]]
         seen: dict[str, int] = {}
         for i, sid in enumerate(c.session_ids):
@@ -379,7 +395,7 @@ class Pipeline:
                     replays.append(_Replay(i, model, rec, x, picks))
                 else:
                     self.events.conflict(model.name, model.version, tenant)
-                    errors[i] = self._mismatch(c.session_ids[i], rec, expected, key if by_key else "")
+                    errors[i] = offset_mismatch(c.session_ids[i], rec, expected, key if by_key else "")
                     sink.refused_at(i, rec.offset)
                 continue
             blocks.setdefault((id(model), len(x), picks is not None), []).append(
@@ -396,14 +412,6 @@ class Pipeline:
             picks = picked[(id(model), id(request))] = select_activations(model, request)
         return picks
 
-    @staticmethod
-    def _mismatch(session_id: str, rec: SessionRecord, expected: int, key: str) -> OffsetMismatch:
-        if key:
-            return OffsetMismatch(f"request id {key[:64]!r} was last applied to session {session_id} at offset "
-                                  f"{rec.last_start} with other inputs; give each request its own id", rec.offset)
-        return OffsetMismatch(f"session {session_id} is at offset {rec.offset}, not {expected}; resend from offset "
-                              f"{rec.offset}", rec.offset)
-
     # -- run -------------------------------------------------------------------------------------
     async def _run(self, c: Chunks, runs: list[list[_Run]], replays: list[_Replay], errors: dict[int, Exception]
                    ) -> list[tuple | BaseException]:
@@ -414,17 +422,21 @@ class Pipeline:
             for block in runs:
                 model = block[0].model
                 x = c.columns.gather([r.i for r in block], [r.x for r in block], model)
-                states = [np.stack([r.rec.state[k] for r in block], axis=1) for k in range(len(model.states))]
+                states = ([s[:, None] for s in block[0].rec.state] if len(block) == 1 else
+                          [np.stack([r.rec.state[k] for r in block], axis=1) for k in range(len(model.states))])
                 jobs.append(self._submit(model, x, states, c.deadline, block[0].picks is not None))
             for r in replays:
                 jobs.append(self._replay(r, c.deadline))
             futures = [j for j in jobs if isinstance(j, asyncio.Future)]
-            try:
-                await asyncio.wait(futures) if futures else None
-            except asyncio.CancelledError:
-                for f in futures:
-                    f.cancel()
-                raise
+            for f in futures:  # awaited in turn: no waiter task, no extra turn of the loop
+                try:
+                    await f
+                except asyncio.CancelledError:  # this call was cancelled: so are its jobs
+                    for g in futures:
+                        g.cancel()
+                    raise
+                except Exception:
+                    pass  # read below
         out: list[tuple | BaseException] = []
         chunks = [[r.i for r in b] for b in runs] + [[r.i] for r in replays]
         for j, indices in zip(jobs, chunks):

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.errors import ModelInvalid, RecurError
+from service.errors import ActivationsUnavailable, ModelInvalid
 
 PROVIDERS = ("cpu", "cuda", "auto")
 _ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -20,12 +20,6 @@ _ORT_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 class ProviderUnavailable(RuntimeError):
     pass
-
-
-class ActivationsUnavailable(RecurError):
-    """Activations were asked of a model exported without them."""
-
-    code = "FAILED_PRECONDITION"
 
 
 def execution_providers(provider: str) -> list[str]:

@@ -19,7 +19,7 @@ from typing import cast
 import numpy as np
 
 from service.engine.runtime import ActivationGraph, ModelRuntime, RuntimeOptions
-from service.errors import InvalidInput, ModelInvalid, ModelNotFound, RecurError
+from service.errors import InvalidInput, ModelInvalid, ModelNotFound, ModelUnloaded
 from service.repository.schema import problem as schema_problem
 
 log = logging.getLogger(__name__)
@@ -82,12 +82,6 @@ def graph_output_names(blob: bytes) -> list[str]:
                     name = dict(_fields(info)).get(1, b"")
                     names.append(name.decode() if isinstance(name, bytes) else "")
     return names
-
-
-class ModelUnloaded(RecurError):
-    """A session's model version was unloaded (forced while sessions used it)."""
-
-    code = "FAILED_PRECONDITION"
 
 
 def unloaded(name: str, version: int) -> ModelUnloaded:
