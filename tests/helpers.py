@@ -805,6 +805,25 @@ class Prometheus:
         self.log.close()
 
 
+def torch_layers(model_dir: Path, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """Each layer's per-step h (and c for an LSTM) from PyTorch over `tokens` (T,) from zero states, named as
+    the API names them ("h_l0", ...); the last layer's h is also checked to be the model's own output."""
+    import torch
+
+    from training.export import model_from_repository
+
+    model = model_from_repository(model_dir)
+    cfg = model.config
+    x = tokens.astype(np.int64)[None]
+    zeros = [np.zeros((cfg.layers, 1, cfg.hidden), np.float32) for _ in model.state_names]
+    out = {f"{state}_l{layer}": v[0] for (state, layer), v in torch_activations(model, x, zeros).items()}
+    assert model.embed is not None, "a tokens model"
+    with torch.no_grad():
+        y, _ = model.rnn(model.embed(torch.from_numpy(x)))
+    assert np.abs(out[f"h_l{cfg.layers - 1}"] - y[0].numpy()).max() <= TOL
+    return out
+
+
 def torch_activations(net, x: np.ndarray, states: list[np.ndarray]) -> dict:  # type: ignore[no-untyped-def]
     """Every layer's h (and c) at every step of `x` (B, T[, D]) from `states` (each (L, B, H)), keyed
     (state, layer), from a training.model.SequenceModel run one layer and one step at a time in PyTorch."""

@@ -4,6 +4,8 @@ clock the tests move by hand."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -24,8 +26,16 @@ MakeCore = Callable[..., AbstractAsyncContextManager[SessionService]]
 
 
 @pytest.fixture(scope="session")
-def repository(tiny_models: Path) -> ModelRepository:
-    return ModelRepository.load(tiny_models, RuntimeOptions())
+def repository(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
+    """The tiny models, and strict-lm: lstm-lm with a vocabulary that has no unknown id."""
+    models = tmp_path_factory.mktemp("core") / "models"
+    shutil.copytree(tiny_models, models)
+    strict = models / "strict-lm" / "1"
+    shutil.copytree(models / "lstm-lm" / "1", strict)
+    manifest = json.loads((strict / "manifest.json").read_text())
+    manifest["name"], manifest["vocabulary"]["unk_id"] = "strict-lm", None
+    (strict / "manifest.json").write_text(json.dumps(manifest))
+    return ModelRepository.load(models, RuntimeOptions())
 
 
 @pytest.fixture(params=["memory", "sqlite", "hinted"])

@@ -5,6 +5,7 @@ request id is its replay key, a one-shot request stores nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import numpy as np
@@ -276,3 +277,24 @@ async def test_tenants_do_not_see_each_others_sequences(make_core: MakeCore) -> 
             await _infer(core, "s", "gru-lm", _seq(2), tenant="b")
         assert (await _infer(core, "s", "lstm-lm", _seq(2), start=True, tenant="b")).offset == 2
         assert (await _infer(core, "s", "gru-lm", _seq(2), tenant="a")).offset == 5
+
+
+@pytest.mark.parametrize("store_kind", ["memory"])
+async def test_a_retry_after_100k_sequences_of_another_tenant(make_core: MakeCore) -> None:
+    """The old replay memory was one map of 100,000 sequences for all tenants: another tenant starting
+    100,050 sequences evicted this one's last request id, and its retry was applied twice. The request
+    id is kept in the sequence's own record now."""
+    x = _seq(6, seed=4)
+    async with make_core(max_sessions=120_000, memory_capacity=120_000) as core:
+        await _infer(core, "keep", "gru-lm", x[:2], start=True, rid="a", tenant="mine")
+        first = await _infer(core, "keep", "gru-lm", x[2:5], rid="b", tenant="mine")
+        sequences, n = Sequences(core), 100_050
+        for group in range(0, n, 2000):  # concurrent starts, as a stream sends them
+            await asyncio.gather(*(sequences.infer("theirs", SequenceStep(
+                f"o{i}", "gru-lm", 0, True, False, StepInput("", tokens=[i % 50]), request_id="x"))
+                for i in range(group, min(n, group + 2000))))
+        assert await core.store.count("theirs") == n
+        again = await _infer(core, "keep", "gru-lm", x[2:5], rid="b", tenant="mine")
+        assert (again.replayed, again.offset) == (True, 5) and again.logits is not None and first.logits is not None
+        assert np.array_equal(again.logits, first.logits)
+        assert (await _infer(core, "keep", "gru-lm", x[5:], rid="c", tenant="mine")).offset == 6

@@ -66,9 +66,11 @@ async def test_create_names_ids_and_pins_the_version(make_core: MakeCore) -> Non
         for bad in ("bad id!", "a/b", "x" * 129, "line\n", "é"):
             with pytest.raises(InvalidInput, match="session_id must be"):
                 await core.create("t", "lstm-lm", 0, bad)
+        before = await _snapshot(core, "my.id:1@x-y_z")
         with pytest.raises(AlreadyExists, match=re.escape("'my.id:1@x-y_z' already exists")):
             await core.create("t", "gru-lm", 0, "my.id:1@x-y_z")
         assert (await core.get("t", "my.id:1@x-y_z")).model == "lstm-lm"
+        assert await _snapshot(core, "my.id:1@x-y_z") == before
         with pytest.raises(ModelNotFound, match="model 'nomodel' is not loaded"):
             await core.create("t", "nomodel", 0)
         with pytest.raises(ModelNotFound, match=r"has no version 7 \(versions: \[1\]\)"):
@@ -162,8 +164,10 @@ async def test_bad_chunks_are_refused_and_change_nothing(make_core: MakeCore) ->
     async with make_core(max_chunk=64) as core:
         lm = (await core.create("t", "lstm-lm", 0)).session_id
         cls = (await core.create("t", "lstm-classifier", 0)).session_id
+        tight = (await core.create("t", "strict-lm", 0)).session_id  # its vocabulary has no unknown id
         await _step(core, lm, [1, 2, 3])
         await core.step("t", StepInput(cls, features=np.zeros((2, 8), "<f4").tobytes()))
+        await core.step("t", StepInput(tight, text="ok"))
         f8 = np.zeros((1, 8), "<f4")
         cases = [
             (lm, StepInput(lm, tokens=[1, 2, 98]), "token id 98 at position 2 is out of range [0, 98)"),
@@ -177,6 +181,8 @@ async def test_bad_chunks_are_refused_and_change_nothing(make_core: MakeCore) ->
             (cls, StepInput(cls, features=b"\0" * 28), "28 bytes is not a multiple of 32"),
             (cls, StepInput(cls, features=np.full((1, 8), np.nan, "<f4").tobytes()), "not finite"),
             (cls, StepInput(cls, features=np.full((1, 8), np.inf, "<f4").tobytes()), "not finite"),
+            (tight, StepInput(tight, text="caf\u00e9"),
+             "character 'é' at position 3 that model strict-lm cannot encode"),
             (lm, StepInput(lm, text="a", options=OutputOptions(top_k=-1)), "top_k must be 0 or more"),
         ]
         for sid, inp, words in cases:
@@ -381,6 +387,24 @@ async def test_generation_stops_and_cancels_cleanly(make_core: MakeCore) -> None
         got = [await anext(gen) for _ in range(4)]
         await gen.aclose()  # a cancelled generation leaves the offset of the last token sent
         assert (await core.get("t", sid)).offset == got[-1].offset == start + 4
+
+
+async def test_stop_strings_are_bounded_and_matched(make_core: MakeCore) -> None:
+    """At most 64 stop strings of 4,096 UTF-8 bytes together, refused before anything runs; a stop
+    string that ends within the greedy output stops it there, among 60 that never match."""
+    async with make_core() as core:
+        sid = (await core.create("t", "lstm-lm", 0)).session_id
+        for stop, words in ((["x"] * 65, "at most 64"), (["y" * 2049, "z" * 2048], "4096 UTF-8 bytes")):
+            with pytest.raises(InvalidInput, match=words):
+                _ = [t async for t in core.generate("t", GenerateInput(sid, prompt="ab", max_tokens=2, stop=stop))]
+        assert (await core.get("t", sid)).offset == 0
+        made = "".join([t.text async for t in core.generate("t", GenerateInput(sid, prompt="ab", max_tokens=12,
+                                                                                temperature=0))])
+        other = (await core.create("t", "lstm-lm", 0)).session_id
+        again = [t async for t in core.generate("t", GenerateInput(
+            other, prompt="ab", max_tokens=12, temperature=0, stop=[f"never{i}" for i in range(60)] + [made[3:5]]))]
+        assert again[-1].finish_reason == "stop" and "".join(t.text for t in again).endswith(made[3:5])
+        assert len(again) <= 5
 
 
 async def test_generation_refusals(make_core: MakeCore) -> None:

@@ -238,21 +238,11 @@ def test_a_never_read_stream_is_bounded_in_bytes_and_frees_them(tmp_path: Path) 
 
 # -- Generate ---------------------------------------------------------------------------------------------------
 
-def test_generate_stop_strings_are_bounded_and_matched(client: RecurClient) -> None:
+def test_generate_stop_strings_are_bounded_before_they_are_copied(client: RecurClient) -> None:
+    """65 stop strings are refused as the request is converted (tests/core holds the bounds and the matching)."""
     sid = client.create("lstm-lm").session_id
     refused(lambda: list(client.generate(sid, prompt="ab", max_tokens=2, stop=["x"] * 65)), INVALID, "at most 64")
-    refused(lambda: list(client.generate(sid, prompt="ab", max_tokens=2, stop=["y" * 2049, "z" * 2048])),
-            INVALID, "4096 UTF-8 bytes")
     assert client.get(sid).offset == 0
-    made = "".join(t.text for t in client.generate(sid, prompt="ab", max_tokens=12, temperature=0))
-    # greedy output again on a fork, stopped by a string that ends within it, among 60 that never match
-    fork = client.fork(sid).session_id
-    other = client.create("lstm-lm").session_id
-    again = list(client.generate(other, prompt="ab", max_tokens=12, temperature=0,
-                                 stop=[f"never{i}" for i in range(60)] + [made[3:5]]))
-    assert again[-1].finish_reason == "stop" and "".join(t.text for t in again).endswith(made[3:5])
-    assert len(again) <= 5
-    assert fork
 
 
 # -- rates, keys, the replica header, the admin port ----------------------------------------------------------

@@ -1,45 +1,11 @@
-"""Exactly-once chunks: offsets, replayed retries, racing clients."""
+"""Exactly-once chunks over the wire: racing clients, and a replay after the reply was lost in a restart.
+The offset and replay rules themselves are tested in process in tests/core."""
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
-import pytest
 
-from recur.client import RecurClient
-from tests.helpers import TOL, Server, logits_of, race, refused, state_of
-
-
-def test_a_retried_chunk_is_replayed_not_applied_again(client: RecurClient) -> None:
-    s = client.create("lstm-lm").session_id
-    client.step(s, text="import ", expected_offset=0)
-    first = client.step(s, text="os", expected_offset=7, top_k=2, return_logits=True)
-    before = client.get(s, include_state=True)
-    again = client.step(s, text="os", expected_offset=7, top_k=2, return_logits=True)
-    after = client.get(s, include_state=True)
-    assert (first.replayed, again.replayed) == (False, True)
-    assert again.offset == first.offset == after.offset == 9 and again.start_offset == 7
-    assert list(again.outputs) == list(first.outputs) and again.logits == first.logits
-    assert [t.data for t in after.state] == [t.data for t in before.state]
-
-
-@pytest.mark.parametrize("offset", [0, 3, 10, 999])
-def test_stale_and_future_offsets_are_refused_with_the_actual_offset(client: RecurClient, offset: int) -> None:
-    s = client.create("gru-lm").session_id
-    client.step(s, text="abcde", expected_offset=0)
-    client.step(s, text="fgh", expected_offset=5)  # offset 8; its retry (at 5, "fgh") would replay
-    before = client.get(s, include_state=True)
-    message = refused(lambda: client.step(s, text="zz", expected_offset=offset), grpc.StatusCode.FAILED_PRECONDITION)
-    assert "is at offset 8" in message
-    after = client.get(s, include_state=True)
-    assert after.offset == 8 and [t.data for t in after.state] == [t.data for t in before.state]
-
-
-def test_same_offset_different_content_is_refused(client: RecurClient) -> None:
-    s = client.create("gru-lm").session_id
-    client.step(s, text="abc", expected_offset=0)
-    message = refused(lambda: client.step(s, text="abd", expected_offset=0), grpc.StatusCode.FAILED_PRECONDITION)
-    assert "is at offset 3, not 0" in message
+from tests.helpers import TOL, Server, logits_of, race, state_of
 
 
 def test_two_clients_racing_on_one_session(server: Server, reference) -> None:  # type: ignore[no-untyped-def]

@@ -130,6 +130,9 @@ def test_malformed_and_oversized_fields_are_invalid_argument(server: Server) -> 
             tensors = [pb.Tensor(name="state_h", shape=empty_but_huge), pb.Tensor(name="state_c", shape=[2])]
             refused(lambda t=tensors: c.stub.CreateSession(pb.CreateSessionRequest(model="lstm-lm", initial_state=t),
                                                            timeout=10), INVALID)
+        short = [pb.Tensor(name="state_h", shape=[2, 16], data=b"\0" * 12), pb.Tensor(name="state_c", shape=[2])]
+        refused(lambda: c.stub.CreateSession(pb.CreateSessionRequest(model="lstm-lm", initial_state=short),
+                                             timeout=10), INVALID, "do not hold float32 of shape [2, 16]")
         huge_shape = [pb.Tensor(name="state_h", shape=[2**40, 2**40, 2**40]), pb.Tensor(name="state_c", shape=[2])]
         refused(lambda: c.stub.CreateSession(pb.CreateSessionRequest(model="lstm-lm", initial_state=huge_shape),
                                              timeout=10), INVALID, "do not hold float32")

@@ -1,12 +1,12 @@
 """The Open Inference Protocol at the boundary: outputs are a set, replays are kept in the store (they
-survive a restart, another replica, and any other tenant's load), and hundreds of concurrent calls on
-one tritonclient channel are served."""
+survive a restart and another replica; any other tenant's load is tests/core/test_sequences.py's), and
+hundreds of concurrent calls on one tritonclient channel are served."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -14,7 +14,6 @@ import numpy as np
 
 from recur.kserve import grpc_service_pb2 as pb
 from recur.kserve import grpc_service_pb2_grpc
-from service.auth import add_key
 from tests.helpers import Redis, Server, refused
 
 MODEL = "gru-lm"
@@ -109,34 +108,6 @@ def test_a_retry_on_another_replica_is_replayed(tiny_models: Path, tmp_path: Pat
         a.kill()
         b.kill()
         redis.kill()
-
-
-def test_a_retry_after_100k_sequences_of_another_tenant(tiny_models: Path, tmp_path: Path) -> None:
-    """The old replay memory was one map of 100,000 sequences for all tenants: another tenant starting
-    100,050 sequences evicted this one's last request id, and its retry was applied twice."""
-    path = tmp_path / "keys.json"
-    mine, theirs = add_key(path, "mine"), add_key(path, "theirs")
-    server = Server(tiny_models, "memory:", ["--auth-keys", str(path), "--memory-capacity", "120000",
-                                             "--max-sessions", "120000", "--auth-keys-poll", "0"]).start()
-    try:
-        ch, stub = _stub(server.target)
-        with ch:
-            me, them = (("authorization", f"Bearer {mine}"),), (("authorization", f"Bearer {theirs}"),)
-            _start(stub, "keep", me)
-            n = 100_050
-
-            def requests() -> Iterator[pb.ModelInferRequest]:
-                for i in range(n):
-                    yield _infer([i % 50], f"o{i}", start=True, rid="x")
-
-            answered = 0
-            for reply in stub.ModelStreamInfer(requests(), metadata=them, timeout=600):
-                assert not reply.error_message, reply.error_message
-                answered += 1
-            assert answered == n
-            _retry_is_replayed(stub, "keep", me)
-    finally:
-        server.kill()
 
 
 def test_120_concurrent_tritonclient_calls_on_one_channel(tiny_models: Path, tmp_path: Path,
