@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from service.store.write_queue import CHECK_VARIABLE
 from tests.helpers import CELLS, HEADS, Reference  # tests/training imports CELLS and HEADS from here too
+
+# The SQLite store's write queue checks its invariants after every operation in the tests: in process,
+# and in the servers they start (which inherit this environment).
+os.environ.setdefault(CHECK_VARIABLE, "1")
 
 _TASK = {"lm": "lm", "tagger": "tagger", "classifier": "digits"}
 

@@ -17,6 +17,7 @@ import pytest
 from service.errors import LimitExceeded, SessionExpired, Unavailable
 from service.store import MemoryStore, SessionRecord, SqliteStore, Store
 from service.store.base import redact_url
+from service.store.write_queue import Put
 from service.types import StepInput
 from tests.core.conftest import MakeCore
 from tests.helpers import ManualClock
@@ -75,7 +76,7 @@ async def test_async_with_a_one_record_cache_loses_no_acknowledged_write(tmp_pat
 
     for _ in range(5):
         await asyncio.gather(*(step(sid) for sid in sids))
-    assert not store._fenced
+    assert not store.writes.fenced_count
     await store.close()
     assert await _reopened_offsets(path, sids) == [5] * 200
 
@@ -119,7 +120,7 @@ async def test_a_full_pending_map_slows_replies_and_drops_nothing(tmp_path: Path
     commits = store.commits
     for sid in sids[:8]:
         await store.put(_rec(sid, 1), prev_offset=0)
-    assert store.commits == commits and len(store._pending) == 8  # acknowledged, held, not yet committed
+    assert store.commits == commits and store.writes.pending_count == 8  # acknowledged, held, not yet committed
     assert set(_disk_offsets(path).values()) == {0}
     started = time.monotonic()
     await store.put(_rec(sids[8], 1), prev_offset=0)
@@ -127,7 +128,7 @@ async def test_a_full_pending_map_slows_replies_and_drops_nothing(tmp_path: Path
     assert all(_disk_offsets(path)[sid] == 1 for sid in sids[:8])
     for sid in sids[9:]:
         await store.put(_rec(sid, 1), prev_offset=0)
-        assert len(store._pending) <= 8
+        assert store.writes.pending_count <= 8
     await store.close()
     assert await _reopened_offsets(path, sids) == [1] * 20
 
@@ -145,7 +146,7 @@ async def test_a_failed_write_behind_fences_its_session_until_it_is_stored(
     conn = store._conn
     await store._run(conn.execute, "PRAGMA query_only=ON")
     await store.put(_rec("a", 1), prev_offset=0)  # acknowledged; its commit will fail
-    await _until(lambda: ("default", "a") in store._fenced)
+    await _until(lambda: store.writes.is_fenced(("default", "a")))
     for call in (store.get("default", "a"), store.put(_rec("a", 2), prev_offset=1), store.delete("default", "a")):
         with pytest.raises(Unavailable, match="session 'a' is fenced: its last acknowledged write could not be "
                                               r"stored \(OperationalError\)"):
@@ -159,7 +160,7 @@ async def test_a_failed_write_behind_fences_its_session_until_it_is_stored(
     assert (await store.get("default", "b")).offset == 0  # reads still served
     assert _disk_offsets(path) == {"a": 0, "b": 0}
     await store._run(conn.execute, "PRAGMA query_only=OFF")
-    await _until(lambda: not store._fenced)
+    await _until(lambda: not store.writes.fenced_count)
     assert (await store.get("default", "a")).offset == 1
     await store.put(_rec("b", 1), prev_offset=0)
     await store.ping()
@@ -230,14 +231,14 @@ async def test_a_full_database_refuses_writes_keeps_what_it_acknowledged_and_rec
             await store.put(grown, prev_offset=0)
     else:
         await store.put(grown, prev_offset=0)  # acknowledged; its commit cannot fit it
-        await _until(lambda: (("default", made[0]) in store._fenced))
+        await _until(lambda: store.writes.is_fenced(("default", made[0])))
         with pytest.raises(Unavailable, match="is fenced"):
             await store.get("default", made[0])
     for sid in made[1:4]:
         await store.delete("default", sid)  # these fit (and free pages)
     if durability == "sync":
         await store.put(grown, prev_offset=0)
-    await _until(lambda: not store._fenced)
+    await _until(lambda: not store.writes.fenced_count)
     assert (await store.get("default", made[0])).offset == 1
     await store.create(_rec("after", hidden=1000))
     await store.ping()
@@ -312,8 +313,8 @@ async def test_the_sqlite_cache_is_bounded_in_bytes(tmp_path: Path) -> None:
     for i in range(40):
         await store.create(_rec(f"s{i}", hidden=1000))
         await store.get("default", f"s{i}")
-        assert store._cached_bytes <= 5 * size + 100 and len(store._cache) <= 5
-    assert sum(r.nbytes for r in store._cache.values()) == store._cached_bytes
+        assert store.writes.cached_bytes <= 5 * size + 100 and store.writes.cached_count <= 5
+    store.writes.check()  # its byte count among them
     assert [(await store.get("default", f"s{i}")).offset for i in range(40)] == [0] * 40  # evicted ones from disk
     await store.close()
 
@@ -418,7 +419,7 @@ async def test_a_write_queued_behind_a_retried_one_waits_for_it(tmp_path: Path) 
     failing = threading.Event()
 
     def apply(batch):  # type: ignore[no-untyped-def]
-        if full.is_set() and any(w.kind == "put" and w.key == ("default", "a") and w.record.offset == 1
+        if full.is_set() and any(isinstance(w, Put) and w.key == ("default", "a") and w.record.offset == 1
                                  for w in batch):
             failing.set()
             time.sleep(0.3)  # a slow failing commit: the next write of "a" is acknowledged meanwhile
@@ -432,7 +433,7 @@ async def test_a_write_queued_behind_a_retried_one_waits_for_it(tmp_path: Path) 
     await store.put(_rec("b", 1), prev_offset=0)
     await _until(lambda: _disk_offsets(path)["b"] == 1)  # other sessions go on
     full.clear()
-    await _until(lambda: not store._fenced)
+    await _until(lambda: not store.writes.fenced_count)
     assert (await store.get("default", "a")).offset == 2
     await store.close()
     assert await _reopened_offsets(path, ["a", "b"]) == [2, 1]
