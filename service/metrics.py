@@ -88,8 +88,6 @@ class Metrics(Events):
         self.created_total = Counter("recur_sessions_created", "Sessions created (forks included).", mvt, registry=r)
         self.deleted_total = Counter("recur_sessions_deleted", "Sessions deleted by a client.", ["tenant"], registry=r)
         self.expired_total = Counter("recur_sessions_expired", "Idle sessions removed by the sweeper.", registry=r)
-        self.evicted_total = Counter("recur_sessions_evicted", "Sessions evicted to make room (recur never evicts: "
-                               "a full store refuses new sessions; always 0).", registry=r)
         self.chunks = Counter("recur_chunks", "Chunks answered (replays included).", ["rpc", "tenant"], registry=r)
         self.tokens = Counter("recur_tokens", "Steps (tokens or feature rows) newly applied.", ["rpc", "tenant"],
                               registry=r)
