@@ -217,7 +217,7 @@ async def create_server(settings: Settings, worker: WorkerRole | None = None) ->
                              redis_wait_timeout=settings.redis_wait_timeout)
     engine = Engine(EngineOptions(max_batch=settings.max_batch, slice_steps=settings.slice_steps,
                                   window=settings.batch_window, threads=settings.inference_threads,
-                                  max_queue=settings.max_queue))
+                                  max_queue=settings.max_queue, inline_rows=settings.inline_rows))
     metrics = Metrics()
     metrics.watch(store, lambda: engine.admitted, asyncio.get_running_loop())
     engine.on_call = metrics.engine_call

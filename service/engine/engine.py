@@ -45,6 +45,7 @@ class EngineOptions:
     window: float = 0.0  # seconds to wait for more jobs when a thread is idle
     threads: int = 1  # concurrent ONNX Runtime calls
     max_queue: int = 4096  # most chunks admitted (queued or running); more are refused
+    inline_rows: int = 4  # a block of at most this many rows x steps on an idle engine runs on the loop's thread
 
 
 @dataclass
@@ -113,11 +114,39 @@ class Engine:
             raise LimitExceeded(f"the server is overloaded: {self.admitted} chunks are queued, its limit "
                                 f"(--max-queue {self.options.max_queue}); retry shortly")
         loop = asyncio.get_running_loop()
+        if (rows * x.shape[1] <= self.options.inline_rows and x.shape[1] <= self.options.slice_steps
+                and self._busy == 0 and not self._dispatch_pending):
+            return self._now(loop, runtime, _Job(x, states, loop.create_future(), deadline, activations))
         parts = [self._queue(runtime, _Job(x[a : a + cap] if rows > cap else x,
                                            [s[:, a : a + cap] for s in states] if rows > cap else states,
                                            loop.create_future(), deadline, activations))
                  for a in range(0, max(rows, 1), cap)]
         return parts[0] if len(parts) == 1 else _joined(loop, parts)
+
+    def _now(self, loop: asyncio.AbstractEventLoop, runtime: ModelRuntime, job: _Job) -> asyncio.Future[Ran]:
+        """A tiny block on an idle engine runs here and now, on the event loop's thread: no task, no
+        hop to an inference thread and back, no turn of the loop (a lone token's latency)."""
+        if job.deadline is not None and job.deadline <= loop.time():
+            job.future.set_exception(_past_deadline())
+            return job.future
+        started = now_ns()
+        try:
+            result, seconds, cpu = _timed(_run_group, runtime, [job], job.length, job.activations)
+        except Exception as e:
+            if not isinstance(e, RecurError):
+                log.warning("a call of %d chunks failed in ONNX Runtime: %s", job.rows, e.__class__.__name__)
+            job.future.set_exception(e)
+            return job.future
+        if self.on_call is not None:
+            self.on_call(job.rows, seconds, cpu)
+        if self.tracing.on:
+            self.tracing.engine_call([self.tracing.current()], job.rows, job.rows * job.length, started, now_ns())
+        self.stats.calls += 1
+        self.stats.slices += job.rows
+        self.stats.steps += job.length * job.rows
+        self.stats.max_rows = max(self.stats.max_rows, job.rows)
+        job.future.set_result(result)
+        return job.future
 
     def _queue(self, runtime: ModelRuntime, job: _Job) -> asyncio.Future:
         q = self._queues.get(id(runtime))
@@ -183,8 +212,7 @@ class Engine:
                 if job.future.done():  # cancelled
                     continue
                 if job.deadline is not None and job.deadline <= now:  # nothing is stored yet: safe to drop
-                    job.future.set_exception(DeadlineExceeded("the call's deadline passed before its chunk ran; "
-                                                              "nothing was applied"))
+                    job.future.set_exception(_past_deadline())
                     continue
                 groups.setdefault((job.next_slice(self.options.slice_steps), job.activations), []).append(job)
             for (steps, with_acts), group in groups.items():
@@ -280,6 +308,10 @@ def _joined(loop: asyncio.AbstractEventLoop, parts: list[asyncio.Future]) -> asy
         p.add_done_callback(settle)
     out.add_done_callback(lambda f: [p.cancel() for p in parts] if f.cancelled() else None)
     return out
+
+
+def _past_deadline() -> DeadlineExceeded:
+    return DeadlineExceeded("the call's deadline passed before its chunk ran; nothing was applied")
 
 
 def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:

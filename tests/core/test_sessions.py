@@ -233,15 +233,16 @@ async def test_two_replicas_on_one_store_never_both_advance(make_core: MakeCore,
     (with hints, the loser reads the session again and is refused on what is stored)."""
     async with make_core() as a, make_core(store=another_replica(a.store)) as b:
         sid = (await a.create("t", "lstm-lm", 0)).session_id
-        results = await asyncio.gather(_step(a, sid, [1], 0), _step(b, sid, [2], 0), return_exceptions=True)
+        # chunks over --inline-rows: both run on the engine's thread, so both read offset 0 before either writes
+        results = await asyncio.gather(_step(a, sid, [1] * 8, 0), _step(b, sid, [2] * 8, 0), return_exceptions=True)
         won = [r for r in results if isinstance(r, StepResult)]
         lost = [r for r in results if isinstance(r, OffsetMismatch)]
         assert len(won) == 1 and len(lost) == 1, results
-        assert "is at offset 1" in str(lost[0]) and lost[0].actual == 1
+        assert "is at offset 8" in str(lost[0]) and lost[0].actual == 8
         if store_kind != "hinted":
-            assert "was advanced elsewhere; it is at offset 1" in str(lost[0])
+            assert "was advanced elsewhere; it is at offset 8" in str(lost[0])
         v = await b.get("t", sid, include_state=True)
-        assert v.offset == 1 and v.state is not None and won[0].state is not None
+        assert v.offset == 8 and v.state is not None and won[0].state is not None
         assert np.array_equal(v.state[0].value, won[0].state[0].value)
 
 
