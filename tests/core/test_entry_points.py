@@ -112,10 +112,7 @@ async def test_an_offset_mismatch_is_refused_with_the_actual_offset(make_core: M
 
 @pytest.mark.parametrize("entry", [e for e in ENTRIES if e != "Step"])
 @pytest.mark.parametrize("store_kind", ["memory"])  # the words do not depend on the store
-async def test_an_offset_mismatch_says_what_step_says(make_core: MakeCore, entry: str, request) -> None:  # type: ignore[no-untyped-def]
-    if entry == "Generate":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="Generate says 'session S is at offset N, not "
-                                              "M' without Step's '; resend from offset N'"))
+async def test_an_offset_mismatch_says_what_step_says(make_core: MakeCore, entry: str) -> None:
     async with make_core() as core:
         sid = (await core.create(TENANT, "lstm-lm", 0)).session_id
         await via_step(core, Chunk(sid, _seq(5)))
@@ -169,12 +166,8 @@ async def test_a_retried_generate_is_refused_not_replayed(make_core: MakeCore) -
 
 # -- the input rules -------------------------------------------------------------------------------
 _CASES = [(rule, entry) for rule in RULES for entry in rule.entries]
-# Where an entry point's words differ from Step's today (the core is being unified: remove the mark then).
-_DIFFERENT = {
-    ("tokens to a features model", "Generate"): "Generate refuses a model that is not a language model by its "
-                                                "head ('model M has a classifier head; Generate needs a language "
-                                                "model'), Step by its input kind",
-}
+# Where an entry point's words differ from Step's (a strict xfail each, with the words it says instead).
+_DIFFERENT: dict[tuple[str, str], str] = {}
 
 
 async def _refused(core, rule: Rule, send, sid: str) -> str:  # type: ignore[no-untyped-def]

@@ -158,11 +158,8 @@ _DIFFERENT = {
     "unknown session": "a sequence names what to do: 'sequence S is not active (session S does not exist); send its "
                        "first request with sequence_start=true'",
 }
-# Rules Sequences.infer does not keep yet (the core is being unified: remove the mark then).
-_MISSING = {
-    "negative top_k": "Sequences.infer takes top_k -1 (StepBatch refuses it in step_batch, the packed batch in "
-                      "packed.layout, core.advance nowhere) and answers top-k lists of classes - 1 entries",
-}
+# Rules Sequences.infer does not keep (a strict xfail each, saying what it does instead).
+_MISSING: dict[str, str] = {}
 
 
 def _marked(rule: Rule, reasons: dict[str, str]):  # type: ignore[no-untyped-def]
