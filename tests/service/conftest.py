@@ -1,4 +1,5 @@
-"""Real `recur serve` processes on free ports, started and stopped by the tests."""
+"""Real `recur serve` processes on free ports: one per module for the tests that share it, and any
+number of a test's own."""
 
 from __future__ import annotations
 
@@ -26,12 +27,19 @@ def start_server(tiny_models: Path, tmp_path: Path) -> Iterator:
         s.kill()
 
 
-@pytest.fixture
-def server(start_server) -> Server:  # type: ignore[no-untyped-def]
-    return start_server()
+@pytest.fixture(scope="module")
+def server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server (SQLite on a temp file) for a module's tests: each makes its own sessions and none
+    restarts it, changes what it serves or counts every session it holds. A test that does starts its
+    own (start_server)."""
+    s = Server(tiny_models, f"sqlite:{tmp_path_factory.mktemp('server') / 'recur.db'}")
+    try:
+        yield s.start()
+    finally:
+        s.kill()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def client(server: Server) -> Iterator[RecurClient]:
     with server.client() as c:
         yield c

@@ -41,7 +41,8 @@ async def _code(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
     return e.value.code(), e.value.details()
 
 
-async def test_sessions_and_models(server: Server) -> None:
+async def test_sessions_and_models(start_server: Callable[..., Server]) -> None:
+    server = start_server()  # its own: it lists every session the tenant holds
     async with aio.RecurClient(server.target) as c:
         models = {m.name: m for m in await c.models()}
         assert len(models) == 9 and models["lstm-lm"].cell == "lstm"

@@ -122,7 +122,8 @@ def test_export_import_and_sessions(start_server: Callable[..., Server], tmp_pat
     assert "offset 8" in ok(b.target, "step", "mover2", "abc")
 
 
-def test_watch_once(server: Server) -> None:
+def test_watch_once(start_server: Callable[..., Server]) -> None:
+    server = start_server()  # its own: the screen counts every session it holds
     t = server.target
     ok(t, "create", "rnn-lm", "--session-id", "w1")
     ok(t, "create", "rnn-lm", "--session-id", "w2")

@@ -16,9 +16,10 @@ TRITON_PYTHON = ROOT / ".venv-tritonclient" / "bin" / "python"
 CLIENTS = Path(__file__).resolve().parent / "clients"
 
 
-@pytest.fixture
-def v2_server(tiny_models: Path, tmp_path: Path) -> Iterator[Server]:
-    s = Server(tiny_models, f"sqlite:{tmp_path / 'recur.db'}")
+@pytest.fixture(scope="module")
+def v2_server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for a module's tests, each on sequences of its own; a test that restarts a server starts its own."""
+    s = Server(tiny_models, f"sqlite:{tmp_path_factory.mktemp('v2') / 'recur.db'}")
     try:
         yield s.start()
     finally:

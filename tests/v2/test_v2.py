@@ -132,19 +132,23 @@ def test_errors_as_tritonclient_surfaces_them(v2_server: Server, triton: Callabl
     assert ok4 == ["ok", "s4", 6]
 
 
-def test_sequence_survives_sigkill_and_restart(v2_server: Server, triton: Callable[..., str], reference,  # type: ignore[no-untyped-def]
+def test_sequence_survives_sigkill_and_restart(tiny_models: Path, triton: Callable[..., str], reference,  # type: ignore[no-untyped-def]
                                                tmp_path: Path) -> None:
     ref = reference(TOKENS_MODEL)
     x = _tokens(ref, 1200, seed=8)
     np.save(tmp_path / "x.npy", x)
     common = dict(model=TOKENS_MODEL, input=str(tmp_path / "x.npy"), input_name="tokens", sequence_id="restart-me",
                   states=_states(ref))
-    triton("sequence.py", target=v2_server.target, start=True, end=False, seed=1, **{"from": 0}, to=500,
-           out=str(tmp_path / "a.npz"), **common)
-    v2_server.kill()
-    v2_server.start()
-    triton("sequence.py", target=v2_server.target, start=False, end=True, seed=2, **{"from": 500}, to=len(x),
-           out=str(tmp_path / "b.npz"), **common)
+    server = Server(tiny_models, f"sqlite:{tmp_path / 'recur.db'}").start()  # its own: it is killed
+    try:
+        triton("sequence.py", target=server.target, start=True, end=False, seed=1, **{"from": 0}, to=500,
+               out=str(tmp_path / "a.npz"), **common)
+        server.kill()
+        server.start()
+        triton("sequence.py", target=server.target, start=False, end=True, seed=2, **{"from": 500}, to=len(x),
+               out=str(tmp_path / "b.npz"), **common)
+    finally:
+        server.kill()
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     want, want_states = ref.run(x)
     assert np.abs(np.concatenate([a["logits"], b["logits"]]) - want).max() <= TOL

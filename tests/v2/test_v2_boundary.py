@@ -39,20 +39,16 @@ def _stub(target: str) -> tuple[grpc.Channel, grpc_service_pb2_grpc.GRPCInferenc
     return ch, grpc_service_pb2_grpc.GRPCInferenceServiceStub(ch)
 
 
-def test_an_output_named_twice_is_refused_before_anything_runs(tiny_models: Path, tmp_path: Path) -> None:
-    server = Server(tiny_models, "memory:").start()
-    try:
-        ch, stub = _stub(server.target)
-        with ch:
-            stub.ModelInfer(_infer([1, 2], "s", start=True), timeout=10)
-            for names in (["logits"] * 4000, ["logits", "state_h", "logits"]):
-                t = time.perf_counter()
-                refused(lambda: stub.ModelInfer(_infer([1] * 4096, "s", outputs=names), timeout=10),  # noqa: B023
-                        grpc.StatusCode.INVALID_ARGUMENT)
-                assert time.perf_counter() - t < 1.0
-            assert _offset(stub.ModelInfer(_infer([3], "s", outputs=["logits", "state_h"]), timeout=10)) == 3
-    finally:
-        server.kill()
+def test_an_output_named_twice_is_refused_before_anything_runs(v2_server: Server) -> None:
+    ch, stub = _stub(v2_server.target)
+    with ch:
+        stub.ModelInfer(_infer([1, 2], "twice", start=True), timeout=10)
+        for names in (["logits"] * 4000, ["logits", "state_h", "logits"]):
+            t = time.perf_counter()
+            refused(lambda: stub.ModelInfer(_infer([1] * 4096, "twice", outputs=names), timeout=10),  # noqa: B023
+                    grpc.StatusCode.INVALID_ARGUMENT)
+            assert time.perf_counter() - t < 1.0
+        assert _offset(stub.ModelInfer(_infer([3], "twice", outputs=["logits", "state_h"]), timeout=10)) == 3
 
 
 def _retry_is_replayed(stub: grpc_service_pb2_grpc.GRPCInferenceServiceStub, seq: str,
@@ -110,11 +106,6 @@ def test_a_retry_on_another_replica_is_replayed(tiny_models: Path, tmp_path: Pat
         redis.kill()
 
 
-def test_120_concurrent_tritonclient_calls_on_one_channel(tiny_models: Path, tmp_path: Path,
-                                                          triton: Callable[..., str]) -> None:
-    server = Server(tiny_models, "memory:").start()
-    try:
-        out = triton("many_calls.py", target=server.target, model=MODEL, calls=120, steps=4)
-        assert json.loads(out) == [8] * 120
-    finally:
-        server.kill()
+def test_120_concurrent_tritonclient_calls_on_one_channel(v2_server: Server, triton: Callable[..., str]) -> None:
+    out = triton("many_calls.py", target=v2_server.target, model=MODEL, calls=120, steps=4)
+    assert json.loads(out) == [8] * 120
