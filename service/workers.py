@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 
 from recur.flags import to_environment
 from service.config import Settings
-from service.store import open_store
-from service.store.redis_url import SCHEMES as REDIS_SCHEMES
+from service.errors import RecurError
+from service.store import open_store, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,15 @@ def reserve(host: str, port: int) -> socket.socket:
 
 
 async def prepare_store(settings: Settings) -> None:
-    """Open the store once and close it: a new SQLite file gets its schema here, not in N workers at once."""
-    if not settings.store.startswith(("sqlite:", *REDIS_SCHEMES)):
-        return  # open_store refuses it in the worker, which says why
-    store = await open_store(settings.store, durability=settings.durability, memory_capacity=1, cache_size=0,
-                             async_window=settings.async_window, tombstone_seconds=settings.tombstone_seconds,
-                             redis_min_replicas=settings.redis_min_replicas,
-                             redis_wait_timeout=settings.redis_wait_timeout)
+    """Open a SQLite store once and close it: a new file gets its schema here, not in N workers at once
+    (Redis needs nothing made: each worker connects as a replica does)."""
+    if not settings.store.startswith("sqlite:"):
+        return
+    try:
+        store = await open_store(settings.store, durability=settings.durability, memory_capacity=1, cache_size=0,
+                                 async_window=settings.async_window, tombstone_seconds=settings.tombstone_seconds)
+    except (ValueError, OSError, RecurError) as e:  # their messages never hold the URL's secrets
+        raise SystemExit(f"recur serve: cannot open the store {redact_url(settings.store)}: {e}") from None
     await store.close()
 
 
@@ -244,6 +246,16 @@ def environment(settings: Settings, log_level: str, log_format: str) -> dict[str
             "RECUR_LOG_FORMAT": log_format, "PYTHONUNBUFFERED": "1"}
 
 
+async def _until(stop: asyncio.Event, work: asyncio.Future) -> bool:
+    """Wait for `work` unless `stop` is set first (then `work` is cancelled); whether `work` finished."""
+    asked = asyncio.create_task(stop.wait())
+    await asyncio.wait({work, asked}, return_when=asyncio.FIRST_COMPLETED)
+    asked.cancel()
+    if not work.done():
+        work.cancel()
+    return work.done() and not work.cancelled()
+
+
 async def _supervise(settings: Settings, log_level: str, log_format: str) -> int:
     from service.fanout import AdminFanOut, GatheredMetrics
 
@@ -260,19 +272,19 @@ async def _supervise(settings: Settings, log_level: str, log_format: str) -> int
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, sup.signal_all, signal.SIGHUP)
     metrics = GatheredMetrics.serve(sup.workers, settings)  # both answer for the workers serving at the time
-    admin = await AdminFanOut.serve(sup.workers, settings)
+    admin = None
     try:
-        if not await sup.start():
+        admin = await AdminFanOut.serve(sup.workers, settings)
+        starting = asyncio.ensure_future(sup.start())
+        if not await _until(stop, starting):  # SIGTERM while starting: stop what started
+            return 0 if await sup.stop() else 1
+        if not starting.result():
             await sup.stop()
             return 1
         sup.keep()
         log.info("recur listening on port %d (%d workers)", port, settings.workers)
         print(f"recur listening on port {port}", flush=True)
-        done = asyncio.create_task(sup.stopping.wait())
-        asked = asyncio.create_task(stop.wait())
-        await asyncio.wait({done, asked}, return_when=asyncio.FIRST_COMPLETED)
-        for t in (done, asked):
-            t.cancel()
+        await _until(stop, asyncio.ensure_future(sup.stopping.wait()))
         log.info("stopping %d workers", settings.workers)
         clean = await sup.stop()
         return 1 if sup.gave_up or not clean else 0

@@ -136,3 +136,11 @@ def test_capacity_bench_smoke() -> None:
     out = subprocess.run([sys.executable, "-m", "bench.capacity", "--quick"], cwd=ROOT, check=True, timeout=300,
                          capture_output=True, text=True).stdout
     assert "| recur memory (StepPacked) | h2load -c 4 -m 4 |" in out and "| yardstick (StreamPacked) | Python" in out
+
+
+def test_workers_bench_smoke() -> None:
+    """bench.workers' rows run against --workers 1 and 2, each checked (logits against the one-pass reference;
+    every h2load request applied); not a measurement."""
+    out = subprocess.run([sys.executable, "-m", "bench.workers", "--quick"], cwd=ROOT, check=True, timeout=300,
+                         capture_output=True, text=True).stdout
+    assert "| workers 1 | Python, 2 connections | " in out and "| workers 2 | Python, 2 connections | " in out
