@@ -52,7 +52,7 @@ class ExportedSession:
     """What a blob carries: a session record's fields but its tenant and the store's version (`token`),
     and the model's sha256. Which fields a blob carries, and how, is SessionRecord's declaration
     (service.store.record); these are the same fields (tests/core/test_record_formats.py holds them
-    equal), declared here because the core builds this class positionally."""
+    equal), declared here so that a blob's reader needs no store."""
 
     session_id: str
     model: str

@@ -175,7 +175,8 @@ class SessionService:
         sid, ttl = self._new_id(session_id), self._ttl(ttl)
         state = self._initial_state(model, initial_state) if initial_state else model.zero_state()
         t = self.store.clock()
-        rec = SessionRecord(tenant, sid, model.name, model.version, 0, t, t, ttl, state)
+        rec = SessionRecord(tenant=tenant, session_id=sid, model=model.name, version=model.version, offset=0,
+                            created_at=t, updated_at=t, ttl=ttl, state=state)
         async with self.calls:
             await self.store_new(tenant, rec)
         self.events.created(model.name, model.version, tenant)
@@ -383,9 +384,10 @@ class SessionService:
             rec = await self.store.fresh(tenant, session_id)
         model = self.models.described(rec.model, rec.version)  # a version unloaded since is exported too
         return blob.encode(blob.ExportedSession(
-            rec.session_id, rec.model, rec.version, model.sha256, rec.offset, rec.created_at, rec.updated_at,
-            rec.ttl, rec.state, rec.last_digest, rec.last_start, rec.last_logits, rec.last_prev_state,
-            rec.last_request))
+            session_id=rec.session_id, model=rec.model, version=rec.version, model_sha256=model.sha256,
+            offset=rec.offset, created_at=rec.created_at, updated_at=rec.updated_at, ttl=rec.ttl, state=rec.state,
+            last_digest=rec.last_digest, last_start=rec.last_start, last_logits=rec.last_logits,
+            last_prev_state=rec.last_prev_state, last_request=rec.last_request))
 
     async def import_session(self, tenant: str, data: bytes, session_id: str = "", force: bool = False
                              ) -> SessionView:
@@ -397,9 +399,11 @@ class SessionService:
         model = self.models.get(s.model, s.version)
         blob.check_against(s, model, model.sha256, force)
         t = self.store.clock()
-        rec = SessionRecord(tenant, sid, model.name, model.version, s.offset, s.created_at, t,
-                            min(s.ttl, self.settings.max_ttl), s.state, s.last_digest, s.last_start, s.last_logits,
-                            s.last_prev_state, s.last_request)
+        rec = SessionRecord(tenant=tenant, session_id=sid, model=model.name, version=model.version, offset=s.offset,
+                            created_at=s.created_at, updated_at=t, ttl=min(s.ttl, self.settings.max_ttl),
+                            state=s.state, last_digest=s.last_digest, last_start=s.last_start,
+                            last_logits=s.last_logits, last_prev_state=s.last_prev_state,
+                            last_request=s.last_request)
         async with self.calls, self.locks.hold((tenant, sid)):
             await self.store_new(tenant, rec)
         self.events.created(model.name, model.version, tenant)
