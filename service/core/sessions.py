@@ -285,8 +285,9 @@ class SessionService:
         return n
 
     # -- steps: through the chunk pipeline (service/core/steps.py) -----------------------------
-    async def step(self, tenant: str, inp: StepInput) -> StepResult:
-        result = (await self.step_batch(tenant, [inp]))[0]
+    async def step(self, tenant: str, inp: StepInput | BatchPlan) -> StepResult:
+        """One chunk (or a plan of one: a stream planned it to reserve its reply's bytes)."""
+        result = (await self.step_batch(tenant, inp if isinstance(inp, BatchPlan) else [inp]))[0]
         if isinstance(result, Exception):
             raise result
         return result

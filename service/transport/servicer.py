@@ -34,7 +34,6 @@ from service.transport.calls import (
     status_of,
     unary,
 )
-from service.types import StepInput
 
 log = logging.getLogger(__name__)
 
@@ -154,23 +153,23 @@ class RecurServicer(recur_pb2_grpc.RecurServicer):
                 else convert.step_to_pb(result, request.request_id) for request, result in zip(batch.steps, results)]
 
     def _stream_chunk(self, tenant: str, request: pb.StepRequest | Malformed, deadline: float | None
-                      ) -> tuple[tuple[pb.StepRequest, StepInput | Exception], int]:
+                      ) -> tuple[tuple[pb.StepRequest, BatchPlan | Exception], int]:
         """A Stream message as the core's chunk and its reply budget (or why it is refused)."""
         try:
             request = parsed(request)
             self.auth.charge(tenant, 1)
-            inp = convert.step_from_pb(request, deadline)
-            return (request, inp), self.core.reply_bytes(tenant, [inp])
+            plan = self.core.plan_batch(tenant, [convert.step_from_pb(request, deadline)])
+            return (request, plan), plan.reply_bytes
         except Exception as e:
             return (request if isinstance(request, pb.StepRequest) else pb.StepRequest(), e), 0
 
-    async def _step_or_status(self, tenant: str, request: pb.StepRequest, inp: StepInput | Exception
+    async def _step_or_status(self, tenant: str, request: pb.StepRequest, plan: BatchPlan | Exception
                               ) -> pb.StepResponse:
         started = time.perf_counter()
         try:
-            if isinstance(inp, Exception):
-                raise inp
-            result = await self.core.step(tenant, inp)
+            if isinstance(plan, Exception):
+                raise plan
+            result = await self.core.step(tenant, plan)
             self.metrics.rpc("Stream", tenant).stepped(applied(result), started)
             return convert.step_to_pb(result, request.request_id)
         except Exception as e:
