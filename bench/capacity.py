@@ -5,8 +5,9 @@ For S sessions and chunks of C tokens, one PackedStepBatch (S chunks, offsets un
 logits asked back) is serialised once and framed for gRPC (a 0 flag byte, a 4-byte big-endian length,
 the message). h2load POSTs it to /recur.v1.Recur/StepPacked with `c` connections and `m` streams each
 (c * m requests in flight), the same S sessions in every request. Rows:
-  limit        in-process ONNX Runtime, all S sessions batched per call (bench.run's limit: the best of
-               1 and the default intra-op threads, each run before and after the server rows of its S)
+  limit        in-process ONNX Runtime, all S sessions batched per call (bench.run's limit, the best of
+               1 and the default intra-op threads), sampled before each server's rows and at the end of
+               its S: the best sample
   h2load       recur StepPacked on memory and on SQLite, the yardstick (bench/yardstick.py, not recur),
                and the naive ONNX Runtime server's unary Step (one chunk a call, S calls in flight; S = 64)
   Python       recur memory and the yardstick on StreamPacked, driven by bench.run's client (as in
@@ -58,6 +59,7 @@ STEP_PACKED = "/recur.v1.Recur/StepPacked"  # package recur.v1, service Recur (p
 STEP = "/recur.v1.Recur/Step"
 HEADERS = ["content-type: application/grpc", "te: trailers"]  # bench.run's servers take no API key
 INFLIGHT = [(1, 1), (1, 4), (4, 4)]  # (h2load -c connections, -m streams per connection)
+LIMIT_CALLS = 64  # in-process calls in one sample of the limit
 NAIVE_SESSIONS = 64  # the naive row: S unary calls in flight (-c 4 -m 16), each one chunk of one session
 
 
@@ -185,6 +187,35 @@ def from_result(r: Result, generator: str) -> Row:
                r.client_cpu * per)
 
 
+def limit_sample(seqs: np.ndarray, chunk: int) -> list[Result]:
+    """In-process batched runs of LIMIT_CALLS calls, with 1 and with the default threads. Taken before
+    each server's rows and at the end, the best kept as the limit: the machine is shared, and a busy
+    moment lowers one sample, not every one."""
+    return [in_process(seqs[:, : LIMIT_CALLS * chunk], chunk, batched=True, threads=t) for t in (1, 0)]
+
+
+def cell(servers: dict[str, Process], seqs: np.ndarray, c: int, seconds: float, budget: float, tmp: Path
+         ) -> list[Row]:
+    """Every row of one (S, C), the limit first."""
+    s = len(seqs)
+    rows: list[Row] = []
+    tried: list[Result] = []
+    for name in ("recur memory", "recur sqlite-sync", "yardstick"):
+        tried += limit_sample(seqs, c)
+        rows += [measure(servers[name], f"{name} (StepPacked)", seqs[:, :c], conns, streams, seconds, tmp)
+                 for conns, streams in INFLIGHT]
+    if s == NAIVE_SESSIONS:
+        tried += limit_sample(seqs, c)
+        rows.append(measure(servers["naive ort"], "naive ort (Step)", seqs[:, :c], 4, s // 4, seconds, tmp,
+                            exact=False))
+    for name in ("recur memory", "yardstick"):
+        tried += limit_sample(seqs, c)
+        python = over_grpc(servers[name], f"{name} (StreamPacked)", seqs, c, "packed", budget)
+        rows.append(from_result(python, f"Python, {-(-s // GROUP)} in flight"))
+    best = limits(tried + limit_sample(seqs, c))[(s, c)]
+    return [Row(s, c, best.mode, "in process", best.rate, best.p(50), best.p(99)), *rows]
+
+
 def run(sessions: list[int], chunks: list[int], seconds: float, length: int, budget: float) -> list[Row]:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as name:
@@ -194,25 +225,8 @@ def run(sessions: list[int], chunks: list[int], seconds: float, length: int, bud
         try:
             for c in chunks:
                 for s in sessions:
-                    seqs = _sequences(s, length, seed=s * 100 + c)
-                    first = len(rows)
-                    tried = [in_process(seqs, c, batched=True, threads=t) for t in (1, 0)]
-                    for name in ("recur memory", "recur sqlite-sync", "yardstick"):
-                        for conns, streams in INFLIGHT:
-                            rows.append(measure(servers[name], f"{name} (StepPacked)", seqs[:, :c], conns, streams,
-                                                seconds, tmp))
-                    if s == NAIVE_SESSIONS:
-                        rows.append(measure(servers["naive ort"], "naive ort (Step)", seqs[:, :c], 4, s // 4,
-                                            seconds, tmp, exact=False))
-                    for name in ("recur memory", "yardstick"):
-                        python = over_grpc(servers[name], f"{name} (StreamPacked)", seqs, c, "packed", budget)
-                        rows.append(from_result(python, f"Python, {-(-s // GROUP)} in flight"))
-                    # the limit: the best of the in-process runs before and after the rows (a busy moment of
-                    # the machine lowers one of them, not both as often)
-                    tried += [in_process(seqs, c, batched=True, threads=t) for t in (1, 0)]
-                    best = limits(tried)[(s, c)]
-                    rows.insert(first, Row(s, c, best.mode, "in process", best.rate, best.p(50), best.p(99)))
-                    for row in rows[first:]:
+                    for row in cell(servers, _sequences(s, length, seed=s * 100 + c), c, seconds, budget, tmp):
+                        rows.append(row)
                         print(f"S={s:<5} C={c:<3} {row.mode:30} {row.generator:20} {row.rate:>10,.0f} tok/s  "
                               f"p50 {row.p50:7.3f} ms  p99 {row.p99:7.3f} ms  server {row.server_cpu:6.1f} us/chunk  "
                               f"generator {row.generator_cpu:6.1f} us/chunk", flush=True)
@@ -269,9 +283,9 @@ def main() -> None:
                f"{seconds:.0f} s after a warm-up run; latency is per request. Python rows: bench.run's packed "
                f"client on StreamPacked ({length} tokens a session, sessions in messages of {GROUP}). "
                "Generator CPU: h2load's user + system time, or the Python client's process time, per chunk. "
-               "Limit (bold): bench.run's in-process batched ONNX Runtime, the best of its runs with 1 and the "
-               "default threads before and after the rows of its S; ratios are to it, and to the yardstick under "
-               "the same load generator.\n\n" + text + "\n")
+               f"Limit (bold): bench.run's in-process batched ONNX Runtime, the best of samples of {LIMIT_CALLS} "
+               "calls with 1 and with the default threads, taken before each server's rows and after the last; "
+               "ratios are to it, and to the yardstick under the same load generator.\n\n" + text + "\n")
     write_section(args.out, "## Server capacity (h2load)", section)
 
 

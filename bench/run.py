@@ -476,7 +476,9 @@ def main() -> None:
                f"a gRPC cell stops early after {budget:.0f} s and counts what completed. Every gRPC row asks "
                "every chunk's full logits back, from request messages built before the clock starts. The limit "
                "(bold) is the better of the in-process batched runs with 1 and with the default ONNX Runtime "
-               "threads; ratios are to it. Server CPU: the server process's user + system time per chunk over "
+               "threads; ratios are to it. The yardstick (bench/yardstick.py, not recur) answers the packed rows' "
+               "messages with nothing but a gather, one ONNX Runtime call and a scatter: what the Python gRPC "
+               "stack itself allows. Server CPU: the server process's user + system time per chunk over "
                "the window (/proc); ORT: the CPU time per chunk of its ONNX Runtime threads (the inference "
                "thread and ONNX Runtime's intra-op pool, read per thread from /proc).\n\n"
                + table(results) + "\n\n![throughput](bench/throughput.png)\n")
