@@ -115,8 +115,8 @@ class Settings:
         "help": "Most chunks in one StepBatch or PackedStepBatch message; the engine still runs at most --max-batch "
         "in one call."})
     inline_rows: int = field(default=_ENGINE.inline_rows, metadata={
-        "help": "A call of at most this many rows x steps, when no other call runs, runs on the event loop's "
-        "thread instead of an inference thread: a lone token skips the thread hop (0: never)."})
+        "help": "A chunk of at most this many rows x steps, when it is the server's only call, runs on the event "
+        "loop's thread instead of an inference thread: a lone token skips the thread hop (0: never)."})
     max_queue: int = field(default=_ENGINE.max_queue, metadata={
         "help": "Most chunks queued or running in the engine; past it a chunk is shed with RESOURCE_EXHAUSTED."})
     max_concurrent_rpcs: int = field(default=10_000, metadata={

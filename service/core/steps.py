@@ -450,7 +450,8 @@ class Pipeline:
     def _submit(self, model: Model, x: np.ndarray, states: list[np.ndarray], deadline: float | None,
                 activations: bool) -> asyncio.Future | BaseException:
         try:
-            return self.engine.submit(model.runtime, x, states, deadline, activations)
+            # alone: no other call in the server, so a tiny block runs at once; else it waits to batch
+            return self.engine.submit(model.runtime, x, states, deadline, activations, self.calls.in_flight <= 1)
         except RecurError as e:  # the queue bound: refused at once
             return e
 

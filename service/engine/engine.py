@@ -45,7 +45,8 @@ class EngineOptions:
     window: float = 0.0  # seconds to wait for more jobs when a thread is idle
     threads: int = 1  # concurrent ONNX Runtime calls
     max_queue: int = 4096  # most chunks admitted (queued or running); more are refused
-    inline_rows: int = 4  # a block of at most this many rows x steps on an idle engine runs on the loop's thread
+    inline_rows: int = 4  # a lone block of at most this many rows x steps runs on the loop's thread
+    inline_idle: float = 0.0003  # ... when no call ended for this long (seconds): under load, blocks batch
 
 
 @dataclass
@@ -99,23 +100,26 @@ class Engine:
         self._calls: set[asyncio.Task] = set()
         self._dispatch_pending = False
         self.admitted = 0  # chunks queued or running
+        self._idle_since = 0.0  # when the last call ended, on the loop's clock
         # (sessions, seconds, cpu seconds) of each call, timed in the thread that ran it: metrics
         self.on_call: Callable[[int, float, float], None] | None = None
         self.tracing = OFF  # with tracing on, each call is a span linking the calls its chunks came from
 
     def submit(self, runtime: ModelRuntime, x: np.ndarray, states: list[np.ndarray],
-               deadline: float | None = None, activations: bool = False) -> asyncio.Future[Ran]:
+               deadline: float | None = None, activations: bool = False, alone: bool = False) -> asyncio.Future[Ran]:
         """Queue B equal-length chunks: x (B, T[, D]), states each (L, B, H). The future gives
         (logits (B, T, C), new states each (L, B, H), and with `activations` the model's per-step
         activations each (B, T, H), else None). The block counts as B chunks of the queue bound; over
-        it the block is refused at once (shed), never queued."""
+        it the block is refused at once (shed), never queued. `alone`: the caller knows of no other work
+        in the server, so a tiny block may run at once (see _now); under load blocks wait to batch."""
         rows, cap = len(x), self.options.max_batch
         if self.admitted + rows > self.options.max_queue:
             raise LimitExceeded(f"the server is overloaded: {self.admitted} chunks are queued, its limit "
                                 f"(--max-queue {self.options.max_queue}); retry shortly")
         loop = asyncio.get_running_loop()
-        if (rows * x.shape[1] <= self.options.inline_rows and x.shape[1] <= self.options.slice_steps
-                and self._busy == 0 and not self._dispatch_pending):
+        if (alone and rows * x.shape[1] <= self.options.inline_rows and x.shape[1] <= self.options.slice_steps
+                and self._busy == 0 and not self._dispatch_pending
+                and loop.time() - self._idle_since >= self.options.inline_idle):
             return self._now(loop, runtime, _Job(x, states, loop.create_future(), deadline, activations))
         parts = [self._queue(runtime, _Job(x[a : a + cap] if rows > cap else x,
                                            [s[:, a : a + cap] for s in states] if rows > cap else states,
@@ -146,6 +150,7 @@ class Engine:
         self.stats.steps += job.length * job.rows
         self.stats.max_rows = max(self.stats.max_rows, job.rows)
         job.future.set_result(result)
+        self._idle_since = loop.time()
         return job.future
 
     def _queue(self, runtime: ModelRuntime, job: _Job) -> asyncio.Future:
@@ -220,6 +225,7 @@ class Engine:
                     self._scatter(q, part, steps, result)
         finally:
             self._busy -= 1
+            self._idle_since = asyncio.get_running_loop().time()
             self._schedule()
 
     async def _run_isolating(self, runtime: ModelRuntime, group: list[_Job], steps: int, with_acts: bool
