@@ -60,6 +60,7 @@ bench: $(VENV)/.dev $(VENV)-tritonclient/.done
 	deploy/ensure-packages h2load
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.capacity
+	$(BIN)/python -m bench.targets
 	$(BIN)/python -m bench.scale
 	$(BIN)/python -m bench.redis_store
 	$(BIN)/python -m bench.redis_ha
