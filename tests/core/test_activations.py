@@ -34,10 +34,17 @@ def _asking(request: ActivationRequest | None, final_only: bool = False) -> Outp
     return OutputOptions(activations=request, final_only=final_only)
 
 
-async def test_layer_unit_and_state_selection(make_core: MakeCore, tiny_models: Path) -> None:
-    seq = np.arange(20) % 98
-    want = torch_layers(tiny_models / "lstm-lm" / "1", seq)
-    tokens = seq.tolist()
+_SEQ = np.arange(20) % 98
+
+
+@pytest.fixture(scope="module")
+def want(tiny_models: Path) -> dict[str, np.ndarray]:
+    """lstm-lm's layers over _SEQ in PyTorch, once for every store."""
+    return torch_layers(tiny_models / "lstm-lm" / "1", _SEQ)
+
+
+async def test_layer_unit_and_state_selection(make_core: MakeCore, want: dict[str, np.ndarray]) -> None:
+    tokens = _SEQ.tolist()
     async with make_core() as core:
         sid = (await core.create("t", "lstm-lm", 0)).session_id
         r = await core.step("t", StepInput(sid, tokens=tokens, options=_asking(ActivationRequest(
