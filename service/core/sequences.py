@@ -59,17 +59,15 @@ class Sequences:
         name = step.name or sid
         async with core.calls, core.locks.hold((tenant, sid)):
             rec = await self._current(tenant, sid)
-            try:
-                if step.start and not (rec is not None and step.key and rec.last_request == replay_key(step.key)):
-                    model, result = await self._start(tenant, step, rec)
-                else:
-                    if rec is None:
-                        raise SessionNotFound(f"sequence {name!r} does not exist")
-                    model = self._model_of(step, rec, name)
-                    _, result = await core.advance(tenant, rec, self._input(step, model, sid))
-            except (SessionNotFound, SessionExpired) as e:
-                raise type(e)(f"sequence {name!r} is not active ({e}); send its first request with "
-                              "sequence_start=true") from e
+            if step.start and not (isinstance(rec, SessionRecord) and step.key
+                                   and rec.last_request == replay_key(step.key)):
+                model, result = await self._start(tenant, step, rec if isinstance(rec, SessionRecord) else None)
+            else:
+                if not isinstance(rec, SessionRecord):  # not there, or expired: say what to do
+                    raise type(rec)(f"sequence {name!r} is not active ({rec}); send its first request with "
+                                    "sequence_start=true")
+                model = self._model_of(step, rec, name)
+                _, result = await core.advance(tenant, rec, self._input(step, model, sid))
             if step.end:
                 with contextlib.suppress(SessionNotFound, SessionExpired):
                     await core.store.delete(tenant, sid)
@@ -81,11 +79,12 @@ class Sequences:
         c = step.chunk(model) if callable(step.chunk) else step.chunk
         return StepInput(session_id, c.tokens, c.text, c.features, c.expected_offset, c.options, c.deadline, step.key)
 
-    async def _current(self, tenant: str, sid: str) -> SessionRecord | None:
+    async def _current(self, tenant: str, sid: str) -> SessionRecord | SessionNotFound | SessionExpired:
+        """The sequence's session as stored, or why there is none."""
         try:
             return await self.core.store.fresh(tenant, sid)
-        except (SessionNotFound, SessionExpired):
-            return None
+        except (SessionNotFound, SessionExpired) as e:
+            return e
 
     def _fresh(self, tenant: str, sid: str, model: Model) -> SessionRecord:
         t = self.core.store.clock()
