@@ -214,7 +214,7 @@ async def create_server(settings: Settings, worker: WorkerRole | None = None) ->
                              cache_bytes=settings.cache_bytes, memory_bytes=settings.memory_bytes,
                              max_pending_writes=settings.max_pending_writes,
                              redis_min_replicas=settings.redis_min_replicas,
-                             redis_wait_timeout=settings.redis_wait_timeout)
+                             redis_wait_timeout=settings.redis_wait_timeout, shared=worker is not None)
     engine = Engine(EngineOptions(max_batch=settings.max_batch, slice_steps=settings.slice_steps,
                                   window=settings.batch_window, threads=settings.inference_threads,
                                   max_queue=settings.max_queue, inline_rows=settings.inline_rows))

@@ -87,10 +87,9 @@ def check(settings: Settings) -> None:
 
 
 def worker_settings(settings: Settings, port: int) -> Settings:
-    """A worker's settings: the shared port, and on SQLite no record cache (another worker may have written
-    any session since; the file is read every time and its compare-and-set decides)."""
-    if settings.store.startswith("sqlite:"):
-        settings = dataclasses.replace(settings, cache_size=0)
+    """A worker's settings: the shared port. Its store is opened shared (server.create_server): on SQLite
+    its record cache is a hint, read again from the file whenever an offset disagrees or a
+    compare-and-set fails, as Redis's is."""
     return dataclasses.replace(settings, port=port)
 
 

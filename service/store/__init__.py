@@ -40,9 +40,10 @@ async def open_store(url: str, *, durability: str, memory_capacity: int, cache_s
                      async_window: float, tombstone_seconds: float, cache_bytes: int = DEFAULT_CACHE_BYTES,
                      memory_bytes: int = DEFAULT_MEMORY_BYTES,
                      max_pending_writes: int = DEFAULT_MAX_PENDING_WRITES, redis_min_replicas: int = 0,
-                     redis_wait_timeout: float = 1.0) -> Store:
+                     redis_wait_timeout: float = 1.0, shared: bool = False) -> Store:
     """`memory:`, `sqlite:PATH`, `redis://HOST:PORT/DB`, `redis+sentinel://HOST:PORT,.../SERVICE` or
-    `redis+cluster://HOST:PORT,.../`. Durability `none` keeps state in memory only."""
+    `redis+cluster://HOST:PORT,.../`. Durability `none` keeps state in memory only. `shared`: other
+    processes serve the same SQLite file (--workers), so this one's records are hints."""
     if durability not in DURABILITY_MODES:
         raise ValueError(f"durability must be one of {DURABILITY_MODES}, not {durability!r}")
     if redis_min_replicas and not url.startswith(REDIS_SCHEMES):
@@ -55,7 +56,7 @@ async def open_store(url: str, *, durability: str, memory_capacity: int, cache_s
         path, max_pages = _sqlite_path(url.removeprefix("sqlite:"))
         store = SqliteStore(path, durability=durability, cache_size=cache_size, cache_bytes=cache_bytes,
                             max_pending_writes=max_pending_writes, async_window=async_window,
-                            tombstone_seconds=tombstone_seconds, max_pages=max_pages)
+                            tombstone_seconds=tombstone_seconds, max_pages=max_pages, shared=shared)
         return await store.open()
     if url.startswith(REDIS_SCHEMES):
         if durability != "sync":

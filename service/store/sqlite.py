@@ -122,8 +122,12 @@ class SqliteStore(Store):
     def __init__(self, path: Path, *, durability: str = "sync", cache_size: int = DEFAULT_CAPACITY,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, max_pending_writes: int = DEFAULT_MAX_PENDING_WRITES,
                  async_window: float = 0.05, tombstone_seconds: float = DEFAULT_TOMBSTONE_SECONDS,
-                 clock: Clock = time.time, max_pages: int = 0, close_timeout: float = 30.0) -> None:
+                 clock: Clock = time.time, max_pages: int = 0, close_timeout: float = 30.0,
+                 shared: bool = False) -> None:
         self.path, self.durability, self.async_window = path, durability, async_window
+        # shared: other processes write the file too (--workers), so what this one holds is a hint: `fresh`
+        # reads the file, and the file's compare-and-set decides every write
+        self.shared = self.hints = shared
         self.tombstone_seconds, self.clock = tombstone_seconds, clock
         self.max_pages = max_pages  # PRAGMA max_page_count (0: SQLite's default); a real limit, for tests
         self.close_timeout = close_timeout
@@ -222,6 +226,11 @@ class SqliteStore(Store):
         self._enqueue(Expire(key, at=rec.expires_at))
         return _expired(key[1], rec.expires_at)
 
+    async def fresh(self, tenant: str, session_id: str) -> SessionRecord:
+        if self.shared:
+            self.writes.forget((tenant, session_id))  # a clean cached record only: sync writes leave none pending
+        return await self.get(tenant, session_id)
+
     async def get(self, tenant: str, session_id: str) -> SessionRecord:
         key = (tenant, session_id)
         rec = await self._current(key)
@@ -249,6 +258,8 @@ class SqliteStore(Store):
     async def create(self, record: SessionRecord, *, max_sessions: int = 0, max_tenant_sessions: int = 0) -> None:
         key = (record.tenant, record.session_id)
         self.writes.check_fence(key)
+        if self.shared:
+            self.writes.forget(key)  # another process may have deleted it: the file's insert decides
         known = self.writes.known(key)
         if known is not None and known.expires_at > self.clock():
             raise AlreadyExists(f"session {record.session_id!r} already exists")
