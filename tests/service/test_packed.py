@@ -7,6 +7,8 @@ other's state."""
 
 from __future__ import annotations
 
+import urllib.request
+
 import grpc
 import numpy as np
 import pytest
@@ -121,6 +123,28 @@ def test_too_many_chunks_is_resource_exhausted(start_server) -> None:  # type: i
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--max-batch-chunks" in (e.value.details() or "")
         assert all(c.get(s).offset == 0 for s in sids)
+
+
+def test_max_batch_bounds_the_rows_of_every_call_of_a_packed_batch(start_server, reference) -> None:  # type: ignore[no-untyped-def]
+    """--max-batch 4: a packed batch of 10 chunks runs as calls of at most 4 rows (the engine's batch
+    histogram says so), and every chunk still equals one pass."""
+    server = start_server("memory:", ["--max-batch", "4"])
+    ref = reference("lstm-lm")
+    seqs = _ids(10, 3, seed=9)
+    with server.client() as c:
+        sids = [c.create("lstm-lm").session_id for _ in range(10)]
+        reply = c.step_packed(sids, list(seqs), return_logits=True)
+    assert not reply.errors and reply.logits is not None and list(reply.offsets) == [3] * 10
+    for i, seq in enumerate(seqs):
+        want, _ = ref.run(seq.astype(np.int64))
+        assert np.abs(reply.logits[3 * i : 3 * i + 3] - want).max() <= TOL
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    buckets = {line.split('le="')[1].split('"')[0]: float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("recur_engine_batch_sessions_bucket")}
+    assert buckets["4.0"] == buckets["+Inf"] >= 3  # every call carried 4 rows or fewer
+    rows = next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("recur_engine_batch_sessions_sum"))
+    assert float(rows) == 10
 
 
 def test_a_retry_is_replayed_and_a_session_named_twice_runs_in_order(client: RecurClient, reference) -> None:  # type: ignore[no-untyped-def]
