@@ -107,10 +107,14 @@ class SessionService:
                    for inp in inputs)
 
     def plan_batch(self, tenant: str, inputs: list[StepInput]) -> BatchPlan:
-        """A StepBatch's chunks with their reply budget, refused whole (RESOURCE_EXHAUSTED) when over it."""
+        """Chunks with their reply budget from the widest loaded model (a bound: their sessions are not
+        read yet). A message of several is refused whole (RESOURCE_EXHAUSTED) when over it; each chunk is
+        also checked against its own model's widths in the pipeline (steps.InputColumns), which is all a
+        single chunk is refused by."""
         size = self.reply_bytes(tenant, inputs)
-        budget.check(budget.Budget(sum(len(i.tokens) or len(i.text) or len(i.features) // 4 for i in inputs), size),
-                     self.settings.max_reply_bytes)
+        if len(inputs) > 1:
+            budget.check(budget.Budget(sum(len(i.tokens) or len(i.text) or len(i.features) // 4 for i in inputs),
+                                       size), self.settings.max_reply_bytes)
         return BatchPlan(inputs, size)
 
     def packed_reply_bytes(self, p: PackedInput) -> int:
@@ -299,7 +303,7 @@ class SessionService:
         StepResult or the error for each input."""
         inputs = (batch if isinstance(batch, BatchPlan) else self.plan_batch(tenant, batch)).inputs
         sink = StepReplies(inputs)
-        errors = await self.pipeline.run(tenant, Chunks.of_inputs(inputs), sink)
+        errors = await self.pipeline.run(tenant, Chunks.of_inputs(inputs, self.settings.max_reply_bytes), sink)
         return [errors[i] if i in errors else sink.results[i] for i in range(len(inputs))]
 
     async def step_packed(self, tenant: str, p: PackedInput) -> PackedResult:
@@ -319,7 +323,7 @@ class SessionService:
         after it and its reply. `write` False: nothing is stored (the caller stores the record, or drops it)."""
         self.plan_batch(tenant, [inp])  # the reply budget
         sink = StepReplies([inp])
-        chunks, errors = Chunks.of_inputs([inp]), dict[int, Exception]()
+        chunks, errors = Chunks.of_inputs([inp], self.settings.max_reply_bytes), dict[int, Exception]()
         self.pipeline.plan(tenant, chunks, errors)
         if not errors:
             await self.pipeline.round(tenant, chunks, [0], sink, errors, records=[rec], write=write)

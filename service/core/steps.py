@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.config import Settings
-from service.core import packed
+from service.core import budget, packed
 from service.core.locks import CallGate, SessionLocks
 from service.core.outputs import ActivationRequest, select_activations
 from service.engine.engine import Engine
@@ -108,8 +108,8 @@ class Columns:
 class InputColumns(Columns):
     """Step and StepBatch: a list of StepInput, each with tokens, text or features."""
 
-    def __init__(self, inputs: Sequence[StepInput]) -> None:
-        self.inputs = inputs
+    def __init__(self, inputs: Sequence[StepInput], max_reply_bytes: int) -> None:
+        self.inputs, self.max_reply_bytes = inputs, max_reply_bytes
 
     def chunk(self, i: int, model: Model, max_chunk: int) -> np.ndarray:
         inp = self.inputs[i]
@@ -122,6 +122,8 @@ class InputColumns(Columns):
         if kind == "features" and steps <= max_chunk:
             _raise(feature_bytes_error(model, len(inp.features)))
         _raise(steps_error(steps, max_chunk))
+        budget.check(budget.reply_budget(budget.widths_of(model), budget.Shape(1, steps, inp.options)),
+                     self.max_reply_bytes)  # this chunk's reply on its own model, before it runs
         if kind == "features":
             x = np.frombuffer(inp.features, dtype="<f4").reshape(-1, model.feature_dim).astype(np.float32)
             if not np.isfinite(x).all():
@@ -195,11 +197,11 @@ class Chunks:
         return len(self.session_ids)
 
     @classmethod
-    def of_inputs(cls, inputs: Sequence[StepInput]) -> Chunks:
+    def of_inputs(cls, inputs: Sequence[StepInput], max_reply_bytes: int) -> Chunks:
         # a negative offset given is refused (-2); -1 stands for none given
         expected = np.fromiter((-1 if i.expected_offset is None else -2 if i.expected_offset < 0
                                 else i.expected_offset for i in inputs), np.int64, len(inputs))
-        return cls([i.session_id for i in inputs], InputColumns(inputs), expected,
+        return cls([i.session_id for i in inputs], InputColumns(inputs, max_reply_bytes), expected,
                    [i.options.activations for i in inputs], [i.replay_key for i in inputs],
                    min((i.deadline for i in inputs if i.deadline is not None), default=None),
                    top_k=[i.options.top_k for i in inputs])
