@@ -244,6 +244,20 @@ def redis_cli(port: int, *args: str, password: str = "", timeout: float = 120.0)
     return out.stdout
 
 
+def replicated(port: int, password: str = "", timeout: float = 10.0) -> None:
+    """Wait until every replica of the Redis primary on `port` has all it wrote (its replication offset):
+    what a test must do before a failover that is not about the window of unreplicated writes."""
+    def caught_up() -> bool:
+        info = redis_cli(port, "INFO", "replication", password=password)
+        fields = dict(line.split(":", 1) for line in info.split() if ":" in line)
+        master = int(fields.get("master_repl_offset", "0"))
+        replicas = [v for k, v in fields.items() if k.startswith("slave") and k[5:].isdigit()]
+        offsets = [int(dict(kv.split("=") for kv in r.split(","))["offset"]) for r in replicas]
+        return bool(offsets) and min(offsets) >= master
+
+    until(caught_up, timeout, "the replicas to catch up with the primary")
+
+
 def until(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2
 from service.store.base import SessionRecord
 from service.store.redis import RedisStore
 from service.transport.health import watch_store
-from tests.helpers import TOL, Fed, RedisSentinels, Server, feed, redis_cli, state_of, until
+from tests.helpers import TOL, Fed, RedisSentinels, Server, feed, replicated, state_of, until
 
 WINDOW = 1.0  # seconds: acknowledged chunks a kill may lose without WAIT were acknowledged this close to it
 
@@ -70,6 +70,9 @@ async def test_health_follows_the_primary_through_a_failover(sentinels: RedisSen
         seen.append(s)
 
     await store.create(_rec("before"))
+    # the replicas have it before the failover (else it may be lost: the window of --redis-min-replicas 0,
+    # which this test is not about)
+    await asyncio.to_thread(replicated, sentinels.primary().port)
     watcher = asyncio.create_task(watch_store(store, servicer, [], interval=0.1))
     try:
         await until_status(health_pb2.HealthCheckResponse.SERVING)
@@ -143,7 +146,7 @@ def test_a_password_never_leaks_through_a_failover(tiny_models: Path, tmp_path: 
             c.step(sid, tokens=[1, 2, 3], expected_offset=0)
             # the replica has the session before the failover (else it may be lost: the documented window
             # of --redis-min-replicas 0, which this test is not about)
-            assert redis_cli(topology.primary().port, "WAIT", "1", "5000", password=password).strip() == "1"
+            replicated(topology.primary().port, password=password)
             _fail_over(topology)
             details = []
             deadline = time.monotonic() + 30
