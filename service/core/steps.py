@@ -2,11 +2,13 @@
 requests, Generate) go through it, so each rule is written once (docs/architecture.md, "The chunk
 pipeline"):
 
-- plan: what needs no session: ids, offsets given, lengths where declared, the reply budget, and
-  the rounds (a session named again runs in a later round, so its chunks apply in order);
+- plan: what needs no session: ids, offsets given, top_k, lengths where declared, and the rounds (a
+  session named again runs in a later round, so its chunks apply in order); a message's reply
+  budget is checked by its entry point before;
 - per round, under the sessions' locks: read the records, then per chunk its model, input (kind,
-  length, token range, finite features), activation selection and the reply's shape rules, and the
-  offset decision: run, replay, refuse, or read again (a replica-local hint was stale);
+  length, token range, finite features, its reply budget on its model), activation selection and
+  the reply's shape rules, and the offset decision: run, replay, refuse, or read again (a
+  replica-local hint was stale);
 - run: chunks of one model version, length and graph as one block through the engine;
 - commit: the store's compare-and-set results: done, conflict, or stale (read again, run again).
 
