@@ -72,7 +72,7 @@ def test_h2load_body_is_a_grpc_frame_recur_answers(recur_memory: Process, tmp_pa
     """The pre-serialised body: one uncompressed gRPC frame that recur answers OK, from Python and from
     h2load; every request h2load sends is applied (each session's offset moves one chunk a request)."""
     if shutil.which("h2load") is None:
-        pytest.skip("h2load is not installed (Debian's nghttp2-client; make test installs it: deploy/ensure-packages)")
+        pytest.fail("h2load is not installed: `make test` installs it (nghttp2-client, deploy/ensure-packages)")
     sids = create_sessions(recur_memory.port, 4)
     request = packed_request(sids, _sequences(4, 2))
     body = frame(request.SerializeToString())
@@ -132,7 +132,7 @@ def test_arena_bench_smoke() -> None:
 def test_capacity_bench_smoke() -> None:
     """bench.capacity's rows run, each h2load row checked (gRPC OK, every request applied); not a measurement."""
     if shutil.which("h2load") is None:
-        pytest.skip("h2load is not installed (Debian's nghttp2-client; make test installs it: deploy/ensure-packages)")
+        pytest.fail("h2load is not installed: `make test` installs it (nghttp2-client, deploy/ensure-packages)")
     out = subprocess.run([sys.executable, "-m", "bench.capacity", "--quick"], cwd=ROOT, check=True, timeout=300,
                          capture_output=True, text=True).stdout
     assert "| recur memory (StepPacked) | h2load -c 4 -m 4 |" in out and "| yardstick (StreamPacked) | Python" in out

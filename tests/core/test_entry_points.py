@@ -166,8 +166,6 @@ async def test_a_retried_generate_is_refused_not_replayed(make_core: MakeCore) -
 
 # -- the input rules -------------------------------------------------------------------------------
 _CASES = [(rule, entry) for rule in RULES for entry in rule.entries]
-# Where an entry point's words differ from Step's (a strict xfail each, with the words it says instead).
-_DIFFERENT: dict[tuple[str, str], str] = {}
 
 
 async def _refused(core, rule: Rule, send, sid: str) -> str:  # type: ignore[no-untyped-def]
@@ -184,16 +182,13 @@ async def test_an_input_rule_refuses_and_changes_nothing(make_core: MakeCore, ru
     async with make_core(**rule.settings) as core:
         sid = (await core.create(TENANT, rule.model, 0)).session_id
         message = await _refused(core, rule, ENTRIES[entry], sid)
-        if (rule.name, entry) not in _DIFFERENT:
-            assert rule.words in message, message
+        assert rule.words in message, message
 
 
 _OTHERS = [(rule, entry) for rule, entry in _CASES if entry != "Step"]
 
 
-@pytest.mark.parametrize(("rule", "entry"), [
-    pytest.param(r, e, marks=pytest.mark.xfail(strict=True, reason=_DIFFERENT[(r.name, e)]))
-    if (r.name, e) in _DIFFERENT else (r, e) for r, e in _OTHERS], ids=[f"{r.name}-{e}" for r, e in _OTHERS])
+@pytest.mark.parametrize(("rule", "entry"), _OTHERS, ids=[f"{r.name}-{e}" for r, e in _OTHERS])
 @pytest.mark.parametrize("store_kind", ["memory"])  # the words do not depend on the store
 async def test_an_input_rule_says_what_step_says(make_core: MakeCore, rule: Rule, entry: str) -> None:
     async with make_core(**rule.settings) as core:
