@@ -301,7 +301,10 @@ class SessionService:
         block of equal chunks, one store write batch. A session named again later in the batch runs
         those chunks afterwards, in order. Each chunk succeeds or fails alone: the list holds a
         StepResult or the error for each input."""
-        inputs = (batch if isinstance(batch, BatchPlan) else self.plan_batch(tenant, batch)).inputs
+        if isinstance(batch, BatchPlan):
+            inputs = batch.inputs
+        else:  # a message of several is bounded before it runs; a single chunk, on its model, when read
+            inputs = self.plan_batch(tenant, batch).inputs if len(batch) > 1 else batch
         sink = StepReplies(inputs)
         errors = await self.pipeline.run(tenant, Chunks.of_inputs(inputs, self.settings.max_reply_bytes), sink)
         return [errors[i] if i in errors else sink.results[i] for i in range(len(inputs))]
@@ -321,7 +324,6 @@ class SessionService:
                       ) -> tuple[SessionRecord, StepResult]:
         """One chunk from a record the caller read and holds locked (Generate, v2 sequences): the record
         after it and its reply. `write` False: nothing is stored (the caller stores the record, or drops it)."""
-        self.plan_batch(tenant, [inp])  # the reply budget
         sink = StepReplies([inp])
         chunks, errors = Chunks.of_inputs([inp], self.settings.max_reply_bytes), dict[int, Exception]()
         self.pipeline.plan(tenant, chunks, errors)

@@ -38,7 +38,6 @@ from service.transport.calls import (
 log = logging.getLogger(__name__)
 
 
-
 class RecurServicer(recur_pb2_grpc.RecurServicer):
     def __init__(self, core: SessionService, auth: Authenticator, settings: Settings, replica_id: str,
                  metrics: Metrics | None = None) -> None:
