@@ -141,14 +141,9 @@ class Engine:
                 log.warning("a call of %d chunks failed in ONNX Runtime: %s", job.rows, e.__class__.__name__)
             job.future.set_exception(e)
             return job.future
-        if self.on_call is not None:
-            self.on_call(job.rows, seconds, cpu)
         if self.tracing.on:
-            self.tracing.engine_call([self.tracing.current()], job.rows, job.rows * job.length, started, now_ns())
-        self.stats.calls += 1
-        self.stats.slices += job.rows
-        self.stats.steps += job.length * job.rows
-        self.stats.max_rows = max(self.stats.max_rows, job.rows)
+            job.link = self.tracing.current()
+        self._account([job], job.length, seconds, cpu, started)
         job.future.set_result(result)
         self._idle_since = loop.time()
         return job.future
@@ -238,10 +233,7 @@ class Engine:
             started = now_ns()
             result, seconds, cpu = await loop.run_in_executor(self._pool, _timed, _run_group, runtime, group, steps,
                                                               with_acts)
-            if self.on_call is not None:
-                self.on_call(rows, seconds, cpu)
-            if self.tracing.on:
-                self.tracing.engine_call([job.link for job in group], rows, rows * steps, started, now_ns())
+            self._account(group, steps, seconds, cpu, started)
             return [(group, result)]
         except Exception as e:
             if len(group) == 1:
@@ -255,13 +247,20 @@ class Engine:
             results.extend(await self._run_isolating(runtime, [job], steps, with_acts))
         return results
 
-    def _scatter(self, q: _ModelQueue, group: list[_Job], steps: int, result: Ran) -> None:
-        logits, new_states, acts = result
+    def _account(self, group: list[_Job], steps: int, seconds: float, cpu: float, started: int) -> None:
+        """One call that ran: the stats, the metrics' hook, and with tracing a span linking its chunks' calls."""
         rows = sum(job.rows for job in group)
         self.stats.calls += 1
         self.stats.slices += rows
         self.stats.steps += steps * rows
         self.stats.max_rows = max(self.stats.max_rows, rows)
+        if self.on_call is not None:
+            self.on_call(rows, seconds, cpu)
+        if self.tracing.on:
+            self.tracing.engine_call([job.link for job in group], rows, rows * steps, started, now_ns())
+
+    def _scatter(self, q: _ModelQueue, group: list[_Job], steps: int, result: Ran) -> None:
+        logits, new_states, acts = result
         at = 0
         for job in group:
             if len(group) == 1:
