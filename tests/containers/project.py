@@ -67,5 +67,22 @@ class Project:
             text = r.read().decode()
         return sum(float(m) for m in re.findall(r"^recur_chunks_total\{[^}]*\} (\S+)$", text, re.M))
 
-    def reload_nginx(self) -> None:
+    def nginx_workers(self) -> set[str]:
+        """The pids of nginx's serving workers (not those of an old configuration, shutting down)."""
+        script = ('for f in /proc/[0-9]*/cmdline; do '
+                  'printf "%s %s\\n" "$f" "$(tr "\\0" " " <"$f" 2>/dev/null)"; done')
+        out = self.compose(["exec", "-T", "nginx", "sh", "-c", script]).stdout
+        return {m.group(1) for m in re.finditer(r"^/proc/(\d+)/cmdline nginx: worker process\s*$", out, re.M)}
+
+    def reload_nginx(self, timeout: float = 30) -> None:
+        """`nginx -s reload` only signals the master: wait until every worker serving connections is
+        a new one, so the next call is routed by the new configuration."""
+        old = self.nginx_workers()
         self.compose(["exec", "-T", "nginx", "nginx", "-s", "reload"])
+        deadline = time.monotonic() + timeout
+        while True:
+            now = self.nginx_workers()
+            if now and not now & old:
+                return
+            assert time.monotonic() < deadline, f"nginx did not reload in {timeout} s: {old} -> {now}"
+            time.sleep(0.1)

@@ -188,9 +188,11 @@ def test_a_crashed_replica_is_restarted(project: Project) -> None:
 
 
 def test_scale_up_and_down_with_nginx_reload(project: Project, reference: Reference) -> None:
+    # Sessions are placed by a hash of their id: with n of them, the chance that the new replica of
+    # three is given none is 3 * (2/3)^n: 2% for 12, 1e-6 for 36.
     with RecurClient(TARGET) as c:
-        sids = [c.create(MODEL).session_id for _ in range(12)]
-        seqs = [_tokens(30 + i, 40) for i in range(12)]
+        sids = [c.create(MODEL).session_id for _ in range(36)]
+        seqs = [_tokens(30 + i, 40) for i in range(36)]
         for sid, seq in zip(sids, seqs):
             c.step(sid, tokens=seq[:20], expected_offset=0)
         try:
