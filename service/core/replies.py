@@ -3,7 +3,7 @@ for Step and StepBatch, one columnar reply for the packed batch."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -173,6 +173,10 @@ class PackedReplies(Sink):
 
     def committed(self, i: int, model: Model, rec: SessionRecord) -> None:
         self.res.offsets[i], self.res.start_offsets[i] = rec.offset, rec.last_start
+
+    def committed_rows(self, chunks: list[int], model: Model, starts: np.ndarray, steps: int,
+                       record: Callable[[int], SessionRecord]) -> None:
+        self.res.offsets[chunks], self.res.start_offsets[chunks] = starts + steps, starts
 
     def refused_at(self, i: int, offset: int) -> None:
         self.res.offsets[i] = offset

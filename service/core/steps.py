@@ -35,6 +35,7 @@ from service.errors import InvalidInput, NoOutputYet, OffsetMismatch, RecurError
 from service.repository.models import Model, ModelRepository
 from service.store import SessionRecord, Store
 from service.store.base import Events
+from service.store.table import Loc, Rows, RowWrite
 from service.tracing import Tracing
 from service.types import StepInput
 
@@ -106,6 +107,18 @@ class Columns:
     def gather(self, chunks: list[int], xs: list[np.ndarray], model: Model) -> np.ndarray:
         return np.stack(xs)
 
+    def chunks(self, at: list[int], model: Model, max_chunk: int, errors: dict[int, Exception]
+               ) -> list[np.ndarray | None]:
+        """`chunk` for each of `at`: None where refused (its error put in `errors`)."""
+        out: list[np.ndarray | None] = []
+        for i in at:
+            try:
+                out.append(self.chunk(i, model, max_chunk))
+            except RecurError as e:
+                errors[i] = e
+                out.append(None)
+        return out
+
 
 class InputColumns(Columns):
     """Step and StepBatch: a list of StepInput, each with tokens, text or features."""
@@ -171,6 +184,26 @@ class PackedColumns(Columns):
             raise InvalidInput(NOT_FINITE)
         return x
 
+    def chunks(self, at: list[int], model: Model, max_chunk: int, errors: dict[int, Exception]
+               ) -> list[np.ndarray | None]:
+        lay = self.lay
+        if lay.ids is None:
+            return super().chunks(at, model, max_chunk, errors)
+        error = kind_error(model, lay.kind)
+        if error is not None:
+            errors.update(dict.fromkeys(at, error))
+            return [None] * len(at)
+        bad = self._bad.get(len(model.vocab))
+        if bad is None:
+            bad = self._bad[len(model.vocab)] = packed.first_bad_token(lay, len(model.vocab))
+        ids, sel = lay.ids, np.array(at, np.int64)
+        out: list[np.ndarray | None] = [ids[a : a + n]
+                                        for a, n in zip(lay.starts[sel].tolist(), lay.lengths[sel].tolist())]
+        for j, i in enumerate(at if bad else ()):
+            if i in bad:
+                errors[i], out[j] = token_error(model, *bad[i]), None
+        return out
+
     def gather(self, chunks: list[int], xs: list[np.ndarray], model: Model) -> np.ndarray:
         lay, steps = self.lay, len(xs[0])
         if lay.ids is not None and len(chunks) == lay.n and steps * lay.n == lay.total:
@@ -228,6 +261,13 @@ class Sink:
     def refused_at(self, i: int, offset: int) -> None:
         """Chunk i was refused; its session is at `offset` (-1: unknown)."""
 
+    def committed_rows(self, chunks: list[int], model: Model, starts: np.ndarray, steps: int,
+                       record: Callable[[int], SessionRecord]) -> None:
+        """Chunks stored as rows of a session table: chunk chunks[j] ran `steps` from offset starts[j];
+        `record(j)` gives its session now (a copy made on asking: a sink that needs no record asks none)."""
+        for j, i in enumerate(chunks):
+            self.committed(i, model, record(j))
+
 
 @dataclass
 class _Run:
@@ -247,6 +287,33 @@ class _Replay:
     rec: SessionRecord
     x: np.ndarray
     picks: Picks | None
+
+
+def _refusal(sink: Sink, i: int, model: Model, picks: Picks | None) -> RecurError | None:
+    try:
+        sink.accepts(i, model, picks)
+    except RecurError as e:
+        return e
+    return None
+
+
+class _RowRun:
+    """Chunks of one block of rows, length and activation selection: one engine job, one batched write."""
+
+    def __init__(self, block: Rows, model: Model, picks: Picks | None, steps: int) -> None:
+        self.block, self.model, self.picks, self.steps = block, model, picks, steps
+        self.chunks: list[int] = []
+        self.xs: list[np.ndarray] = []
+        self.rows: list[int] = []
+        self.gens: list[int] = []
+        self.offsets: list[int] = []
+
+    def add(self, i: int, x: np.ndarray, row: int, gen: int, offset: int) -> None:
+        self.chunks.append(i)
+        self.xs.append(x)
+        self.rows.append(row)
+        self.gens.append(gen)
+        self.offsets.append(offset)
 
 
 def advanced(rec: SessionRecord, steps: int, digest: bytes, logits: np.ndarray, states: list[np.ndarray],
@@ -324,7 +391,8 @@ class Pipeline:
         async with self.calls:
             for chunks in rounds:
                 async with self.locks.hold_many([(tenant, c.session_ids[i]) for i in chunks]):
-                    stale = await self.round(tenant, c, chunks, sink, errors)
+                    rest = await self.round_rows(tenant, c, chunks, sink, errors)
+                    stale = await self.round(tenant, c, rest, sink, errors) if rest else []
                     if stale:  # read from hints another replica made stale: again, from the store
                         await self.round(tenant, c, stale, sink, errors, fresh=True)
         return errors
@@ -341,6 +409,112 @@ class Pipeline:
             except RecurError as e:
                 records.append(e)
         return records
+
+    # -- a round over a session table --------------------------------------------------------------
+    async def round_rows(self, tenant: str, c: Chunks, chunks: list[int], sink: Sink,
+                         errors: dict[int, Exception]) -> list[int]:
+        """The round over a store that keeps its sessions as rows (store.read_rows): the chunks that run from
+        their session's offset are decided, gathered, run and stored as array operations over their rows.
+        Returns the chunks left to the record round: any whose offset is not its session's (a replay
+        or a refusal) or that names a request id, or all where the store keeps records."""
+        with self.tracing.span("recur.plan", tenant, rows=len(chunks),
+                               session=c.session_ids[chunks[0]] if len(chunks) == 1 else ""):
+            with self.tracing.span("recur.store.read", tenant, rows=len(chunks)):
+                locs = await self.store.read_rows(tenant, [c.session_ids[i] for i in chunks])
+            if locs is None:
+                return chunks
+            runs, rest = self._decide_rows(tenant, c, chunks, locs, sink, errors)
+        with self.tracing.span("recur.engine", rows=sum(len(r.chunks) * r.steps for r in runs)):
+            jobs = [self._submit(r.model, c.columns.gather(r.chunks, r.xs, r.model), r.block.gather(r.rows),
+                                 c.deadline, r.picks is not None) for r in runs]
+            ran = await self._settle(jobs, [r.chunks for r in runs], errors)
+        for r, result in zip(runs, ran):
+            if not isinstance(result, BaseException):
+                await self._commit_rows(tenant, c, r, result, sink, errors)
+        return rest
+
+    def _decide_rows(self, tenant: str, c: Chunks, chunks: list[int], locs: Sequence[Loc | Exception], sink: Sink,
+                     errors: dict[int, Exception]) -> tuple[list[_RowRun], list[int]]:
+        """The chunks grouped by block of rows; those at their session's offset (or unchecked) checked against
+        their model and grouped into runs of one length and activation selection; the rest returned."""
+        rest: list[int] = []
+        found: dict[int, tuple[Rows, list[int], list[int]]] = {}  # id(block) -> (block, chunks, rows)
+        keys = c.replay_keys
+        for i, loc in zip(chunks, locs):
+            if isinstance(loc, Exception):
+                errors[i] = loc
+            elif keys and keys[i]:
+                rest.append(i)
+            else:
+                group = found.get(id(loc[0]))
+                if group is None:
+                    group = found[id(loc[0])] = (loc[0], [], [])
+                group[1].append(i)
+                group[2].append(loc[1])
+        max_chunk = self.max_chunk(tenant)
+        runs: dict[tuple[int, int, int], _RowRun] = {}  # (id(block), steps, id(picks)) -> its run
+        picked: dict[tuple[int, int], Picks] = {}
+        accepted: dict[tuple[int, int], RecurError | None] = {}
+        for block, idx, rows in found.values():
+            at, row = np.array(idx, np.int64), np.array(rows, np.int64)
+            offsets, expected = block.offset[row], c.expected[at]
+            mine = (expected < 0) | (expected == offsets)
+            if not mine.all():
+                rest.extend(at[~mine].tolist())
+                at, row, offsets = at[mine], row[mine], offsets[mine]
+            try:
+                model = self.models.get(block.model, block.version)
+            except RecurError as e:
+                errors.update(dict.fromkeys(at.tolist(), e))
+                continue
+            gens, idx = block.gen[row], at.tolist()
+            xs = c.columns.chunks(idx, model, max_chunk, errors)
+            for j, (i, x) in enumerate(zip(idx, xs)):
+                if x is None:
+                    continue
+                try:
+                    picks = self._picks(model, c.activations[i], picked)
+                    if (id(model), id(picks)) not in accepted:  # the sink's rule is on the model and selection
+                        accepted[(id(model), id(picks))] = _refusal(sink, i, model, picks)
+                    _raise(accepted[(id(model), id(picks))])
+                except RecurError as e:
+                    errors[i] = e
+                    continue
+                run = runs.get((id(block), len(x), id(picks)))
+                if run is None:
+                    run = runs[(id(block), len(x), id(picks))] = _RowRun(block, model, picks, len(x))
+                run.add(i, x, int(row[j]), int(gens[j]), int(offsets[j]))
+        return list(runs.values()), rest
+
+    async def _commit_rows(self, tenant: str, c: Chunks, r: _RowRun, result: tuple, sink: Sink,
+                           errors: dict[int, Exception]) -> None:
+        """A run's new states stored in its rows, each by compare-and-set on the row as read."""
+        logits, states, acts = result
+        sink.ran(r.chunks, logits, acts, r.picks)
+        n = len(r.chunks)
+        # Outputs kept for a replay as the record round keeps them: whole when they fit in --max-replay-bytes
+        # (a 1-step chunk's are its final step's), else recomputed from the state before; always recomputed
+        # where activations were asked (they are not kept).
+        whole = r.picks is None and logits[0].nbytes <= self.settings.max_replay_bytes
+        kept = [logits[j].copy() for j in range(n)] if whole and r.steps > 1 else None
+        w = RowWrite(r.block, [c.session_ids[i] for i in r.chunks], np.array(r.rows, np.int64),
+                     np.array(r.gens, np.int64), np.array(r.offsets, np.int64), np.full(n, r.steps, np.int64), states,
+                     logits[:, -1], [hashlib.sha256(x.tobytes()).digest() for x in r.xs], np.full(n, whole), kept)
+        with self.tracing.span("recur.store.write", rows=n):
+            stored = await self.store.write_rows(tenant, w)
+        done = [j for j, err in enumerate(stored) if err is None]
+        if len(done) == n:
+            sink.committed_rows(r.chunks, r.model, w.offsets, r.steps, lambda j: r.block.record(r.rows[j]))
+        else:
+            sink.committed_rows([r.chunks[j] for j in done], r.model, w.offsets[done], r.steps,
+                                lambda j: r.block.record(r.rows[done[j]]))
+        for j, err in enumerate(stored):
+            if isinstance(err, StoreConflict):
+                self.events.conflict(r.model.name, r.model.version, tenant)
+                errors[r.chunks[j]] = conflict_error(err, w.session_ids[j])
+                sink.refused_at(r.chunks[j], -1 if err.actual is None else err.actual)
+            elif err is not None:
+                errors[r.chunks[j]] = err
 
     # -- one round -------------------------------------------------------------------------------
     async def round(self, tenant: str, c: Chunks, chunks: list[int], sink: Sink, errors: dict[int, Exception],
@@ -370,7 +544,7 @@ class Pipeline:
         max_chunk = self.max_chunk(tenant)
         models: dict[tuple[str, int], Model] = {}
         picked: dict[tuple[int, int], Picks] = {}  # (model, selection) -> picks
-        blocks: dict[tuple[int, int, bool], list[_Run]] = {}
+        blocks: dict[tuple[int, int, int], list[_Run]] = {}  # (id(model), steps, id(picks))
         replays: list[_Replay] = []
         stale: list[int] = []
         for i, rec in zip(chunks, records):
@@ -402,8 +576,7 @@ class Pipeline:
                     errors[i] = offset_mismatch(c.session_ids[i], rec, expected, key if by_key else "")
                     sink.refused_at(i, rec.offset)
                 continue
-            blocks.setdefault((id(model), len(x), picks is not None), []).append(
-                _Run(i, model, rec, x, digest, picks, key))
+            blocks.setdefault((id(model), len(x), id(picks)), []).append(_Run(i, model, rec, x, digest, picks, key))
         return list(blocks.values()), replays, stale
 
     @staticmethod
@@ -431,18 +604,23 @@ class Pipeline:
                 jobs.append(self._submit(model, x, states, c.deadline, block[0].picks is not None))
             for r in replays:
                 jobs.append(self._replay(r, c.deadline))
-            futures = [j for j in jobs if isinstance(j, asyncio.Future)]
-            for f in futures:  # awaited in turn: no waiter task, no extra turn of the loop
-                try:
-                    await f
-                except asyncio.CancelledError:  # this call was cancelled: so are its jobs
-                    for g in futures:
-                        g.cancel()
-                    raise
-                except Exception:
-                    pass  # read below
+            return await self._settle(jobs, [[r.i for r in b] for b in runs] + [[r.i] for r in replays], errors)
+
+    @staticmethod
+    async def _settle(jobs: Sequence[asyncio.Future | tuple | BaseException], chunks: list[list[int]],
+                      errors: dict[int, Exception]) -> list[tuple | BaseException]:
+        """Each job's result, in order; a failed job's error for each of its chunks."""
+        futures = [j for j in jobs if isinstance(j, asyncio.Future)]
+        for f in futures:  # awaited in turn: no waiter task, no extra turn of the loop
+            try:
+                await f
+            except asyncio.CancelledError:  # this call was cancelled: so are its jobs
+                for g in futures:
+                    g.cancel()
+                raise
+            except Exception:
+                pass  # read below
         out: list[tuple | BaseException] = []
-        chunks = [[r.i for r in b] for b in runs] + [[r.i] for r in replays]
         for j, indices in zip(jobs, chunks):
             result = j if not isinstance(j, asyncio.Future) else j.exception() or j.result()
             if isinstance(result, BaseException):

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from service.errors import LimitExceeded, RecurError
 from service.store.record import SessionRecord
+from service.store.table import Loc, RowWrite
 
 DURABILITY_MODES = ("sync", "async", "none")
 # The one source of these defaults: the stores and the server's settings both read them.
@@ -111,6 +112,17 @@ class Store(ABC):
                 results.append(e)
         return results
 
+    async def read_rows(self, tenant: str, session_ids: list[str]) -> list[Loc | Exception] | None:
+        """Where a store keeps its sessions as rows of a columnar session table (service/store/table.py):
+        each session's (block, row), or the error a read of it gives; None where it keeps records (the
+        chunk pipeline then reads records)."""
+        return None
+
+    async def write_rows(self, tenant: str, w: RowWrite) -> list[Exception | None]:
+        """The chunks of `w` stored (rows read by read_rows), each by compare-and-set on the row as read;
+        one result per chunk (StoreConflict, or SessionNotFound/SessionExpired: gone since)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no session table")
+
     @abstractmethod
     async def create(self, record: SessionRecord, *, max_sessions: int = 0, max_tenant_sessions: int = 0) -> None:
         """Store a new session. Raises AlreadyExists, or LimitExceeded when the store already holds
@@ -169,8 +181,8 @@ class Store(ABC):
 # Every public method of Store, by what it does, for whoever observes a store: service.store.timed times
 # the reads and the writes (recur_store_read_duration_seconds, recur_store_write_duration_seconds) and
 # forwards the rest untimed. A public method of Store in none of these stops service.store.timed loading.
-READS = ("get", "fresh", "get_many")
-WRITES = ("create", "put", "put_many", "delete")
+READS = ("get", "fresh", "get_many", "read_rows")
+WRITES = ("create", "put", "put_many", "delete", "write_rows")
 UNTIMED = ("write_lag", "count", "count_by_model", "list_sessions", "ping", "sweep", "flush", "close")
 
 

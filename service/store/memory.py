@@ -11,6 +11,8 @@ from __future__ import annotations
 import heapq
 import time
 
+import numpy as np
+
 from service.errors import (
     AlreadyExists,
     LimitExceeded,
@@ -32,12 +34,14 @@ from service.store.base import (
     server_limit,
     tenant_limit,
 )
+from service.store.table import Loc, Rows, RowWrite, Shapes, shapes_of
 
 Key = tuple[str, str]
 
 
 class MemoryStore(Store):
-    """Holds at most `capacity` sessions and `memory_bytes` bytes of records (0: no bound)."""
+    """Holds at most `capacity` sessions and `memory_bytes` bytes of records (0: no bound), as rows of a
+    columnar session table (service/store/table.py): one block of rows per model version and state layout."""
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY, tombstone_seconds: float = DEFAULT_TOMBSTONE_SECONDS,
                  clock: Clock = time.time, *, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> None:
@@ -45,11 +49,12 @@ class MemoryStore(Store):
         self.memory_bytes = memory_bytes
         self.tombstone_seconds = tombstone_seconds
         self.clock = clock
-        self._records: dict[Key, SessionRecord] = {}
+        self._rows: dict[Key, Loc] = {}
+        self._blocks: dict[tuple[str, int, Shapes], Rows] = {}
         self._tombstones: dict[Key, Tombstone] = {}
         self._tenants: dict[str, int] = {}  # live records per tenant
         self._models: dict[tuple[str, int], int] = {}  # live records per (model, version)
-        self._bytes = 0  # sum of the records' nbytes
+        self._bytes = 0  # sum of the rows' nbytes
         # (expires_at, tenant, id) of every write; an entry is stale once its record was renewed or removed.
         self._expiry: list[tuple[float, str, str]] = []
 
@@ -63,36 +68,57 @@ class MemoryStore(Store):
             return SessionNotFound(f"session {key[1]!r} does not exist")
         return SessionExpired(f"session {key[1]!r} expired at {fmt_time(t.at)} after its idle TTL")
 
-    # -- bookkeeping: every change of _records goes through _add and _remove ------------------
+    def _block(self, rec: SessionRecord) -> Rows:
+        key = (rec.model, rec.version, shapes_of(rec))
+        block = self._blocks.get(key)
+        if block is None:
+            block = self._blocks[key] = Rows(*key)
+        return block
+
+    # -- bookkeeping: every change of _rows goes through _add and _remove ---------------------
     def _add(self, key: Key, rec: SessionRecord) -> None:
-        old = self._records.get(key)
-        if old is None:
+        loc = self._rows.get(key)
+        block = self._block(rec)
+        if loc is None:
             self._tenants[key[0]] = self._tenants.get(key[0], 0) + 1
             # one heap entry per record, pushed on create: a renewal only moves the expiry later, and
             # _expire_due pushes a renewed record's entry again when the old time comes (no push per write)
             heapq.heappush(self._expiry, (rec.expires_at, key[0], key[1]))
+            r = block.allocate()
         else:
-            self._bytes -= old.nbytes
-        if old is None or old.model != rec.model or old.version != rec.version:
-            if old is not None:
+            old, r = loc
+            self._bytes -= int(old.nbytes[r])
+            if old is not block:  # another version or layout: another block
                 self._uncount((old.model, old.version))
+                old.release(r)
+                r = block.allocate()
+        if loc is None or loc[0] is not block:
             self._models[(rec.model, rec.version)] = self._models.get((rec.model, rec.version), 0) + 1
-        self._records[key] = rec
-        self._bytes += rec.nbytes
-        if len(self._expiry) > 2 * len(self._records) + 1024:  # drop the stale entries
-            self._expiry = [(r.expires_at, k[0], k[1]) for k, r in self._records.items()]
+        block.write(r, rec)
+        self._rows[key] = (block, r)
+        self._bytes += int(block.nbytes[r])
+        if len(self._expiry) > 2 * len(self._rows) + 1024:  # drop the stale entries
+            self._expiry = [(self._expires(loc), k[0], k[1]) for k, loc in self._rows.items()]
             heapq.heapify(self._expiry)
 
-    def _remove(self, key: Key) -> SessionRecord:
-        rec = self._records.pop(key)
-        self._bytes -= rec.nbytes
-        self._uncount((rec.model, rec.version))
+    def _remove(self, key: Key) -> float:
+        """Drop a session's row; returns when it expires (expired)."""
+        block, r = self._rows.pop(key)
+        expires = self._expires((block, r))
+        self._bytes -= int(block.nbytes[r])
+        block.release(r)
+        self._uncount((block.model, block.version))
         n = self._tenants[key[0]] - 1
         if n:
             self._tenants[key[0]] = n
         else:
             del self._tenants[key[0]]
-        return rec
+        return expires
+
+    @staticmethod
+    def _expires(loc: Loc) -> float:
+        block, r = loc
+        return float(block.updated[r]) + float(block.ttl[r])
 
     def _uncount(self, model: tuple[str, int]) -> None:
         n = self._models[model] - 1
@@ -101,50 +127,54 @@ class MemoryStore(Store):
         else:
             del self._models[model]
 
-    def _expire(self, key: Key, rec: SessionRecord) -> None:
-        self._remove(key)
-        self._tombstones[key] = Tombstone(key[0], key[1], rec.expires_at, "expired")
+    def _expire(self, key: Key) -> None:
+        self._tombstones[key] = Tombstone(key[0], key[1], self._remove(key), "expired")
 
     def _expire_due(self, t: float) -> int:
         """Expire every record whose time has come (cheap when none has): counts and bounds hold live ones."""
         n = 0
         while self._expiry and self._expiry[0][0] <= t:
             _, tenant, sid = heapq.heappop(self._expiry)
-            rec = self._records.get((tenant, sid))
-            if rec is None:
+            loc = self._rows.get((tenant, sid))
+            if loc is None:
                 continue
-            if rec.expires_at <= t:
-                self._expire((tenant, sid), rec)
+            expires = self._expires(loc)
+            if expires <= t:
+                self._expire((tenant, sid))
                 n += 1
             else:  # renewed since it was pushed
-                heapq.heappush(self._expiry, (rec.expires_at, tenant, sid))
+                heapq.heappush(self._expiry, (expires, tenant, sid))
         return n
 
-    def _live(self, key: Key) -> SessionRecord:
-        rec = self._records.get(key)
-        if rec is not None and rec.expires_at <= self.clock():
-            self._expire(key, rec)
-            rec = None
-        if rec is None:
+    def _live(self, key: Key) -> Loc:
+        loc = self._rows.get(key)
+        if loc is not None and self._expires(loc) <= self.clock():
+            self._expire(key)
+            loc = None
+        if loc is None:
             raise self._missing(key)
-        return rec
+        return loc
+
+    def _record(self, key: Key) -> SessionRecord:
+        block, r = self._live(key)
+        return block.record(r)
 
     # -- the interface ---------------------------------------------------------------------------
     async def get(self, tenant: str, session_id: str) -> SessionRecord:
-        return self._live((tenant, session_id))
+        return self._record((tenant, session_id))
 
     async def create(self, record: SessionRecord, *, max_sessions: int = 0, max_tenant_sessions: int = 0) -> None:
         key = (record.tenant, record.session_id)
         t = self.clock()
         self._expire_due(t)
-        if key in self._records:
+        if key in self._rows:
             raise AlreadyExists(f"session {record.session_id!r} already exists")
         # One turn of the event loop from the checks to the insert: concurrent creates cannot overshoot.
         if max_tenant_sessions and self._tenants.get(record.tenant, 0) >= max_tenant_sessions:
             raise tenant_limit(record.tenant, max_tenant_sessions)
-        if max_sessions and len(self._records) >= max_sessions:
+        if max_sessions and len(self._rows) >= max_sessions:
             raise server_limit(max_sessions)
-        if self.capacity and len(self._records) >= self.capacity:
+        if self.capacity and len(self._rows) >= self.capacity:
             raise LimitExceeded(f"the memory store holds its limit of {self.capacity} sessions; "
                                 "delete sessions or raise --memory-capacity")
         if self.memory_bytes and self._bytes + record.nbytes > self.memory_bytes:
@@ -158,9 +188,35 @@ class MemoryStore(Store):
         out: list[SessionRecord | Exception] = []
         for session_id in session_ids:  # no await per record: the packed path's batches
             try:
+                out.append(self._record((tenant, session_id)))
+            except RecurError as e:
+                out.append(e)
+        return out
+
+    async def read_rows(self, tenant: str, session_ids: list[str]) -> list[Loc | Exception]:
+        out: list[Loc | Exception] = []
+        for session_id in session_ids:
+            try:
                 out.append(self._live((tenant, session_id)))
             except RecurError as e:
                 out.append(e)
+        return out
+
+    async def write_rows(self, tenant: str, w: RowWrite) -> list[Exception | None]:
+        t, b = self.clock(), w.block
+        bad = b.stale(w.rows, w.gens, w.offsets) | (b.updated[w.rows] + b.ttl[w.rows] <= t)
+        out: list[Exception | None] = [None] * len(w.rows)
+        if bad.any():  # say why each is refused; the rest are stored
+            for j in np.flatnonzero(bad).tolist():
+                try:
+                    block, r = self._live((tenant, w.session_ids[j]))
+                    actual = int(block.offset[r])
+                    out[j] = StoreConflict(f"session {w.session_ids[j]!r} is at offset {actual}", actual)
+                except RecurError as e:
+                    out[j] = e
+            w = w.only(~bad)
+        if len(w.rows):
+            self._bytes += b.commit(w, t)
         return out
 
     async def put(self, record: SessionRecord, prev_offset: int) -> None:
@@ -178,9 +234,9 @@ class MemoryStore(Store):
 
     def _put(self, record: SessionRecord, prev_offset: int) -> None:
         key = (record.tenant, record.session_id)
-        current = self._live(key)
-        if current.offset != prev_offset:
-            raise StoreConflict(f"session {record.session_id!r} is at offset {current.offset}", current.offset)
+        block, r = self._live(key)
+        if block.offset[r] != prev_offset:
+            raise StoreConflict(f"session {record.session_id!r} is at offset {block.offset[r]}", int(block.offset[r]))
         self._add(key, record)  # never refused for size: a record grows by at most the replay bound
 
     async def delete(self, tenant: str, session_id: str) -> None:
@@ -190,25 +246,31 @@ class MemoryStore(Store):
 
     async def count(self, tenant: str | None = None) -> int:
         self._expire_due(self.clock())
-        return len(self._records) if tenant is None else self._tenants.get(tenant, 0)
+        return len(self._rows) if tenant is None else self._tenants.get(tenant, 0)
 
     async def count_by_model(self, tenant: str | None = None) -> dict[tuple[str, int], int] | None:
         self._expire_due(self.clock())
         if tenant is None:
             return dict(self._models)
         counts: dict[tuple[str, int], int] = {}
-        for r in self._records.values():
-            if r.tenant == tenant:
-                counts[(r.model, r.version)] = counts.get((r.model, r.version), 0) + 1
+        for (ten, _), (block, _) in self._rows.items():
+            if ten == tenant:
+                counts[(block.model, block.version)] = counts.get((block.model, block.version), 0) + 1
         return counts
 
     async def list_sessions(self, tenant: str, model: str = "", after_id: str = "",
                             limit: int = 100) -> list[SessionSummary]:
         """A sorted scan of the tenant's live records (this store holds at most `capacity`)."""
         t = self.clock()
-        ids = sorted(sid for (ten, sid), r in self._records.items()
-                     if ten == tenant and sid > after_id and r.expires_at > t and (not model or r.model == model))
-        return [SessionSummary.of(self._records[(tenant, sid)]) for sid in ids[:limit]]
+        ids = sorted(sid for (ten, sid), loc in self._rows.items()
+                     if ten == tenant and sid > after_id and self._expires(loc) > t
+                     and (not model or loc[0].model == model))
+        out = []
+        for sid in ids[:limit]:
+            block, r = self._rows[(tenant, sid)]
+            out.append(SessionSummary(sid, block.model, block.version, int(block.offset[r]), float(block.created[r]),
+                                      float(block.updated[r]), self._expires((block, r))))
+        return out
 
     async def ping(self) -> None:
         return None  # the process's own memory: it serves while the process runs

@@ -1,0 +1,191 @@
+"""A columnar session table: the sessions of one model version and state layout as rows of
+preallocated arrays (offset, last start, times, state and the state before the last chunk), so the
+chunk pipeline reads, gathers, decides on and scatters a message's rows with array operations
+instead of building a record per chunk (docs/architecture.md, "The session table").
+
+A row is a session record spread over columns; `record` gives it back as a SessionRecord (a copy)
+and `write` stores one. `commit` is the pipeline's batched write: the new states of chunks that ran
+from their rows' states, each row checked by compare-and-set on its offset and its generation (a
+row freed and given to another session has a new generation), the state before each kept beside
+it, from which a replay recomputes the chunk's outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.store.record import RECORD_OVERHEAD, SessionRecord
+
+Shapes = tuple[tuple[int, ...], ...]
+Loc = tuple["Rows", int]  # a session's block of rows and its row there
+DIGEST_BYTES = 32  # sha256, what the pipeline keeps of a chunk for its replay check
+
+
+class Rows:
+    """The rows of one (model, version, state shapes). State tensors are (layers, ...) per session and
+    kept as (layers, capacity, ...): a gather over rows is the engine's (layers, batch, ...) as is."""
+
+    def __init__(self, model: str, version: int, shapes: Shapes) -> None:
+        if any(len(s) < 1 for s in shapes):
+            raise ValueError(f"state tensors need a layer axis: {shapes}")
+        self.model, self.version, self.shapes = model, version, shapes
+        self.state_bytes = sum(4 * int(np.prod(s)) for s in shapes)
+        self.capacity = 0
+        self.free: list[int] = []
+        self.gen = np.zeros(0, np.int64)
+        self.offset = np.zeros(0, np.int64)
+        self.last_start = np.zeros(0, np.int64)
+        self.created = np.zeros(0, np.float64)
+        self.updated = np.zeros(0, np.float64)
+        self.ttl = np.zeros(0, np.float64)
+        self.has_prev = np.zeros(0, bool)
+        self.has_final = np.zeros(0, bool)
+        self.complete = np.zeros(0, bool)  # a commit kept every output of the chunk (final, or `logits`)
+        self.final = np.zeros((0, 0), np.float32)  # the last chunk's final step's outputs, where a commit kept them
+        self.names = np.zeros(0, np.int64)  # len(tenant) + len(session_id): part of a row's bytes
+        self.nbytes = np.zeros(0, np.int64)  # each row's bytes, as SessionRecord.nbytes counts them
+        self.state = [np.zeros((s[0], 0, *s[1:]), np.float32) for s in shapes]
+        self.prev = [np.zeros((s[0], 0, *s[1:]), np.float32) for s in shapes]
+        self.tenant: list[str] = []
+        self.session_id: list[str] = []
+        self.digest: list[bytes] = []
+        self.request: list[str] = []
+        self.logits: list[np.ndarray | None] = []
+
+    @property
+    def used(self) -> int:
+        return self.capacity - len(self.free)
+
+    def _grow(self) -> None:
+        old, new = self.capacity, max(8, self.capacity * 2)
+        for name in ("gen", "offset", "last_start", "created", "updated", "ttl", "has_prev", "has_final", "complete",
+                     "names", "nbytes", "final"):
+            a = getattr(self, name)
+            b = np.zeros((new, *a.shape[1:]), a.dtype)
+            b[:old] = a
+            setattr(self, name, b)
+        for arrays in (self.state, self.prev):
+            for k, a in enumerate(arrays):
+                b = np.zeros((a.shape[0], new, *a.shape[2:]), np.float32)
+                b[:, :old] = a
+                arrays[k] = b
+        for column in (self.tenant, self.session_id, self.request):
+            column.extend([""] * (new - old))
+        self.digest.extend([b""] * (new - old))
+        self.logits.extend([None] * (new - old))
+        self.free.extend(range(new - 1, old - 1, -1))  # the lowest row first
+        self.capacity = new
+
+    def allocate(self) -> int:
+        if not self.free:
+            self._grow()
+        return self.free.pop()
+
+    def release(self, r: int) -> None:
+        self.gen[r] += 1  # whoever read the row before cannot write it now
+        self.logits[r] = None  # do not pin an array for a free row
+        self.free.append(r)
+
+    def write(self, r: int, rec: SessionRecord) -> None:
+        """Row r becomes `rec` (of this block's model, version and shapes)."""
+        self.tenant[r], self.session_id[r] = rec.tenant, rec.session_id
+        self.offset[r], self.last_start[r] = rec.offset, rec.last_start
+        self.created[r], self.updated[r], self.ttl[r] = rec.created_at, rec.updated_at, rec.ttl
+        for a, s in zip(self.state, rec.state):
+            a[:, r] = s
+        prev = rec.last_prev_state
+        self.has_prev[r] = prev is not None
+        if prev is not None:
+            for a, s in zip(self.prev, prev):
+                a[:, r] = s
+        self.digest[r], self.request[r], self.logits[r] = rec.last_digest, rec.last_request, rec.last_logits
+        self.has_final[r] = False
+        self.names[r] = len(rec.tenant) + len(rec.session_id)
+        self.nbytes[r] = (self.state_bytes * (2 if prev is not None else 1) + len(rec.last_digest) + int(self.names[r])
+                          + len(rec.last_request) + (0 if rec.last_logits is None else rec.last_logits.nbytes)
+                          + RECORD_OVERHEAD)
+
+    def record(self, r: int) -> SessionRecord:
+        """Row r as a SessionRecord of its own arrays (a row a commit wrote has the form of a record whose
+        outputs were too large to keep: its final step's outputs and the state before)."""
+        logits, prev = self.logits[r], self.has_prev[r]
+        if self.has_final[r]:
+            logits = self.final[r : r + 1].copy() if logits is None else logits
+            prev = not self.complete[r]  # kept, but a record of kept outputs shows none
+        return SessionRecord(
+            tenant=self.tenant[r], session_id=self.session_id[r], model=self.model, version=self.version,
+            offset=int(self.offset[r]), created_at=float(self.created[r]), updated_at=float(self.updated[r]),
+            ttl=float(self.ttl[r]), state=[a[:, r].copy() for a in self.state], last_digest=self.digest[r],
+            last_start=int(self.last_start[r]), last_logits=logits,
+            last_prev_state=[a[:, r].copy() for a in self.prev] if prev else None,
+            last_request=self.request[r])
+
+    def gather(self, rows: np.ndarray | list[int]) -> list[np.ndarray]:
+        """The rows' states as the engine takes them: each (layers, len(rows), ...), a new array."""
+        return [a[:, rows] for a in self.state]
+
+    def commit(self, w: RowWrite, t: float) -> int:
+        """Rows that ran a chunk from their state now hold its new states, its final step's outputs and
+        the outputs kept (`w.kept`), the state before kept for a replay. Checked by the caller (`stale`).
+        Returns the change in bytes."""
+        rows, steps, states, final = w.rows, w.steps, w.states, w.final
+        if self.final.shape[1] != final.shape[1]:  # the first commit: the model's width
+            self.final = np.zeros((self.capacity, final.shape[1]), np.float32)
+            self.has_final[:] = False
+        for a, p, s in zip(self.state, self.prev, states):
+            p[:, rows] = a[:, rows]
+            a[:, rows] = s
+        self.final[rows] = final
+        self.has_final[rows] = True
+        self.last_start[rows] = self.offset[rows]
+        self.offset[rows] += steps
+        self.updated[rows] = t
+        self.has_prev[rows] = True
+        self.complete[rows] = w.complete
+        before = int(self.nbytes[rows].sum())
+        digest, request, logits = self.digest, self.request, self.logits
+        kept = w.kept or [None] * len(rows)
+        extra = 0
+        for r, d, k in zip(rows.tolist(), w.digests, kept):
+            digest[r], request[r], logits[r] = d, "", k
+            extra += 0 if k is None else k.nbytes
+        self.nbytes[rows] = (2 * self.state_bytes + 4 * final.shape[1] + DIGEST_BYTES + RECORD_OVERHEAD
+                             + self.names[rows])
+        return int(self.nbytes[rows].sum()) + extra - before
+
+    def stale(self, rows: np.ndarray, gens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """Which rows no longer hold what was read (another session's now, or advanced): a mask."""
+        return (self.gen[rows] != gens) | (self.offset[rows] != offsets)
+
+
+def shapes_of(rec: SessionRecord) -> Shapes:
+    return tuple(tuple(int(d) for d in s.shape) for s in rec.state)
+
+
+@dataclass
+class RowWrite:
+    """The pipeline's batched write to one block: chunk j ran `steps[j]` steps from row `rows[j]` as read
+    (its generation `gens[j]` and offset `offsets[j]`); `states` are the new ones, each (layers, n, ...)."""
+
+    block: Rows
+    session_ids: list[str]
+    rows: np.ndarray
+    gens: np.ndarray
+    offsets: np.ndarray
+    steps: np.ndarray
+    states: Sequence[np.ndarray]
+    final: np.ndarray  # (n, classes): each chunk's final step's outputs
+    digests: list[bytes]
+    complete: np.ndarray  # (n,) bool: every output of the chunk is kept (final holds them, or `kept`)
+    kept: list[np.ndarray | None] | None = None  # the outputs of chunks of several steps kept whole
+
+    def only(self, keep: np.ndarray) -> RowWrite:
+        """The writes where `keep` (a mask) holds."""
+        at = np.flatnonzero(keep)
+        return RowWrite(self.block, [self.session_ids[j] for j in at.tolist()], self.rows[at], self.gens[at],
+                        self.offsets[at], self.steps[at], [s[:, at] for s in self.states], self.final[at],
+                        [self.digests[j] for j in at.tolist()], self.complete[at],
+                        None if self.kept is None else [self.kept[j] for j in at.tolist()])
