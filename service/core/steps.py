@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -300,13 +301,15 @@ def _refusal(sink: Sink, i: int, model: Model, picks: Picks | None) -> RecurErro
 class _RowRun:
     """Chunks of one block of rows, length and activation selection: one engine job, one batched write."""
 
-    def __init__(self, block: Rows, model: Model, picks: Picks | None, steps: int) -> None:
+    def __init__(self, block: Rows, model: Model, picks: Picks | None, steps: int, chunks: list[int] | None = None,
+                 xs: list[np.ndarray] | None = None, rows: list[int] | None = None, gens: list[int] | None = None,
+                 offsets: list[int] | None = None) -> None:
         self.block, self.model, self.picks, self.steps = block, model, picks, steps
-        self.chunks: list[int] = []
-        self.xs: list[np.ndarray] = []
-        self.rows: list[int] = []
-        self.gens: list[int] = []
-        self.offsets: list[int] = []
+        self.chunks: list[int] = chunks or []
+        self.xs: list[np.ndarray] = xs or []
+        self.rows: list[int] = rows or []
+        self.gens: list[int] = gens or []
+        self.offsets: list[int] = offsets or []
 
     def add(self, i: int, x: np.ndarray, row: int, gen: int, offset: int) -> None:
         self.chunks.append(i)
@@ -469,6 +472,18 @@ class Pipeline:
                 continue
             gens, idx = block.gen[row], at.tolist()
             xs = c.columns.chunks(idx, model, max_chunk, errors)
+            checked = self._one_run(c, idx, xs)
+            if checked:  # the common message: one length, one selection
+                try:
+                    picks = self._picks(model, c.activations[idx[0]], picked)
+                    _raise(_refusal(sink, idx[0], model, picks))
+                except RecurError as e:
+                    errors.update(dict.fromkeys(idx, e))
+                    continue
+                steps = len(checked[0])
+                runs[(id(block), steps, id(picks))] = _RowRun(block, model, picks, steps, idx, checked, row.tolist(),
+                                                               gens.tolist(), offsets.tolist())
+                continue
             for j, (i, x) in enumerate(zip(idx, xs)):
                 if x is None:
                     continue
@@ -578,6 +593,18 @@ class Pipeline:
                 continue
             blocks.setdefault((id(model), len(x), id(picks)), []).append(_Run(i, model, rec, x, digest, picks, key))
         return list(blocks.values()), replays, stale
+
+    @staticmethod
+    def _one_run(c: Chunks, idx: list[int], xs: list[np.ndarray | None]) -> list[np.ndarray] | None:
+        """The chunks' inputs when every one was accepted, all of one length, all asking one activation
+        selection (the same object); else None."""
+        if not idx or any(x is None for x in xs):
+            return None
+        checked = typing.cast(list[np.ndarray], xs)
+        first = c.activations[idx[0]]
+        if len({len(x) for x in checked}) == 1 and all(c.activations[i] is first for i in idx):
+            return checked
+        return None
 
     @staticmethod
     def _picks(model: Model, request: ActivationRequest | None, picked: dict[tuple[int, int], Picks]

@@ -1,0 +1,104 @@
+"""Where a packed message's time goes inside the core, per chunk: the core's wall time and its process
+CPU (the event loop, the engine's threads and ONNX Runtime together), ONNX Runtime's own CPU for the
+same call made directly (the model's runtime, all S sessions in one batch), and Python's: the
+difference. In process (no gRPC, no client), memory store, pylm, 1-token chunks, every chunk's
+logits and an expected offset; the session table's rows or the record path, whichever the
+checkout has.
+
+    python -m bench.core_cpu                          # this checkout
+    python -m bench.core_cpu --against ../old-checkout   # A/B: alternating runs of both, 3 each
+
+Each run is its own process (one checkout's `service` package imported), so the two never share a
+heap or a cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _child(root: str, sessions: int, messages: int) -> dict:
+    sys.path.insert(0, root)
+    import asyncio
+
+    import numpy as np
+
+    from service.config import Settings
+    from service.core.packed import PackedInput
+    from service.core.sessions import SessionService
+    from service.engine.engine import Engine, EngineOptions
+    from service.engine.runtime import RuntimeOptions
+    from service.repository.models import ModelRepository
+    from service.store import MemoryStore
+
+    async def run() -> dict:
+        repo = ModelRepository.load(ROOT / "models", RuntimeOptions())
+        core = SessionService(Settings(), repo, MemoryStore(), Engine(EngineOptions()))
+        sids = [(await core.create("t", "pylm", 0, session_id=f"s{i}")).session_id for i in range(sessions)]
+        rng = np.random.default_rng(0)
+        bodies = [rng.integers(0, 90, sessions).astype("<i4").tobytes() for _ in range(messages + 20)]
+
+        async def one(k: int) -> None:
+            p = PackedInput(sids, [1] * sessions, bodies[k], expected_offsets=[k] * sessions, return_logits=True)
+            res = await core.step_packed("t", p)
+            assert not res.errors, list(res.errors.items())[:2]
+
+        for k in range(20):  # warm-up
+            await one(k)
+        model = repo.get("pylm")
+        x = np.zeros((sessions, 1), np.int64)
+        states = [np.stack([z] * sessions, axis=1) for z in model.zero_state()]
+        c0 = time.process_time()
+        for _ in range(messages):
+            model.runtime.run(x, states)
+        ort = (time.process_time() - c0) / messages / sessions
+        t0, c0 = time.perf_counter(), time.process_time()
+        for k in range(20, 20 + messages):
+            await one(k)
+        wall = (time.perf_counter() - t0) / messages / sessions
+        cpu = (time.process_time() - c0) / messages / sessions
+        await core.close()
+        return {"wall_us": wall * 1e6, "cpu_us": cpu * 1e6, "ort_us": ort * 1e6}
+
+    return asyncio.run(run())
+
+
+def _measure(root: Path, sessions: int, messages: int) -> dict:
+    out = subprocess.run([sys.executable, "-m", "bench.core_cpu", "--child", str(root), "--sessions", str(sessions),
+                          "--messages", str(messages)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--against", type=Path, help="another checkout, measured alternately with this one")
+    ap.add_argument("--sessions", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--messages", type=int, default=300)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child, args.sessions[0], args.messages)))
+        return
+    roots = [("this", ROOT)] + ([("against", args.against.resolve())] if args.against else [])
+    rounds = 3 if args.against else 1
+    print("| checkout | S | core wall µs/chunk | core CPU µs/chunk | ONNX Runtime CPU µs/chunk | Python µs/chunk "
+          "| ratio (ORT CPU / core wall) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for _ in range(rounds):
+        for name, root in roots[::-1]:
+            for s in args.sessions:
+                m = _measure(root, s, args.messages)
+                print(f"| {name} | {s} | {m['wall_us']:.1f} | {m['cpu_us']:.1f} | {m['ort_us']:.1f} | "
+                      f"{m['cpu_us'] - m['ort_us']:.1f} | {m['ort_us'] / m['wall_us']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
