@@ -159,6 +159,26 @@ class MemoryStore(Store):
         block, r = self._live(key)
         return block.record(r)
 
+    def check(self) -> None:
+        """The table's invariants (tests run it): every session's row is in use, in its block, held by
+        it alone; the counts and the byte total are the rows'."""
+        used: dict[int, set[int]] = {id(b): set(range(b.capacity)) - set(b.free) for b in self._blocks.values()}
+        assert all(len(b.free) == len(set(b.free)) for b in self._blocks.values()), "a row freed twice"
+        seen: set[tuple[int, int]] = set()
+        tenants: dict[str, int] = {}
+        models: dict[tuple[str, int], int] = {}
+        total = 0
+        for (tenant, sid), (block, r) in self._rows.items():
+            assert r in used[id(block)] and (id(block), r) not in seen, f"session {sid}'s row {r} is not its own"
+            assert block.tenant[r] == tenant and block.session_id[r] == sid, f"row {r} names another session"
+            seen.add((id(block), r))
+            tenants[tenant] = tenants.get(tenant, 0) + 1
+            models[(block.model, block.version)] = models.get((block.model, block.version), 0) + 1
+            total += int(block.nbytes[r])
+        assert len(seen) == sum(len(u) for u in used.values()), "a row in use that no session holds"
+        assert tenants == self._tenants and models == self._models, "the counts are off"
+        assert total == self._bytes, f"the byte count is off: {self._bytes}, rows {total}"
+
     # -- the interface ---------------------------------------------------------------------------
     async def get(self, tenant: str, session_id: str) -> SessionRecord:
         return self._record((tenant, session_id))

@@ -147,14 +147,15 @@ class Rows:
         self.complete[rows] = w.complete
         before = int(self.nbytes[rows].sum())
         digest, request, logits = self.digest, self.request, self.logits
-        kept = w.kept or [None] * len(rows)
-        extra = 0
-        for r, d, k in zip(rows.tolist(), w.digests, kept):
-            digest[r], request[r], logits[r] = d, "", k
-            extra += 0 if k is None else k.nbytes
+        for r, d in zip(rows.tolist(), w.digests):
+            digest[r], request[r], logits[r] = d, "", None
         self.nbytes[rows] = (2 * self.state_bytes + 4 * final.shape[1] + DIGEST_BYTES + RECORD_OVERHEAD
                              + self.names[rows])
-        return int(self.nbytes[rows].sum()) + extra - before
+        for r, k in zip(rows.tolist(), w.kept or ()):
+            if k is not None:
+                logits[r] = k
+                self.nbytes[r] += k.nbytes
+        return int(self.nbytes[rows].sum()) - before
 
     def stale(self, rows: np.ndarray, gens: np.ndarray, offsets: np.ndarray) -> np.ndarray:
         """Which rows no longer hold what was read (another session's now, or advanced): a mask."""

@@ -75,6 +75,9 @@ def make_core(repository: ModelRepository, tmp_path: Path, store_kind: str, cloc
             yield core
         finally:
             await core.close()
+            table = store.inner if isinstance(store, HintedStore) else store
+            if isinstance(table, MemoryStore):
+                table.check()  # the session table's invariants after everything the test did
             if own:
                 await store.close()
 

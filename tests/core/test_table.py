@@ -115,6 +115,7 @@ async def test_the_memory_stores_row_writes_refuse_what_changed_since_the_read()
     assert b.offset == 1 and np.array_equal(b.state[0], np.full((2, 3), 1))  # the put's, not the row write's
     assert c.offset == 0 and np.array_equal(c.state[0], np.zeros((2, 3)))
     assert store.nbytes == bytes_before + block.nbytes[rows[0]] - _rec("a").nbytes
+    store.check()
     # a session that expired between the read and the write is refused as expired, and not written
     locs = await store.read_rows("t", ["a"])
     (block, r), = locs  # type: ignore[misc]
@@ -124,6 +125,7 @@ async def test_the_memory_stores_row_writes_refuse_what_changed_since_the_read()
                                                np.zeros((1, 2), np.float32), [b"y" * 32], np.ones(1, bool)))
     assert isinstance(out[0], SessionExpired)
     assert await store.count() == 0  # b and c expired with it
+    store.check()
 
 
 async def test_a_batch_whose_chunks_select_different_activations_answers_each_its_own(make_core: MakeCore) -> None:
