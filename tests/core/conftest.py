@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from service.config import Settings
+from service.core import steps
 from service.core.sessions import SessionService
 from service.engine.engine import Engine, EngineOptions
 from service.engine.runtime import RuntimeOptions
@@ -49,10 +50,15 @@ def clock() -> ManualClock:
 
 
 @pytest.fixture
-def make_core(repository: ModelRepository, tmp_path: Path, store_kind: str, clock: ManualClock) -> MakeCore:
+def make_core(repository: ModelRepository, tmp_path: Path, store_kind: str, clock: ManualClock,
+              monkeypatch: pytest.MonkeyPatch) -> MakeCore:
     """`async with make_core(max_chunk=64) as core:` a started core; settings override the defaults.
     `store=` shares one store between cores (two replicas; `another_replica(store)` gives the second
-    its own hints); `events=` receives the core's events."""
+    its own hints); `events=` receives the core's events. On "memory" every round goes by the session
+    table's rows, a round of one chunk too (a server takes rows from 4 chunks on); "hinted" keeps a
+    memory store behind hints, so the record round runs over the table's records there."""
+    if store_kind == "memory":
+        monkeypatch.setattr(steps, "ROW_ROUND_MIN", 1)
 
     @asynccontextmanager
     async def make(store: Store | None = None, events: Events = NO_EVENTS, **settings: Any
