@@ -114,6 +114,16 @@ class SessionRecord:
             self._nbytes = arrays + len(self.last_digest) + names + RECORD_OVERHEAD
         return self._nbytes
 
+    @classmethod
+    def of_fields(cls, **values: Any) -> SessionRecord:
+        """A record from every field by name, without the dataclass's __init__ (a hot path's reads)."""
+        if __debug__ and values.keys() != _RECORD_FIELDS:
+            raise TypeError(f"SessionRecord.of_fields needs every field: {sorted(_RECORD_FIELDS ^ values.keys())}")
+        new = object.__new__(cls)
+        new.__dict__.update(values)
+        new.__dict__["_nbytes"] = -1
+        return new
+
     def copy(self, **changes: Any) -> SessionRecord:
         """A new record with `changes` (field names); dataclasses.replace costs ~10 µs on the hot path."""
         if __debug__ and not changes.keys() <= _RECORD_FIELDS:

@@ -20,6 +20,9 @@ import numpy as np
 from service.store.record import RECORD_OVERHEAD, SessionRecord
 
 Shapes = tuple[tuple[int, ...], ...]
+_INTS = ("gen", "offset", "last_start", "names", "nbytes")  # names: len(tenant) + len(session_id), in a row's bytes
+_FLOATS = ("created", "updated", "ttl")
+_FLAGS = ("has_prev", "has_final", "complete")  # complete: a commit kept every output of the chunk
 Loc = tuple["Rows", int]  # a session's block of rows and its row there
 DIGEST_BYTES = 32  # sha256, what the pipeline keeps of a chunk for its replay check
 
@@ -35,18 +38,13 @@ class Rows:
         self.state_bytes = sum(4 * int(np.prod(s)) for s in shapes)
         self.capacity = 0
         self.free: list[int] = []
-        self.gen = np.zeros(0, np.int64)
-        self.offset = np.zeros(0, np.int64)
-        self.last_start = np.zeros(0, np.int64)
-        self.created = np.zeros(0, np.float64)
-        self.updated = np.zeros(0, np.float64)
-        self.ttl = np.zeros(0, np.float64)
-        self.has_prev = np.zeros(0, bool)
-        self.has_final = np.zeros(0, bool)
-        self.complete = np.zeros(0, bool)  # a commit kept every output of the chunk (final, or `logits`)
+        # Scalar columns side by side, so the record round writes or reads a row's in one operation;
+        # each column is a view (`_views`), as the array operations over rows use them.
+        self.ints = np.zeros((0, len(_INTS)), np.int64)
+        self.floats = np.zeros((0, len(_FLOATS)), np.float64)
+        self.flags = np.zeros((0, len(_FLAGS)), bool)
+        self._views()
         self.final = np.zeros((0, 0), np.float32)  # the last chunk's final step's outputs, where a commit kept them
-        self.names = np.zeros(0, np.int64)  # len(tenant) + len(session_id): part of a row's bytes
-        self.nbytes = np.zeros(0, np.int64)  # each row's bytes, as SessionRecord.nbytes counts them
         self.state = [np.zeros((s[0], 0, *s[1:]), np.float32) for s in shapes]
         self.prev = [np.zeros((s[0], 0, *s[1:]), np.float32) for s in shapes]
         self.tenant: list[str] = []
@@ -55,18 +53,23 @@ class Rows:
         self.request: list[str] = []
         self.logits: list[np.ndarray | None] = []
 
+    def _views(self) -> None:
+        self.gen, self.offset, self.last_start, self.names, self.nbytes = (self.ints[:, k] for k in range(len(_INTS)))
+        self.created, self.updated, self.ttl = (self.floats[:, k] for k in range(len(_FLOATS)))
+        self.has_prev, self.has_final, self.complete = (self.flags[:, k] for k in range(len(_FLAGS)))
+
     @property
     def used(self) -> int:
         return self.capacity - len(self.free)
 
     def _grow(self) -> None:
         old, new = self.capacity, max(8, self.capacity * 2)
-        for name in ("gen", "offset", "last_start", "created", "updated", "ttl", "has_prev", "has_final", "complete",
-                     "names", "nbytes", "final"):
+        for name in ("ints", "floats", "flags", "final"):
             a = getattr(self, name)
             b = np.zeros((new, *a.shape[1:]), a.dtype)
             b[:old] = a
             setattr(self, name, b)
+        self._views()
         for arrays in (self.state, self.prev):
             for k, a in enumerate(arrays):
                 b = np.zeros((a.shape[0], new, *a.shape[2:]), np.float32)
@@ -92,36 +95,37 @@ class Rows:
     def write(self, r: int, rec: SessionRecord) -> None:
         """Row r becomes `rec` (of this block's model, version and shapes)."""
         self.tenant[r], self.session_id[r] = rec.tenant, rec.session_id
-        self.offset[r], self.last_start[r] = rec.offset, rec.last_start
-        self.created[r], self.updated[r], self.ttl[r] = rec.created_at, rec.updated_at, rec.ttl
         for a, s in zip(self.state, rec.state):
             a[:, r] = s
         prev = rec.last_prev_state
-        self.has_prev[r] = prev is not None
         if prev is not None:
             for a, s in zip(self.prev, prev):
                 a[:, r] = s
         self.digest[r], self.request[r], self.logits[r] = rec.last_digest, rec.last_request, rec.last_logits
-        self.has_final[r] = False
-        self.names[r] = len(rec.tenant) + len(rec.session_id)
-        self.nbytes[r] = (self.state_bytes * (2 if prev is not None else 1) + len(rec.last_digest) + int(self.names[r])
-                          + len(rec.last_request) + (0 if rec.last_logits is None else rec.last_logits.nbytes)
-                          + RECORD_OVERHEAD)
+        names = len(rec.tenant) + len(rec.session_id)
+        nbytes = (self.state_bytes * (2 if prev is not None else 1) + len(rec.last_digest) + names
+                  + len(rec.last_request) + (0 if rec.last_logits is None else rec.last_logits.nbytes)
+                  + RECORD_OVERHEAD)
+        self.ints[r, 1:] = (rec.offset, rec.last_start, names, nbytes)  # gen stays: the row is the same session's
+        self.floats[r] = (rec.created_at, rec.updated_at, rec.ttl)
+        self.flags[r] = (prev is not None, False, False)
 
     def record(self, r: int) -> SessionRecord:
         """Row r as a SessionRecord of its own arrays (a row a commit wrote has the form of a record whose
         outputs were too large to keep: its final step's outputs and the state before)."""
-        logits, prev = self.logits[r], self.has_prev[r]
-        if self.has_final[r]:
+        _, offset, last_start, _, _ = self.ints[r].tolist()
+        created, updated, ttl = self.floats[r].tolist()
+        prev, final, complete = self.flags[r].tolist()
+        logits = self.logits[r]
+        if final:
             logits = self.final[r : r + 1].copy() if logits is None else logits
-            prev = not self.complete[r]  # kept, but a record of kept outputs shows none
-        return SessionRecord(
+            prev = not complete  # kept, but a record of kept outputs shows none
+        return SessionRecord.of_fields(
             tenant=self.tenant[r], session_id=self.session_id[r], model=self.model, version=self.version,
-            offset=int(self.offset[r]), created_at=float(self.created[r]), updated_at=float(self.updated[r]),
-            ttl=float(self.ttl[r]), state=[a[:, r].copy() for a in self.state], last_digest=self.digest[r],
-            last_start=int(self.last_start[r]), last_logits=logits,
-            last_prev_state=[a[:, r].copy() for a in self.prev] if prev else None,
-            last_request=self.request[r])
+            offset=offset, created_at=created, updated_at=updated, ttl=ttl,
+            state=[a[:, r].copy() for a in self.state], last_digest=self.digest[r], last_start=last_start,
+            last_logits=logits, last_prev_state=[a[:, r].copy() for a in self.prev] if prev else None,
+            last_request=self.request[r], token=b"")
 
     def gather(self, rows: np.ndarray | list[int]) -> list[np.ndarray]:
         """The rows' states as the engine takes them: each (layers, len(rows), ...), a new array."""
@@ -163,7 +167,7 @@ class Rows:
 
 
 def shapes_of(rec: SessionRecord) -> Shapes:
-    return tuple(tuple(int(d) for d in s.shape) for s in rec.state)
+    return tuple(s.shape for s in rec.state)
 
 
 @dataclass
