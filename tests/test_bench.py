@@ -144,3 +144,11 @@ def test_workers_bench_smoke() -> None:
     out = subprocess.run([sys.executable, "-m", "bench.workers", "--quick"], cwd=ROOT, check=True, timeout=300,
                          capture_output=True, text=True).stdout
     assert "| workers 1 | Python, 2 connections | " in out and "| workers 2 | Python, 2 connections | " in out
+
+
+def test_core_cpu_bench_smoke() -> None:
+    """bench.core_cpu's A/B runs each checkout in its own process (here this one against itself), every
+    chunk answered without a refusal; not a measurement."""
+    out = subprocess.run([sys.executable, "-m", "bench.core_cpu", "--against", str(ROOT), "--sessions", "8",
+                          "--messages", "5"], cwd=ROOT, check=True, timeout=300, capture_output=True, text=True).stdout
+    assert out.count("| this | 8 |") == 3 and out.count("| against | 8 |") == 3
