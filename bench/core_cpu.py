@@ -1,12 +1,13 @@
 """Where a packed message's time goes inside the core, per chunk: the core's wall time and its process
 CPU (the event loop, the engine's threads and ONNX Runtime together), ONNX Runtime's own CPU for the
 same call made directly (the model's runtime, all S sessions in one batch), and Python's: the
-difference. In process (no gRPC, no client), memory store, pylm, 1-token chunks, every chunk's
-logits and an expected offset; the session table's rows or the record path, whichever the
-checkout has.
+difference. In process (no gRPC, no client), pylm, 1-token chunks, every chunk's logits and an
+expected offset; the memory store (the session table's rows or the record path, whichever the
+checkout has) or, with `--store sqlite`, a SQLite file with sync durability in a temporary directory.
 
     python -m bench.core_cpu                          # this checkout
     python -m bench.core_cpu --against ../old-checkout   # A/B: alternating runs of both, 3 each
+    python -m bench.core_cpu --store sqlite           # the durable store's share
 
 Each run is its own process (one checkout's `service` package imported), so the two never share a
 heap or a cache.
@@ -24,9 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _child(root: str, sessions: int, messages: int) -> dict:
+def _child(root: str, sessions: int, messages: int, store: str) -> dict:
     sys.path.insert(0, root)
     import asyncio
+    import tempfile
 
     import numpy as np
 
@@ -37,10 +39,12 @@ def _child(root: str, sessions: int, messages: int) -> dict:
     from service.engine.runtime import RuntimeOptions
     from service.repository.models import ModelRepository
     from service.store import MemoryStore
+    from service.store.sqlite import SqliteStore
 
-    async def run() -> dict:
+    async def run(tmp: str) -> dict:
         repo = ModelRepository.load(ROOT / "models", RuntimeOptions())
-        core = SessionService(Settings(), repo, MemoryStore(), Engine(EngineOptions()))
+        db = MemoryStore() if store == "memory" else await SqliteStore(Path(tmp) / "s.db").open()
+        core = SessionService(Settings(), repo, db, Engine(EngineOptions()))
         sids = [(await core.create("t", "pylm", 0, session_id=f"s{i}")).session_id for i in range(sessions)]
         rng = np.random.default_rng(0)
         bodies = [rng.integers(0, 90, sessions).astype("<i4").tobytes() for _ in range(messages + 20)]
@@ -67,12 +71,14 @@ def _child(root: str, sessions: int, messages: int) -> dict:
         await core.close()
         return {"wall_us": wall * 1e6, "cpu_us": cpu * 1e6, "ort_us": ort * 1e6}
 
-    return asyncio.run(run())
+    with tempfile.TemporaryDirectory() as tmp:
+        return asyncio.run(run(tmp))
 
 
-def _measure(root: Path, sessions: int, messages: int) -> dict:
+def _measure(root: Path, sessions: int, messages: int, store: str) -> dict:
     out = subprocess.run([sys.executable, "-m", "bench.core_cpu", "--child", str(root), "--sessions", str(sessions),
-                          "--messages", str(messages)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                          "--messages", str(messages), "--store", store], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -82,10 +88,11 @@ def main() -> None:
     ap.add_argument("--against", type=Path, help="another checkout, measured alternately with this one")
     ap.add_argument("--sessions", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--messages", type=int, default=300)
+    ap.add_argument("--store", choices=["memory", "sqlite"], default="memory")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(_child(args.child, args.sessions[0], args.messages)))
+        print(json.dumps(_child(args.child, args.sessions[0], args.messages, args.store)))
         return
     roots = [("this", ROOT)] + ([("against", args.against.resolve())] if args.against else [])
     rounds = 3 if args.against else 1
@@ -95,7 +102,7 @@ def main() -> None:
     for _ in range(rounds):
         for name, root in roots[::-1]:
             for s in args.sessions:
-                m = _measure(root, s, args.messages)
+                m = _measure(root, s, args.messages, args.store)
                 print(f"| {name} | {s} | {m['wall_us']:.1f} | {m['cpu_us']:.1f} | {m['ort_us']:.1f} | "
                       f"{m['cpu_us'] - m['ort_us']:.1f} | {m['ort_us'] / m['wall_us']:.2f} |", flush=True)
 

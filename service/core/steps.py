@@ -308,13 +308,17 @@ class _RowRun:
 
     def __init__(self, block: Rows, model: Model, picks: Picks | None, steps: int, chunks: list[int] | None = None,
                  xs: list[np.ndarray] | None = None, rows: list[int] | None = None, gens: list[int] | None = None,
-                 offsets: list[int] | None = None) -> None:
+                 offsets: list[int] | None = None, created: list[float] | None = None,
+                 ttl: list[float] | None = None) -> None:
         self.block, self.model, self.picks, self.steps = block, model, picks, steps
         self.chunks: list[int] = chunks or []
         self.xs: list[np.ndarray] = xs or []
+        # each row as read: a store that caches rows (SQLite) may give one up before the write
         self.rows: list[int] = rows or []
         self.gens: list[int] = gens or []
         self.offsets: list[int] = offsets or []
+        self.created: list[float] = created or []
+        self.ttl: list[float] = ttl or []
 
     def add(self, i: int, x: np.ndarray, row: int, gen: int, offset: int) -> None:
         self.chunks.append(i)
@@ -322,6 +326,8 @@ class _RowRun:
         self.rows.append(row)
         self.gens.append(gen)
         self.offsets.append(offset)
+        self.created.append(float(self.block.created[row]))
+        self.ttl.append(float(self.block.ttl[row]))
 
 
 def advanced(rec: SessionRecord, steps: int, digest: bytes, logits: np.ndarray, states: list[np.ndarray],
@@ -435,12 +441,13 @@ class Pipeline:
                 return chunks
             runs, rest = self._decide_rows(tenant, c, chunks, locs, sink, errors)
         with self.tracing.span("recur.engine", rows=sum(len(r.chunks) * r.steps for r in runs)):
-            jobs = [self._submit(r.model, c.columns.gather(r.chunks, r.xs, r.model), r.block.gather(r.rows),
-                                 c.deadline, r.picks is not None) for r in runs]
+            before = [r.block.gather(r.rows) for r in runs]
+            jobs = [self._submit(r.model, c.columns.gather(r.chunks, r.xs, r.model), states, c.deadline,
+                                 r.picks is not None) for r, states in zip(runs, before)]
             ran = await self._settle(jobs, [r.chunks for r in runs], errors)
-        for r, result in zip(runs, ran):
+        for r, states, result in zip(runs, before, ran):
             if not isinstance(result, BaseException):
-                await self._commit_rows(tenant, c, r, result, sink, errors)
+                await self._commit_rows(tenant, c, r, states, result, sink, errors)
         return rest
 
     def _decide_rows(self, tenant: str, c: Chunks, chunks: list[int], locs: Sequence[Loc | Exception], sink: Sink,
@@ -489,7 +496,8 @@ class Pipeline:
                     continue
                 steps = len(checked[0])
                 runs[(id(block), steps, id(picks))] = _RowRun(block, model, picks, steps, idx, checked, row.tolist(),
-                                                               gens.tolist(), offsets.tolist())
+                                                               gens.tolist(), offsets.tolist(),
+                                                               block.created[row].tolist(), block.ttl[row].tolist())
                 continue
             for j, (i, x) in enumerate(zip(idx, xs)):
                 if x is None:
@@ -508,8 +516,8 @@ class Pipeline:
                 run.add(i, x, int(row[j]), int(gens[j]), int(offsets[j]))
         return list(runs.values()), rest
 
-    async def _commit_rows(self, tenant: str, c: Chunks, r: _RowRun, result: tuple, sink: Sink,
-                           errors: dict[int, Exception]) -> None:
+    async def _commit_rows(self, tenant: str, c: Chunks, r: _RowRun, before: list[np.ndarray], result: tuple,
+                           sink: Sink, errors: dict[int, Exception]) -> None:
         """A run's new states stored in its rows, each by compare-and-set on the row as read."""
         logits, states, acts = result
         sink.ran(r.chunks, logits, acts, r.picks)
@@ -519,17 +527,19 @@ class Pipeline:
         # where activations were asked (they are not kept).
         whole = r.picks is None and logits[0].nbytes <= self.settings.max_replay_bytes
         kept = [logits[j].copy() for j in range(n)] if whole and r.steps > 1 else None
-        w = RowWrite(r.block, [c.session_ids[i] for i in r.chunks], np.array(r.rows, np.int64),
-                     np.array(r.gens, np.int64), np.array(r.offsets, np.int64), np.full(n, r.steps, np.int64), states,
-                     logits[:, -1], [hashlib.sha256(x.tobytes()).digest() for x in r.xs], np.full(n, whole), kept)
+        rows = np.array(r.rows, np.int64)
+        w = RowWrite(r.block, [c.session_ids[i] for i in r.chunks], rows, np.array(r.gens, np.int64),
+                     np.array(r.offsets, np.int64), np.full(n, r.steps, np.int64), states, logits[:, -1],
+                     [hashlib.sha256(x.tobytes()).digest() for x in r.xs], np.full(n, whole), before,
+                     np.array(r.created), np.array(r.ttl), self.store.clock(), kept)
         with self.tracing.span("recur.store.write", rows=n):
             stored = await self.store.write_rows(tenant, w)
         done = [j for j, err in enumerate(stored) if err is None]
         if len(done) == n:
-            sink.committed_rows(r.chunks, r.model, w.offsets, r.steps, lambda j: r.block.record(r.rows[j]))
+            sink.committed_rows(r.chunks, r.model, w.offsets, r.steps, lambda j: w.record(j, tenant))
         else:
             sink.committed_rows([r.chunks[j] for j in done], r.model, w.offsets[done], r.steps,
-                                lambda j: r.block.record(r.rows[done[j]]))
+                                lambda j: w.record(done[j], tenant))
         for j, err in enumerate(stored):
             if isinstance(err, StoreConflict):
                 self.events.conflict(r.model.name, r.model.version, tenant)

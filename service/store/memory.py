@@ -34,7 +34,7 @@ from service.store.base import (
     server_limit,
     tenant_limit,
 )
-from service.store.table import Loc, Rows, RowWrite, Shapes, shapes_of
+from service.store.table import Loc, Rows, RowWrite, Shapes, block_for
 
 Key = tuple[str, str]
 
@@ -68,17 +68,10 @@ class MemoryStore(Store):
             return SessionNotFound(f"session {key[1]!r} does not exist")
         return SessionExpired(f"session {key[1]!r} expired at {fmt_time(t.at)} after its idle TTL")
 
-    def _block(self, rec: SessionRecord) -> Rows:
-        key = (rec.model, rec.version, shapes_of(rec))
-        block = self._blocks.get(key)
-        if block is None:
-            block = self._blocks[key] = Rows(*key)
-        return block
-
     # -- bookkeeping: every change of _rows goes through _add and _remove ---------------------
     def _add(self, key: Key, rec: SessionRecord) -> None:
         loc = self._rows.get(key)
-        block = self._block(rec)
+        block = block_for(self._blocks, rec)
         if loc is None:
             self._tenants[key[0]] = self._tenants.get(key[0], 0) + 1
             # one heap entry per record, pushed on create: a renewal only moves the expiry later, and
@@ -236,7 +229,7 @@ class MemoryStore(Store):
                     out[j] = e
             w = w.only(~bad)
         if len(w.rows):
-            self._bytes += b.commit(w, t)
+            self._bytes += b.commit(w)
         return out
 
     async def put(self, record: SessionRecord, prev_offset: int) -> None:

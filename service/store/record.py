@@ -266,6 +266,11 @@ def from_row(row: Any) -> SessionRecord:
     return SessionRecord(**values)
 
 
+def sqlite_encoder(name: str) -> Callable[[Any], Any]:
+    """How record field `name` is written to its SQLite column."""
+    return _sql_codec(_BY_NAME[name].enc)[0]
+
+
 def sqlite_column(name: str) -> str:
     """The column that keeps record field `name` (or `expires_at`)."""
     return EXPIRES if name == "expires_at" else _BY_NAME[name].stored

@@ -41,6 +41,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, TypeVar, assert_never
 
+import numpy as np
+
 from service.engine.threads import name_this_thread
 from service.errors import AlreadyExists, SessionExpired, SessionNotFound, StoreConflict, Unavailable
 from service.store.base import (
@@ -57,7 +59,15 @@ from service.store.base import (
     settled,
     tenant_limit,
 )
-from service.store.record import SQLITE_COLUMNS, SQLITE_FIXED, from_row, sqlite_column, to_row
+from service.store.record import (
+    SQLITE_COLUMNS,
+    SQLITE_FIXED,
+    from_row,
+    sqlite_column,
+    sqlite_encoder,
+    to_row,
+)
+from service.store.table import Loc, RowWrite
 from service.store.write_queue import (
     Create,
     Delete,
@@ -66,6 +76,7 @@ from service.store.write_queue import (
     Outcome,
     Probe,
     Put,
+    PutRows,
     Sweep,
     Write,
     WriteQueue,
@@ -87,6 +98,14 @@ _INSERT = (f"INSERT INTO sessions ({', '.join(f'[{n}]' for n in _NAMES)}) "
            f"VALUES ({', '.join(f':{n}' for n in _NAMES)})")
 _UPDATE = (f"UPDATE sessions SET {', '.join(f'[{n}]=:{n}' for n in _NAMES if n not in SQLITE_FIXED)} "
            "WHERE tenant=:tenant AND id=:id AND [offset]=:prev_offset")
+# A row round's write (PutRows): what a chunk changes, by compare-and-set on the offset; the columns a create
+# fixes are left alone. Every other column must be here: a field added to SessionRecord fails this at import.
+_ROW_SET = ("version", "offset", "updated_at", "ttl", "expires_at", "state", "last_digest", "last_start",
+            "last_logits", "last_prev_state", "last_request")
+assert {sqlite_column(n) for n in _ROW_SET} | set(SQLITE_FIXED) == set(_NAMES), "a column the row write leaves out"
+_UPDATE_ROW = (f"UPDATE sessions SET {', '.join(f'[{sqlite_column(n)}]=?' for n in _ROW_SET)} "
+               "WHERE tenant=? AND id=? AND [offset]=?")
+_PACK_STATE, _PACK_LOGITS, _PACK_PREV = (sqlite_encoder(n) for n in ("state", "last_logits", "last_prev_state"))
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS sessions (
     {", ".join(f"[{n}] {t}" for n, t in SQLITE_COLUMNS)}, PRIMARY KEY (tenant, id)) WITHOUT ROWID;
@@ -116,6 +135,19 @@ def _key(key: Key) -> dict[str, str]:
 
 def _expired(session_id: str, at: float) -> SessionExpired:
     return SessionExpired(f"session {session_id!r} expired at {fmt_time(at)} after its idle TTL")
+
+
+def _row_params(tenant: str, w: RowWrite) -> list[tuple]:
+    """Each row's UPDATE parameters (_UPDATE_ROW's order): the record the row round's write makes, as the
+    record round would store it."""
+    out = []
+    version = w.block.version
+    for j, (sid, start, steps, ttl) in enumerate(zip(w.session_ids, w.offsets.tolist(), w.steps.tolist(),
+                                                     w.ttl.tolist())):
+        logits, prev = w.outputs(j)
+        out.append((version, start + steps, w.t, ttl, w.t + ttl, _PACK_STATE([s[:, j] for s in w.states]),
+                    w.digests[j], start, _PACK_LOGITS(logits), _PACK_PREV(prev), "", tenant, sid, start))
+    return out
 
 
 class SqliteStore(Store):
@@ -219,12 +251,12 @@ class SqliteStore(Store):
             tomb = self._conn.execute("SELECT at FROM tombstones WHERE tenant=:tenant AND id=:id", _key(key)).fetchone()
         return row, tomb
 
-    def _expire(self, key: Key, rec: SessionRecord) -> SessionExpired:
-        """The record has expired: remove this one (behind any write queued for it); sweeping the
-        rest is the sweeper's job."""
+    def _expire(self, key: Key, at: float) -> SessionExpired:
+        """The record has expired (at `at`): remove this one (behind any write queued for it); sweeping
+        the rest is the sweeper's job."""
         self.writes.forget(key)
-        self._enqueue(Expire(key, at=rec.expires_at))
-        return _expired(key[1], rec.expires_at)
+        self._enqueue(Expire(key, at=at))
+        return _expired(key[1], at)
 
     async def fresh(self, tenant: str, session_id: str) -> SessionRecord:
         if self.shared:
@@ -235,7 +267,7 @@ class SqliteStore(Store):
         key = (tenant, session_id)
         rec = await self._current(key)
         if rec.expires_at <= self.clock():
-            raise self._expire(key, rec)
+            raise self._expire(key, rec.expires_at)
         return rec
 
     # -- writes --------------------------------------------------------------------------------
@@ -268,7 +300,7 @@ class SqliteStore(Store):
 
     def _check_put(self, key: Key, current: SessionRecord, record: SessionRecord, prev_offset: int) -> None:
         if current.expires_at <= self.clock():
-            raise self._expire(key, current)
+            raise self._expire(key, current.expires_at)
         if current.offset != prev_offset:
             raise StoreConflict(f"session {record.session_id!r} is at offset {current.offset}", current.offset)
 
@@ -326,6 +358,44 @@ class SqliteStore(Store):
                 results[k] = outcome if isinstance(outcome, Exception) else None
         return results
 
+    # -- the row round (sync durability, this process the file's only writer) ---------------------------
+    async def read_rows(self, tenant: str, session_ids: list[str]) -> list[Loc | Exception] | None:
+        """The sessions' cached rows when every one is cached, clean and live; else None (the record round
+        reads them: a miss, an expiry or a refusal is decided there, in one place)."""
+        if self.durability != "sync" or self.shared or self.writes.failure is not None:
+            return None
+        t = self.clock()
+        out: list[Loc | Exception] = []
+        for session_id in session_ids:
+            loc = self.writes.clean_row((tenant, session_id))
+            if loc is None or float(loc[0].updated[loc[1]]) + float(loc[0].ttl[loc[1]]) <= t:
+                return None
+            out.append(loc)
+        return out
+
+    async def write_rows(self, tenant: str, w: RowWrite) -> list[Exception | None]:
+        """The rows' new records in one transaction, each by compare-and-set on its offset in the file; the
+        cached rows take them once it commits."""
+        b, t = w.block, self.clock()
+        out: list[Exception | None] = [None] * len(w.rows)
+        held = ~b.stale(w.rows, w.gens, w.offsets)
+        expired = held & (b.updated[w.rows] + b.ttl[w.rows] <= t)
+        at = np.arange(len(w.rows))
+        if expired.any():  # expired while it ran: as the record round's put refuses it
+            for j in np.flatnonzero(expired).tolist():
+                r = int(w.rows[j])
+                out[j] = self._expire((tenant, w.session_ids[j]), float(b.updated[r]) + float(b.ttl[r]))
+            at, w = at[~expired], w.only(~expired)
+        if len(at):
+            put = PutRows([(tenant, sid) for sid in w.session_ids], w, at=t)
+            try:
+                await self._submit(put)
+            except Unavailable as e:
+                put.results = [e] * len(at)
+            for j, result in zip(at.tolist(), put.results):
+                out[j] = result
+        return out
+
     async def delete(self, tenant: str, session_id: str) -> None:
         key = (tenant, session_id)
         await self.get(tenant, session_id)  # fenced, NOT_FOUND or expired before anything changes
@@ -379,14 +449,24 @@ class SqliteStore(Store):
     def _put(c: sqlite3.Connection, w: Put) -> Exception | None:
         if c.execute(_UPDATE, {**to_row(w.record), "prev_offset": w.prev_offset}).rowcount == 1:
             return None
-        key = _key(w.key)
+        return SqliteStore._refused(c, w.key)
+
+    @staticmethod
+    def _put_rows(c: sqlite3.Connection, w: PutRows) -> list[Exception | None]:
+        return [None if c.execute(_UPDATE_ROW, params).rowcount == 1 else SqliteStore._refused(c, key)
+                for key, params in zip(w.keys, _row_params(w.keys[0][0], w.write))]
+
+    @staticmethod
+    def _refused(c: sqlite3.Connection, k: Key) -> Exception:
+        """Why a compare-and-set found no row at its offset."""
+        key = _key(k)
         row = c.execute("SELECT [offset] FROM sessions WHERE tenant=:tenant AND id=:id", key).fetchone()
         if row is not None:
-            return StoreConflict(f"session {w.key[1]!r} is at offset {row['offset']}", row["offset"])
+            return StoreConflict(f"session {k[1]!r} is at offset {row['offset']}", row["offset"])
         tomb = c.execute("SELECT at FROM tombstones WHERE tenant=:tenant AND id=:id", key).fetchone()
         if tomb is not None:
-            return _expired(w.key[1], tomb["at"])
-        return SessionNotFound(f"session {w.key[1]!r} does not exist")
+            return _expired(k[1], tomb["at"])
+        return SessionNotFound(f"session {k[1]!r} does not exist")
 
     def _apply_one(self, c: sqlite3.Connection, w: Write) -> Exception | None:
         match w:
@@ -394,6 +474,8 @@ class SqliteStore(Store):
                 return self._create(c, w)
             case Put():
                 return self._put(c, w)
+            case PutRows():
+                w.results = self._put_rows(c, w)
             case Expire():  # only if no later write has renewed it
                 key = _key(w.key)
                 if c.execute("DELETE FROM sessions WHERE tenant=:tenant AND id=:id AND expires <= :at",

@@ -12,7 +12,8 @@ it, from which a replay recomputes the chunk's outputs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,7 @@ _INTS = ("gen", "offset", "last_start", "names", "nbytes")  # names: len(tenant)
 _FLOATS = ("created", "updated", "ttl")
 _FLAGS = ("has_prev", "has_final", "complete")  # complete: a commit kept every output of the chunk
 Loc = tuple["Rows", int]  # a session's block of rows and its row there
+Key = tuple[str, str]  # (tenant, session id)
 DIGEST_BYTES = 32  # sha256, what the pipeline keeps of a chunk for its replay check
 
 
@@ -131,7 +133,7 @@ class Rows:
         """The rows' states as the engine takes them: each (layers, len(rows), ...), a new array."""
         return [a[:, rows] for a in self.state]
 
-    def commit(self, w: RowWrite, t: float) -> int:
+    def commit(self, w: RowWrite) -> int:
         """Rows that ran a chunk from their state now hold its new states, its final step's outputs and
         the outputs kept (`w.kept`), the state before kept for a replay. Checked by the caller (`stale`).
         Returns the change in bytes."""
@@ -146,7 +148,7 @@ class Rows:
         self.has_final[rows] = True
         self.last_start[rows] = self.offset[rows]
         self.offset[rows] += steps
-        self.updated[rows] = t
+        self.updated[rows] = w.t
         self.has_prev[rows] = True
         self.complete[rows] = w.complete
         before = int(self.nbytes[rows].sum())
@@ -170,10 +172,102 @@ def shapes_of(rec: SessionRecord) -> Shapes:
     return tuple(s.shape for s in rec.state)
 
 
+def block_for(blocks: dict[tuple[str, int, Shapes], Rows], rec: SessionRecord) -> Rows:
+    """The block of rows that holds records like `rec` (its model, version and state shapes), made on first use."""
+    key = (rec.model, rec.version, shapes_of(rec))
+    block = blocks.get(key)
+    if block is None:
+        block = blocks[key] = Rows(*key)
+    return block
+
+
+class RowCache:
+    """Sessions held as rows for a store whose own copy is elsewhere (the SQLite store's clean records), least
+    recently used first. Bounded by its owner, which evicts (`pop_oldest`) while over its limits."""
+
+    def __init__(self) -> None:
+        self._locs: OrderedDict[Key, Loc] = OrderedDict()
+        self._blocks: dict[tuple[str, int, Shapes], Rows] = {}
+        self.nbytes = 0  # the rows' bytes, as the table counts them
+
+    def __len__(self) -> int:
+        return len(self._locs)
+
+    def __contains__(self, key: Key) -> bool:
+        return key in self._locs
+
+    def keys(self) -> Iterator[Key]:
+        return iter(self._locs)
+
+    def loc(self, key: Key) -> Loc | None:
+        """The session's row, now the most recently used; None when not held."""
+        loc = self._locs.get(key)
+        if loc is not None:
+            self._locs.move_to_end(key)
+        return loc
+
+    def get(self, key: Key) -> SessionRecord | None:
+        """The session's record (a copy of its row), now the most recently used; None when not held."""
+        loc = self.loc(key)
+        return None if loc is None else loc[0].record(loc[1])
+
+    def put(self, rec: SessionRecord) -> None:
+        key = (rec.tenant, rec.session_id)
+        self.pop(key)
+        block = block_for(self._blocks, rec)
+        r = block.allocate()
+        block.write(r, rec)
+        self._locs[key] = (block, r)
+        self.nbytes += int(block.nbytes[r])
+
+    def pop(self, key: Key) -> bool:
+        loc = self._locs.pop(key, None)
+        if loc is None:
+            return False
+        self._release(loc)
+        return True
+
+    def pop_oldest(self) -> None:
+        _, loc = self._locs.popitem(last=False)
+        self._release(loc)
+
+    def _release(self, loc: Loc) -> None:
+        block, r = loc
+        self.nbytes -= int(block.nbytes[r])
+        block.release(r)
+
+    def commit(self, w: RowWrite) -> None:
+        """The file stored `w`: rows still held as they were read take it; a row given up meanwhile is not
+        held any more (the next read goes to the file)."""
+        held = ~w.block.stale(w.rows, w.gens, w.offsets)
+        if held.all():
+            self.nbytes += w.block.commit(w)
+        elif held.any():
+            self.nbytes += w.block.commit(w.only(held))
+
+    def expired(self, t: float) -> list[Key]:
+        return [k for k, (b, r) in self._locs.items() if float(b.updated[r]) + float(b.ttl[r]) <= t]
+
+    def check(self) -> None:
+        """Every held row is in use, in its block, names its session and is held once; the byte count is
+        the rows'."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for (tenant, sid), (block, r) in self._locs.items():
+            assert r not in block.free and (id(block), r) not in seen, f"session {sid}'s row {r} is not its own"
+            assert block.tenant[r] == tenant and block.session_id[r] == sid, f"row {r} names another session"
+            seen.add((id(block), r))
+            total += int(block.nbytes[r])
+        assert len(seen) == sum(b.used for b in self._blocks.values()), "a row in use that no session holds"
+        assert total == self.nbytes, f"the cache's byte count is off: {self.nbytes}, rows {total}"
+
+
 @dataclass
 class RowWrite:
     """The pipeline's batched write to one block: chunk j ran `steps[j]` steps from row `rows[j]` as read
-    (its generation `gens[j]` and offset `offsets[j]`); `states` are the new ones, each (layers, n, ...)."""
+    (its generation `gens[j]`, offset `offsets[j]`, creation time and TTL); `before` are the states it ran
+    from and `states` the new ones, each (layers, n, ...); `t` the write's time. It carries everything the
+    sessions' new records hold, so a store that keeps records elsewhere (SQLite) writes them from it alone."""
 
     block: Rows
     session_ids: list[str]
@@ -185,6 +279,10 @@ class RowWrite:
     final: np.ndarray  # (n, classes): each chunk's final step's outputs
     digests: list[bytes]
     complete: np.ndarray  # (n,) bool: every output of the chunk is kept (final holds them, or `kept`)
+    before: Sequence[np.ndarray]
+    created: np.ndarray
+    ttl: np.ndarray
+    t: float
     kept: list[np.ndarray | None] | None = None  # the outputs of chunks of several steps kept whole
 
     def only(self, keep: np.ndarray) -> RowWrite:
@@ -192,5 +290,25 @@ class RowWrite:
         at = np.flatnonzero(keep)
         return RowWrite(self.block, [self.session_ids[j] for j in at.tolist()], self.rows[at], self.gens[at],
                         self.offsets[at], self.steps[at], [s[:, at] for s in self.states], self.final[at],
-                        [self.digests[j] for j in at.tolist()], self.complete[at],
+                        [self.digests[j] for j in at.tolist()], self.complete[at], [s[:, at] for s in self.before],
+                        self.created[at], self.ttl[at], self.t,
                         None if self.kept is None else [self.kept[j] for j in at.tolist()])
+
+    def outputs(self, j: int) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """What chunk j's record keeps for a replay, as the record round keeps it: its outputs (whole, or the
+        final step's) and, where those are not whole, the state it ran from."""
+        kept = None if self.kept is None else self.kept[j]
+        logits = kept if kept is not None else self.final[j : j + 1]
+        return logits, None if self.complete[j] else [s[:, j] for s in self.before]
+
+    def record(self, j: int, tenant: str) -> SessionRecord:
+        """Chunk j's session as this write stored it, built from the write (not from a row a cache may have
+        given up since)."""
+        b, start = self.block, int(self.offsets[j])
+        logits, prev = self.outputs(j)
+        return SessionRecord.of_fields(
+            tenant=tenant, session_id=self.session_ids[j], model=b.model, version=b.version,
+            offset=start + int(self.steps[j]), created_at=float(self.created[j]), updated_at=self.t,
+            ttl=float(self.ttl[j]), state=[s[:, j].copy() for s in self.states], last_digest=self.digests[j],
+            last_start=start, last_logits=logits.copy(), last_prev_state=None if prev is None else
+            [p.copy() for p in prev], last_request="", token=b"")

@@ -4,12 +4,13 @@ SqliteStore (service/store/sqlite.py) owns the connection, the SQL and the write
 holds in memory between the callers and the file is here, with its rules written as `check()`:
 
 - the writes queued for the next transaction, in arrival order, one typed write per kind (Create, Put,
-  Delete, Expire, Sweep, Probe); a Put or an Expire without a future is acknowledged before its commit
-  (a write-behind: nobody waits for it);
+  PutRows, Delete, Expire, Sweep, Probe); a Put or an Expire without a future is acknowledged before its
+  commit (a write-behind: nobody waits for it);
 - `pending`: the newest record each write-behind Put acknowledged, pinned until it is stored;
 - the newest write queued or in flight per session, whose outcome a read must wait for;
 - write-behinds of a failed transaction, retried first, and the sessions they fence;
-- the cache of clean (committed) records, an LRU bounded in records and bytes.
+- the cache of clean (committed) records, kept as rows of a session table (service/store/table.py, so
+  the chunk pipeline's row round reads them in place), an LRU bounded in records and bytes.
 
 `commit(attempt)` runs one turn of the writer: the retried writes, then the new ones, in one transaction
 (`attempt` runs it; tests give a fake one), and settles each write by its outcome.
@@ -23,13 +24,15 @@ import asyncio
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import assert_never
+
+import numpy as np
 
 from service.errors import Unavailable
 from service.store.record import SessionRecord
+from service.store.table import Loc, RowCache, RowWrite
 
 log = logging.getLogger("service.store.sqlite")  # its lines are the SQLite store's, as they always were
 
@@ -58,6 +61,18 @@ class Put:
     prev_offset: int
     at: float
     future: asyncio.Future[None] | None = None
+
+
+@dataclass(eq=False)
+class PutRows:
+    """The chunk pipeline's batched write of cached rows: row j by compare-and-set from `write.offsets[j]`.
+    Always waited for; the transaction sets `results`, one per row."""
+
+    keys: list[Key]
+    write: RowWrite
+    at: float
+    future: asyncio.Future[None] | None = None
+    results: list[Exception | None] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -94,7 +109,7 @@ class Probe:
     future: asyncio.Future[None] | None = None
 
 
-SessionWrite = Create | Put | Delete | Expire
+SessionWrite = Create | Put | PutRows | Delete | Expire
 Write = SessionWrite | Sweep | Probe
 Behind = Put | Expire  # the kinds that may be acknowledged before their commit
 
@@ -149,8 +164,7 @@ class WriteQueue:
         self.cache_size, self.cache_bytes, self.max_pending = cache_size, cache_bytes, max(1, max_pending)
         self.on_commit = on_commit  # called with the number of writes of each committed transaction
         self.checking = checking_by_default() if checking is None else checking
-        self._cache: OrderedDict[Key, SessionRecord] = OrderedDict()  # clean records only
-        self._cached_bytes = 0
+        self._cache = RowCache()  # clean records only
         self._pending: dict[Key, SessionRecord] = {}  # acknowledged, not yet committed: newest per session
         self._newest: dict[Key, SessionWrite] = {}  # the newest write queued or in flight per session
         self._fenced: dict[Key, Fence] = {}
@@ -185,6 +199,13 @@ class WriteQueue:
             return None
         return self._pending.get(key) or self._cache.get(key)
 
+    def clean_row(self, key: Key) -> Loc | None:
+        """The session's cached row when nothing is queued, pending or fenced for it (the row is then
+        what the file holds); None otherwise."""
+        if key in self._newest or key in self._pending or key in self._fenced:
+            return None
+        return self._cache.loc(key)
+
     def unsettled(self, key: Key) -> asyncio.Future[None] | None:
         """The future of the session's newest write while it is not settled (its outcome decides what a
         read answers)."""
@@ -201,10 +222,7 @@ class WriteQueue:
         rec = self._pending.get(key)
         if rec is not None:
             return rec
-        rec = self._cache.get(key)
-        if rec is not None:
-            self._cache.move_to_end(key)
-        return rec
+        return self._cache.get(key)
 
     def touched(self, key: Key) -> bool:
         """Whether anything is queued, pending or fenced for the session (a disk read may be stale)."""
@@ -223,7 +241,7 @@ class WriteQueue:
 
     @property
     def cached_bytes(self) -> int:
-        return self._cached_bytes
+        return self._cache.nbytes
 
     def has_room(self, key: Key) -> bool:
         """Whether a write-behind of the session may be acknowledged now (else: backpressure)."""
@@ -250,32 +268,30 @@ class WriteQueue:
         self._checked()
 
     def _remember(self, rec: SessionRecord) -> None:
-        key = (rec.tenant, rec.session_id)
-        self._forget(key)
-        size = rec.nbytes
-        if size > self.cache_bytes:
+        self._forget((rec.tenant, rec.session_id))
+        if rec.nbytes > self.cache_bytes or self.cache_size <= 0:
             return
-        self._cache[key] = rec
-        self._cached_bytes += size
-        while self._cache and (len(self._cache) > self.cache_size or self._cached_bytes > self.cache_bytes):
-            _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= old.nbytes
+        self._cache.put(rec)
+        self._bound()
+
+    def _bound(self) -> None:
+        while len(self._cache) and (len(self._cache) > self.cache_size or self._cache.nbytes > self.cache_bytes):
+            self._cache.pop_oldest()
 
     def forget(self, key: Key) -> None:
         self._forget(key)
         self._checked()
 
     def _forget(self, key: Key) -> None:
-        old = self._cache.pop(key, None)
-        if old is not None:
-            self._cached_bytes -= old.nbytes
+        self._cache.pop(key)
 
     # -- queueing ------------------------------------------------------------------------------------------
     def enqueue(self, w: Write) -> None:
         """Queue a write for the next transaction, behind everything queued before it."""
         self._queue.append(w)
         if not isinstance(w, Sweep | Probe):
-            self._newest[w.key] = w
+            for key in _keys_of(w):
+                self._newest[key] = w
         self._checked()
 
     def acknowledge(self, record: SessionRecord, prev_offset: int, at: float) -> Put | None:
@@ -315,14 +331,14 @@ class WriteQueue:
         batch: list[Write] = [*retry, *new]
         outcome = await attempt(batch)
         waiting = {w.key for w in retry}
-        others = [w for w in new if _key_of(w) not in waiting]
+        others = [w for w in new if waiting.isdisjoint(_keys_of(w))]
         if isinstance(outcome, Failed) and outcome.transient and retry and others:
             # The retried writes may be what cannot be stored (a full disk): the writes of other
             # sessions go alone (a delete among them may be what frees the space). A later write of
             # a retried session stays behind it, in order: alone it would meet the older row.
             alone = await attempt(others)
             if not isinstance(alone, Failed):
-                self._settle_batch([*retry, *(w for w in new if _key_of(w) in waiting)], outcome)
+                self._settle_batch([*retry, *(w for w in new if not waiting.isdisjoint(_keys_of(w)))], outcome)
                 self._settle_batch(others, alone)
                 return
         elif isinstance(outcome, Failed) and not outcome.transient and len(batch) > 1:
@@ -344,8 +360,9 @@ class WriteQueue:
         self._checked()
 
     def _settle(self, w: Write, error: Exception | None) -> None:
-        if not isinstance(w, Sweep | Probe) and self._newest.get(w.key) is w:
-            del self._newest[w.key]
+        for key in _keys_of(w):
+            if self._newest.get(key) is w:
+                del self._newest[key]
         if w.future is not None and not w.future.done():
             if error is None:
                 w.future.set_result(None)
@@ -407,11 +424,18 @@ class WriteQueue:
                     self._remember(w.record)  # here, not in put(): a cancelled caller must not skip it
                 else:
                     self._forget(w.key)  # never serve a state that was not stored
+            case PutRows():
+                refused = [key for key, e in zip(w.keys, w.results) if e is not None] if err is None else w.keys
+                for key in refused:
+                    self._forget(key)  # never serve a state that was not stored
+                if err is None:
+                    self._cache.commit(w.write.only(np.array([e is None for e in w.results], bool)))
+                    self._bound()
             case Delete() | Expire():
                 self._forget(w.key)
             case Sweep():
                 if err is None and w.first:
-                    for key in [k for k, r in self._cache.items() if r.expires_at <= w.at]:
+                    for key in self._cache.expired(w.at):
                         self._forget(key)
             case Probe():
                 pass
@@ -440,13 +464,15 @@ class WriteQueue:
         last: dict[Key, SessionWrite] = {}  # each session's last write in storing order
         last_behind: dict[Key, Put] = {}  # and its last write-behind Put
         for w in order:
-            if not isinstance(w, Sweep | Probe):
-                last[w.key] = w
-                if isinstance(w, Put) and behind(w):
-                    last_behind[w.key] = w
+            if isinstance(w, Sweep | Probe):
+                continue
+            for key in _keys_of(w):
+                last[key] = w
+            if isinstance(w, Put) and behind(w):
+                last_behind[w.key] = w
         ids = {id(w) for w in order}
         for key, w in self._newest.items():
-            assert w.key == key and id(w) in ids, "the newest write of a session is not queued or in flight"
+            assert key in _keys_of(w) and id(w) in ids, "the newest write of a session is not queued or in flight"
         for key, w in last.items():
             assert key in self._fenced or self._newest.get(key) is w, \
                 "a session's newest write is not the last one queued for it (and the session is not fenced)"
@@ -471,12 +497,13 @@ class WriteQueue:
                     "a session is fenced until a write is stored, and no such write is being retried"
 
     def _check_cache(self) -> None:
-        assert self._cached_bytes == sum(r.nbytes for r in self._cache.values()), "the cache's byte count is off"
-        assert len(self._cache) <= max(0, self.cache_size) and self._cached_bytes <= self.cache_bytes, \
+        self._cache.check()
+        assert len(self._cache) <= max(0, self.cache_size) and self._cache.nbytes <= self.cache_bytes, \
             "the cache is over its bounds"
-        for key, rec in self._cache.items():
-            assert key == (rec.tenant, rec.session_id), "a record is cached under another session's key"
 
 
-def _key_of(w: Write) -> Key | None:
-    return None if isinstance(w, Sweep | Probe) else w.key
+def _keys_of(w: Write) -> tuple[Key, ...] | list[Key]:
+    """The sessions a write is about."""
+    if isinstance(w, Sweep | Probe):
+        return ()
+    return w.keys if isinstance(w, PutRows) else (w.key,)

@@ -54,10 +54,11 @@ def make_core(repository: ModelRepository, tmp_path: Path, store_kind: str, cloc
               monkeypatch: pytest.MonkeyPatch) -> MakeCore:
     """`async with make_core(max_chunk=64) as core:` a started core; settings override the defaults.
     `store=` shares one store between cores (two replicas; `another_replica(store)` gives the second
-    its own hints); `events=` receives the core's events. On "memory" every round goes by the session
-    table's rows, a round of one chunk too (a server takes rows from 4 chunks on); "hinted" keeps a
-    memory store behind hints, so the record round runs over the table's records there."""
-    if store_kind == "memory":
+    its own hints); `events=` receives the core's events. On "memory" and "sqlite" every round that can
+    goes by the session table's rows, a round of one chunk too (a server takes rows from 4 chunks on; SQLite
+    from its cache, with sync durability); "hinted" keeps a memory store behind hints, so the record round
+    runs over the table's records there."""
+    if store_kind in ("memory", "sqlite"):
         monkeypatch.setattr(steps, "ROW_ROUND_MIN", 1)
 
     @asynccontextmanager

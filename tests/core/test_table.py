@@ -1,17 +1,20 @@
-"""The columnar session table (service/store/table.py) and the memory store's rows: a record written
-reads back as it was; rows survive growth; a freed row cannot be written by whoever read it before; a
-batched write keeps the state before and refuses rows that changed since they were read; and the
-pipeline's rounds over rows answer as its rounds over records do."""
+"""The columnar session table (service/store/table.py), the memory store's rows and the SQLite store's cached
+rows: a record written reads back as it was; rows survive growth; a freed row cannot be written by whoever
+read it before; a batched write keeps the state before and refuses rows that changed since they were read;
+SQLite's row writes are in the file as the record round would have stored them; and the pipeline's rounds
+over rows answer as its rounds over records do."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.core.outputs import ActivationRequest, OutputOptions
 from service.errors import SessionExpired, SessionNotFound, StoreConflict
-from service.store import MemoryStore, SessionRecord
-from service.store.table import Rows, RowWrite, shapes_of
+from service.store import MemoryStore, SessionRecord, SqliteStore
+from service.store.table import Loc, Rows, RowWrite, shapes_of
 from service.types import NamedTensor, StepInput
 from tests.core.conftest import MakeCore
 from tests.helpers import ManualClock
@@ -77,7 +80,8 @@ def test_a_batched_write_keeps_the_state_before_and_the_final_outputs() -> None:
     final = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.float32)
     before = rows.nbytes.sum()
     delta = rows.commit(RowWrite(rows, ["s2", "s0"], at, rows.gen[at], rows.offset[at], np.array([1, 1]), new, final,
-                                 [b"d" * 32, b"e" * 32], np.array([True, False])), 2000.0)
+                                 [b"d" * 32, b"e" * 32], np.array([True, False]), rows.gather(at), rows.created[at],
+                                 rows.ttl[at], 2000.0))
     assert rows.nbytes.sum() == before + delta
     whole, part, untouched = rows.record(2), rows.record(0), rows.record(1)
     assert (whole.offset, whole.last_start, whole.updated_at, whole.last_digest) == (13, 12, 2000.0, b"d" * 32)
@@ -103,7 +107,8 @@ async def test_the_memory_stores_row_writes_refuse_what_changed_since_the_read()
     await store.delete("t", "d")
     new = [np.full((2, 4, 3), 5, np.float32)] * 2
     w = RowWrite(block, ["a", "b", "c", "d"], rows, gens, offsets, np.ones(4, np.int64), new,
-                 np.zeros((4, 2), np.float32), [b"x" * 32] * 4, np.ones(4, bool))
+                 np.zeros((4, 2), np.float32), [b"x" * 32] * 4, np.ones(4, bool), block.gather(rows),
+                 block.created[rows], block.ttl[rows], clock())
     bytes_before = store.nbytes
     out = await store.write_rows("t", w)
     assert out[0] is None
@@ -122,7 +127,8 @@ async def test_the_memory_stores_row_writes_refuse_what_changed_since_the_read()
     clock.advance(101)
     out = await store.write_rows("t", RowWrite(block, ["a"], np.array([r]), block.gen[[r]], block.offset[[r]],
                                                np.ones(1, np.int64), [np.zeros((2, 1, 3), np.float32)] * 2,
-                                               np.zeros((1, 2), np.float32), [b"y" * 32], np.ones(1, bool)))
+                                               np.zeros((1, 2), np.float32), [b"y" * 32], np.ones(1, bool),
+                                               block.gather([r]), block.created[[r]], block.ttl[[r]], clock()))
     assert isinstance(out[0], SessionExpired)
     assert await store.count() == 0  # b and c expired with it
     store.check()
@@ -157,3 +163,61 @@ async def test_a_retry_after_a_batched_write_is_replayed_from_the_row(make_core:
             assert isinstance(x.state, list) and all(isinstance(t, NamedTensor) for t in x.state)
         view = await core.get("t", sids[1])
         assert view.offset == steps
+
+
+def _row_write(locs: list[Loc], ids: list[str], t: float, value: float = 5.0) -> RowWrite:
+    block, rows = locs[0][0], np.array([loc[1] for loc in locs])
+    n = len(rows)
+    return RowWrite(block, ids, rows, block.gen[rows].copy(), block.offset[rows].copy(), np.ones(n, np.int64),
+                    [np.full((2, n, 3), value, np.float32)] * 2, np.full((n, 4), value, np.float32), [b"z" * 32] * n,
+                    np.ones(n, bool), block.gather(rows), block.created[rows].copy(), block.ttl[rows].copy(), t)
+
+
+async def test_sqlite_row_writes_are_in_the_file_as_records_would_be(tmp_path: Path) -> None:
+    """Rows cached by the SQLite store are read in place and written in one transaction; what a reopened
+    file holds is the record the write describes (its state, outputs for a replay, times)."""
+    clock = ManualClock()
+    store = await SqliteStore(tmp_path / "s.db", clock=clock).open()
+    for sid in "abc":
+        await store.create(_rec(sid, t=clock(), ttl=100))
+    locs = await store.read_rows("t", ["a", "b", "c"])
+    assert locs is not None and all(not isinstance(x, Exception) for x in locs)
+    clock.advance(3)
+    w = _row_write(locs, ["a", "b", "c"], clock())  # type: ignore[arg-type]
+    assert await store.write_rows("t", w) == [None, None, None]
+    cached = [await store.get("t", sid) for sid in "abc"]
+    await store.close()
+    store = await SqliteStore(tmp_path / "s.db", clock=clock).open()
+    for j, sid in enumerate("abc"):
+        stored = await store.get("t", sid)
+        _same(stored, w.record(j, "t"))
+        _same(stored, cached[j])
+        assert stored.offset == 1 and stored.updated_at == clock() and stored.expires_at == clock() + 100
+    await store.close()
+
+
+async def test_sqlite_row_writes_refuse_what_changed_and_survive_a_row_given_up(tmp_path: Path) -> None:
+    """Between the read and the write: a deleted session is refused as missing, an expired one as expired,
+    and a row the cache gave up (its bound) is still written, by compare-and-set in the file."""
+    clock = ManualClock()
+    store = await SqliteStore(tmp_path / "s.db", clock=clock, cache_size=3).open()
+    for sid, ttl in (("a", 100), ("b", 100), ("c", 10)):
+        await store.create(_rec(sid, t=clock(), ttl=ttl))
+    assert await store.read_rows("t", ["a", "b", "nope"]) is None  # a miss: the record round decides
+    locs = await store.read_rows("t", ["a", "b", "c"])
+    assert locs is not None
+    w = _row_write(locs, ["a", "b", "c"], clock() + 11)  # type: ignore[arg-type]
+    await store.create(_rec("d", t=clock(), ttl=100))  # the cache holds 3: "a", the oldest, is given up
+    await store.delete("t", "b")
+    assert store.writes.clean_row(("t", "a")) is None and store.writes.clean_row(("t", "c")) is not None
+    clock.advance(11)  # "c" expired
+    out = await store.write_rows("t", w)
+    assert out[0] is None
+    assert isinstance(out[1], SessionNotFound) and isinstance(out[2], SessionExpired)
+    a = await store.get("t", "a")
+    assert a.offset == 1 and np.array_equal(a.state[0], np.full((2, 3), 5))
+    with pytest.raises(SessionNotFound):
+        await store.get("t", "b")
+    with pytest.raises(SessionExpired):
+        await store.get("t", "c")
+    await store.close()

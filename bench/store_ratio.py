@@ -1,0 +1,63 @@
+"""The durable store's cost over gRPC: SQLite with sync durability against the memory store, packed
+messages of S sessions and C tokens (pylm, 512 tokens a session, full logits, the Python client of
+bench.run), both servers started side by side, each cell measured in turn.
+
+    python -m bench.store_ratio                            # this checkout
+    python -m bench.store_ratio --against ../old-checkout  # A/B: alternating runs of both, 2 each
+
+Each run is its own process started in its checkout (that checkout's `service` and `bench.run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = [(64, 16), (64, 1), (256, 1)]  # (S, C)
+
+_CHILD = """
+import json, sys, tempfile
+from bench.run import _sequences, over_grpc, recur_server
+out = []
+with tempfile.TemporaryDirectory() as tmp:
+    servers = {"memory": recur_server("memory:"), "sqlite": recur_server(f"sqlite:{tmp}/t.db")}
+    try:
+        for s, c in json.loads(sys.argv[1]):
+            seqs = _sequences(s, 512, seed=s * 100 + c)
+            rates = {k: over_grpc(p, "packed", seqs, c, "packed", 20).rate for k, p in servers.items()}
+            out.append({"S": s, "C": c, **rates})
+    finally:
+        for p in servers.values():
+            p.stop()
+print(json.dumps(out))
+"""
+
+
+def _measure(root: Path) -> list[dict]:
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(CELLS)], cwd=root, capture_output=True,
+                         text=True, timeout=1200, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--against", type=Path, help="another checkout, measured alternately with this one")
+    args = ap.parse_args()
+    roots = [("this", ROOT)] + ([("against", args.against.resolve())] if args.against else [])
+    print("| checkout | S | C | memory tok/s | SQLite sync tok/s | SQLite / memory |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for _ in range(2 if args.against else 1):
+        for name, root in roots[::-1]:
+            for m in _measure(root):
+                print(f"| {name} | {m['S']} | {m['C']} | {m['memory']:,.0f} | {m['sqlite']:,.0f} | "
+                      f"{m['sqlite'] / m['memory']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
