@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum, Flag
 from typing import Annotated, Any
@@ -177,6 +177,24 @@ def pack_arrays(arrays: list[np.ndarray]) -> bytes:
         parts.append(struct.pack(f"<B{a.ndim}I", a.ndim, *a.shape))
         parts.append(a.tobytes())
     return b"".join(parts)
+
+
+def pack_rows(arrays: Sequence[np.ndarray]) -> list[bytes]:
+    """`pack_arrays([a[:, j] for a in arrays])` for every j (axis 1 is the rows' axis, as in the session
+    table's state tensors), from one copy of each array: the row write's encoding, without a call per array
+    per row."""
+    n = arrays[0].shape[1]
+    heads, bufs, sizes = [], [], []
+    for a in arrays:
+        rows = np.ascontiguousarray(np.moveaxis(a, 1, 0), dtype="<f4")  # (n, ...): row j's array is rows[j]
+        heads.append(struct.pack(f"<B{rows.ndim - 1}I", rows.ndim - 1, *rows.shape[1:]))
+        bufs.append(rows.tobytes())
+        sizes.append(rows[0].nbytes if n else 0)
+    count = struct.pack("<B", len(arrays))
+    if len(arrays) == 1:
+        (head,), (buf,), (size,) = heads, bufs, sizes
+        return [count + head + buf[j * size : (j + 1) * size] for j in range(n)]
+    return [count + b"".join(h + b[j * k : (j + 1) * k] for h, b, k in zip(heads, bufs, sizes)) for j in range(n)]
 
 
 def unpack_arrays(blob: bytes) -> list[np.ndarray]:

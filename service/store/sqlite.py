@@ -63,6 +63,7 @@ from service.store.record import (
     SQLITE_COLUMNS,
     SQLITE_FIXED,
     from_row,
+    pack_rows,
     sqlite_column,
     sqlite_encoder,
     to_row,
@@ -105,7 +106,7 @@ _ROW_SET = ("version", "offset", "updated_at", "ttl", "expires_at", "state", "la
 assert {sqlite_column(n) for n in _ROW_SET} | set(SQLITE_FIXED) == set(_NAMES), "a column the row write leaves out"
 _UPDATE_ROW = (f"UPDATE sessions SET {', '.join(f'[{sqlite_column(n)}]=?' for n in _ROW_SET)} "
                "WHERE tenant=? AND id=? AND [offset]=?")
-_PACK_STATE, _PACK_LOGITS, _PACK_PREV = (sqlite_encoder(n) for n in ("state", "last_logits", "last_prev_state"))
+_PACK_LOGITS, _PACK_PREV = (sqlite_encoder(n) for n in ("last_logits", "last_prev_state"))
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS sessions (
     {", ".join(f"[{n}] {t}" for n, t in SQLITE_COLUMNS)}, PRIMARY KEY (tenant, id)) WITHOUT ROWID;
@@ -139,14 +140,19 @@ def _expired(session_id: str, at: float) -> SessionExpired:
 
 def _row_params(tenant: str, w: RowWrite) -> list[tuple]:
     """Each row's UPDATE parameters (_UPDATE_ROW's order): the record the row round's write makes, as the
-    record round would store it."""
+    record round would store it (`RowWrite.outputs`), its arrays encoded a column at a time."""
+    version, n = w.block.version, len(w.session_ids)
+    states = pack_rows(w.states)
+    finals = pack_rows([w.final[None]]) if n else []  # row j: final[j : j + 1], as a record keeps it
+    kept = w.kept or [None] * n
     out = []
-    version = w.block.version
-    for j, (sid, start, steps, ttl) in enumerate(zip(w.session_ids, w.offsets.tolist(), w.steps.tolist(),
-                                                     w.ttl.tolist())):
-        logits, prev = w.outputs(j)
-        out.append((version, start + steps, w.t, ttl, w.t + ttl, _PACK_STATE([s[:, j] for s in w.states]),
-                    w.digests[j], start, _PACK_LOGITS(logits), _PACK_PREV(prev), "", tenant, sid, start))
+    for j, (sid, start, steps, ttl, complete) in enumerate(zip(w.session_ids, w.offsets.tolist(), w.steps.tolist(),
+                                                               w.ttl.tolist(), w.complete.tolist())):
+        k = kept[j]
+        logits = finals[j] if k is None else _PACK_LOGITS(k)
+        prev = None if complete else _PACK_PREV([s[:, j] for s in w.before])
+        out.append((version, start + steps, w.t, ttl, w.t + ttl, states[j], w.digests[j], start, logits, prev, "",
+                    tenant, sid, start))
     return out
 
 

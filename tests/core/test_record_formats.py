@@ -15,7 +15,17 @@ import numpy as np
 
 from service import blob
 from service.store import SqliteStore
-from service.store.record import BLOB_FIELD_NAMES, FIELDS, SessionRecord, from_hash, from_row, to_hash, to_row
+from service.store.record import (
+    BLOB_FIELD_NAMES,
+    FIELDS,
+    SessionRecord,
+    from_hash,
+    from_row,
+    pack_arrays,
+    pack_rows,
+    to_hash,
+    to_row,
+)
 
 STATE_HEX = ("02020200000003000000000000000000803f0000004000004040000080400000a0400202000000030000000000003f0000003f"
              "0000003f0000003f0000003f0000003f")
@@ -161,3 +171,13 @@ def test_an_exported_session_has_the_records_blob_fields() -> None:
 
 def test_every_record_field_declares_how_it_is_kept() -> None:
     assert tuple(f.name for f in fields(SessionRecord) if f.init) == RECORD_FIELDS
+
+
+def test_the_row_writes_encoding_is_the_records() -> None:
+    """pack_rows (SQLite's row writes, a column at a time) gives each row the bytes pack_arrays gives it."""
+    rng = np.random.default_rng(3)
+    for shapes in ([(2, 5, 7), (2, 5, 7)], [(1, 3, 4)], [(3, 1, 2, 2)]):
+        arrays = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+        assert pack_rows(arrays) == [pack_arrays([a[:, j] for a in arrays]) for j in range(shapes[0][1])]
+    final = rng.standard_normal((5, 9)).astype(np.float32)
+    assert pack_rows([final[None]]) == [pack_arrays([final[j : j + 1]]) for j in range(5)]
