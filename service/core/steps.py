@@ -530,7 +530,8 @@ class Pipeline:
         rows = np.array(r.rows, np.int64)
         w = RowWrite(r.block, [c.session_ids[i] for i in r.chunks], rows, np.array(r.gens, np.int64),
                      np.array(r.offsets, np.int64), np.full(n, r.steps, np.int64), states, logits[:, -1],
-                     [hashlib.sha256(x.tobytes()).digest() for x in r.xs], np.full(n, whole), before,
+                     [hashlib.sha256(x.tobytes()).digest() for x in r.xs], np.full(n, whole),
+                     [] if whole else before,  # the state before is kept only where outputs are not (held, it costs)
                      np.array(r.created), np.array(r.ttl), self.store.clock(), kept)
         with self.tracing.span("recur.store.write", rows=n):
             stored = await self.store.write_rows(tenant, w)

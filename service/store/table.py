@@ -265,9 +265,10 @@ class RowCache:
 @dataclass
 class RowWrite:
     """The pipeline's batched write to one block: chunk j ran `steps[j]` steps from row `rows[j]` as read
-    (its generation `gens[j]`, offset `offsets[j]`, creation time and TTL); `before` are the states it ran
-    from and `states` the new ones, each (layers, n, ...); `t` the write's time. It carries everything the
-    sessions' new records hold, so a store that keeps records elsewhere (SQLite) writes them from it alone."""
+    (its generation `gens[j]`, offset `offsets[j]`, creation time and TTL); `states` are the new ones, each
+    (layers, n, ...), and `before` the states they ran from where some chunk's outputs are not kept whole
+    (else empty); `t` the write's time. It carries everything the sessions' new records hold, so a store
+    that keeps records elsewhere (SQLite) writes them from it alone."""
 
     block: Rows
     session_ids: list[str]
