@@ -4,6 +4,7 @@ bench.run), both servers started side by side, each cell measured in turn.
 
     python -m bench.store_ratio                            # this checkout
     python -m bench.store_ratio --against ../old-checkout  # A/B: alternating runs of both, 2 each
+    python -m bench.store_ratio --quick                    # a smoke run: S = 4, C = 2, 16 tokens
 
 Each run is its own process started in its checkout (that checkout's `service` and `bench.run`).
 """
@@ -28,7 +29,7 @@ with tempfile.TemporaryDirectory() as tmp:
     servers = {"memory": recur_server("memory:"), "sqlite": recur_server(f"sqlite:{tmp}/t.db")}
     try:
         for s, c in json.loads(sys.argv[1]):
-            seqs = _sequences(s, 512, seed=s * 100 + c)
+            seqs = _sequences(s, int(sys.argv[2]), seed=s * 100 + c)
             rates = {k: over_grpc(p, "packed", seqs, c, "packed", 20).rate for k, p in servers.items()}
             out.append({"S": s, "C": c, **rates})
     finally:
@@ -38,8 +39,8 @@ print(json.dumps(out))
 """
 
 
-def _measure(root: Path) -> list[dict]:
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(CELLS)], cwd=root, capture_output=True,
+def _measure(root: Path, cells: list[tuple[int, int]], length: int) -> list[dict]:
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cells), str(length)], cwd=root, capture_output=True,
                          text=True, timeout=1200, env={**os.environ, "PYTHONPATH": str(root)})
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -48,13 +49,15 @@ def _measure(root: Path) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", type=Path, help="another checkout, measured alternately with this one")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: S = 4, C = 2, 16 tokens a session")
     args = ap.parse_args()
+    cells, length = ([(4, 2)], 16) if args.quick else (CELLS, 512)
     roots = [("this", ROOT)] + ([("against", args.against.resolve())] if args.against else [])
     print("| checkout | S | C | memory tok/s | SQLite sync tok/s | SQLite / memory |")
     print("|---|---:|---:|---:|---:|---:|")
     for _ in range(2 if args.against else 1):
         for name, root in roots[::-1]:
-            for m in _measure(root):
+            for m in _measure(root, cells, length):
                 print(f"| {name} | {m['S']} | {m['C']} | {m['memory']:,.0f} | {m['sqlite']:,.0f} | "
                       f"{m['sqlite'] / m['memory']:.2f} |", flush=True)
 

@@ -152,3 +152,14 @@ def test_core_cpu_bench_smoke() -> None:
     out = subprocess.run([sys.executable, "-m", "bench.core_cpu", "--against", str(ROOT), "--sessions", "8",
                           "--messages", "5"], cwd=ROOT, check=True, timeout=300, capture_output=True, text=True).stdout
     assert out.count("| this | 8 |") == 3 and out.count("| against | 8 |") == 3
+
+
+def test_core_cpu_on_sqlite_and_store_ratio_smoke() -> None:
+    """bench.core_cpu on the SQLite store (the row round's writes) and bench.store_ratio's A/B (SQLite and
+    memory servers side by side, every cell's logits checked by bench.run's client); not a measurement."""
+    out = subprocess.run([sys.executable, "-m", "bench.core_cpu", "--store", "sqlite", "--sessions", "8",
+                          "--messages", "5"], cwd=ROOT, check=True, timeout=300, capture_output=True, text=True).stdout
+    assert out.count("| this | 8 |") == 1
+    out = subprocess.run([sys.executable, "-m", "bench.store_ratio", "--quick", "--against", str(ROOT)], cwd=ROOT,
+                         check=True, timeout=300, capture_output=True, text=True).stdout
+    assert out.count("| this | 4 | 2 |") == 2 and out.count("| against | 4 | 2 |") == 2
