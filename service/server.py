@@ -205,7 +205,9 @@ async def create_server(settings: Settings, worker: WorkerRole | None = None) ->
     log.info("ONNX Runtime providers: %s", ", ".join(providers))
     models = ModelRepository.load(settings.models_dir, RuntimeOptions(
         intra_op_threads=settings.ort_threads, provider=settings.provider, large_threads=settings.ort_threads_batch,
-        large_rows=settings.ort_batch_rows))
+        large_rows=settings.ort_batch_rows,
+        # a worker's engine is never alone on the machine: the other workers use the other cores
+        alone_rows=settings.ort_alone_rows if settings.workers <= 1 else 0))
     if not models.all():
         raise SystemExit(f"no valid model under {settings.models_dir}; see the errors above")
     store = await open_store(settings.store, durability=settings.durability,

@@ -231,8 +231,11 @@ class Engine:
         rows = sum(job.rows for job in group)
         try:
             started = now_ns()
+            # alone: the only call in flight, of callers' blocks (packed messages, 8 rows a job or more; not many
+            # streams' tokens batched together, whose event loop needs the cores the wide session would take)
+            alone = self._busy == 1 and rows >= _BLOCK_ROWS * len(group)
             result, seconds, cpu = await loop.run_in_executor(self._pool, _timed, _run_group, runtime, group, steps,
-                                                              with_acts)
+                                                              with_acts, alone)
             self._account(group, steps, seconds, cpu, started)
             return [(group, result)]
         except Exception as e:
@@ -315,6 +318,9 @@ def _joined(loop: asyncio.AbstractEventLoop, parts: list[asyncio.Future]) -> asy
     return out
 
 
+_BLOCK_ROWS = 8  # rows a job carries on average for its call to count as blocks, not single tokens (measured)
+
+
 def _past_deadline() -> DeadlineExceeded:
     return DeadlineExceeded("the call's deadline passed before its chunk ran; nothing was applied")
 
@@ -327,9 +333,9 @@ def _timed(fn: Callable[..., T], *args: Any) -> tuple[T, float, float]:
     return out, time.perf_counter() - started, time.thread_time() - cpu
 
 
-def _run_group(runtime: ModelRuntime, group: list[_Job], steps: int, with_acts: bool) -> Ran:
+def _run_group(runtime: ModelRuntime, group: list[_Job], steps: int, with_acts: bool, alone: bool = False) -> Ran:
     """One call for a group of equal-length slices, their rows concatenated (no copy for a single
-    whole job)."""
+    whole job). `alone`: the engine's only call in flight."""
     xs = [job.x if job.done_steps == 0 and steps == job.length else job.x[:, job.done_steps : job.done_steps + steps]
           for job in group]
     if len(group) == 1:
@@ -339,5 +345,5 @@ def _run_group(runtime: ModelRuntime, group: list[_Job], steps: int, with_acts: 
         states = [np.concatenate(parts, axis=1) for parts in zip(*(job.states for job in group))]
     if with_acts:
         return runtime.run_activations(x, states)
-    logits, new_states = runtime.run(x, states)
+    logits, new_states = runtime.run(x, states, alone)
     return logits, new_states, None

@@ -46,6 +46,9 @@ class RuntimeOptions:
     # threads (0: no second session); small calls keep `intra_op_threads` (BENCHMARKS.md, settings)
     large_threads: int = 0
     large_rows: int = 512
+    # a call that is the engine's only one takes the second session from this many rows x steps (0: never):
+    # the other cores are idle then (a lone packed message at one token a session)
+    alone_rows: int = 64
     log_severity: int = 3  # ONNX Runtime's own log lines: errors (4: fatal only, where the caller reports errors)
 
 
@@ -64,10 +67,12 @@ class ActivationGraph:
 
 def _session(blob: bytes, options: RuntimeOptions, threads: int | None = None) -> ort.InferenceSession:
     so = ort.SessionOptions()
-    so.intra_op_num_threads = options.intra_op_threads if threads is None else threads
+    so.intra_op_num_threads = n = options.intra_op_threads if threads is None else threads
     so.inter_op_num_threads = options.inter_op_threads
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = options.log_severity
+    if n > 1:  # idle pool threads sleep: between calls the cores are the event loop's (BENCHMARKS.md)
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(blob, so, providers=execution_providers(options.provider))
 
 
@@ -82,7 +87,7 @@ class ModelRuntime:
         self._session = _session(blob, options)
         self._large = _session(blob, options, options.large_threads) \
             if options.large_threads and options.large_threads != options.intra_op_threads else None
-        self._large_rows = options.large_rows
+        self._large_rows, self._alone_rows = options.large_rows, options.alone_rows
         self.provider = self._session.get_providers()[0]  # the one that runs the graph
         self.graph_inputs = {i.name: i for i in self._session.get_inputs()}
         self.graph_outputs = {o.name: o for o in self._session.get_outputs()}
@@ -92,10 +97,12 @@ class ModelRuntime:
         self._act_session: ort.InferenceSession | None = None
         self._act_lock = threading.Lock()
 
-    def run(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """x: (B, T) int64 or (B, T, D) float32; states: each (L, B, H). Returns (B, T, C) and new states."""
+    def run(self, x: np.ndarray, states: list[np.ndarray], alone: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+        """x: (B, T) int64 or (B, T, D) float32; states: each (L, B, H). Returns (B, T, C) and new states.
+        `alone`: no other call is running (the large session's threads have the cores to themselves)."""
         feed = {self._input: x, **dict(zip(self._states, states))}
-        large = self._large is not None and x.shape[0] * x.shape[1] >= self._large_rows
+        n = x.shape[0] * x.shape[1]
+        large = self._large is not None and (n >= self._large_rows or (alone and 0 < self._alone_rows <= n))
         out = (self._large if large else self._session).run(self._outputs, feed)  # type: ignore[union-attr]
         return out[0], out[1:]
 

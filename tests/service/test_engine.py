@@ -87,9 +87,9 @@ class _Recording:
         self.runtime = runtime
         self.batches: list[int] = []
 
-    def run(self, x: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def run(self, x: np.ndarray, states: list[np.ndarray], alone: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
         self.batches.append(x.shape[0])
-        return self.runtime.run(x, states)
+        return self.runtime.run(x, states, alone)
 
 
 def test_a_failing_chunk_does_not_poison_its_batch(lstm: Model) -> None:
@@ -188,3 +188,46 @@ def test_max_batch_bounds_the_rows_of_every_call_blocks_included(lstm: Model) ->
         assert np.abs(got - one).max() <= TOL
         for a, b in zip(got_states, one_states):
             assert np.abs(a - b).max() <= TOL
+
+
+class _Counting:
+    """An ONNX Runtime session that counts its calls (and runs them)."""
+
+    def __init__(self, session: object) -> None:
+        self.session, self.calls = session, 0
+
+    def run(self, *args: object) -> object:
+        self.calls += 1
+        return self.session.run(*args)  # type: ignore[attr-defined]
+
+
+def test_the_engines_only_call_takes_the_wide_session_from_ort_alone_rows(tiny_models: Path) -> None:
+    """A call of at least alone_rows rows x steps that is the engine's only call, of callers' blocks, runs on
+    the many-thread session; under alone_rows, with alone_rows 0, or batching many callers' single rows, on
+    the one-thread session; the results are the same."""
+    rng = np.random.default_rng(5)
+
+    async def go(alone_rows: int) -> tuple[int, int]:
+        model = load_model(tiny_models / "lstm-lm" / "1", RuntimeOptions(large_threads=2, large_rows=512,
+                                                                          alone_rows=alone_rows))
+        rt = model.runtime
+        small, wide = _Counting(rt._session), _Counting(rt._large)
+        rt._session, rt._large = small, wide  # type: ignore[assignment]
+        engine = Engine(EngineOptions(threads=1, window=0.05))  # the window: the 8 rows below are one call
+        blocks = [(rng.integers(0, 98, (8, 1)), [rng.standard_normal((2, 8, 16)).astype(np.float32)] * 2)
+                  for _ in range(2)]
+        out = [await engine.submit(rt, x, s) for x, s in blocks]  # one after the other: each alone
+        # callers' single rows batched into one call (many streams' tokens): the one-thread session
+        out += await asyncio.gather(*(engine.submit(rt, x[k : k + 1], [a[:, k : k + 1] for a in s])
+                                      for x, s in blocks for k in range(4)))
+        await engine.close()
+        assert engine.stats.calls == 3
+        calls = small.calls, wide.calls
+        for (x, s), (logits, _, _) in zip(blocks, out):
+            want, _ = rt.run(x, s)
+            assert np.abs(logits - want).max() <= TOL
+        return calls
+
+    assert asyncio.run(go(8)) == (1, 2)
+    assert asyncio.run(go(0)) == (3, 0)
+    assert asyncio.run(go(16)) == (3, 0)
