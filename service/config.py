@@ -94,7 +94,7 @@ class Settings:
         "machine's cores; 0: as --ort-threads). Chosen by measurement (BENCHMARKS.md)."})
     ort_batch_rows: int = field(default=512, metadata={
         "help": "Rows x steps from which a call is large enough for --ort-threads-batch."})
-    ort_alone_rows: int = field(default=64, metadata={
+    ort_alone_rows: int = field(default=128, metadata={
         "help": "Rows x steps from which a call takes --ort-threads-batch when it is the engine's only call "
         "(the other cores are idle then; 0: never; off with --workers over 1)."})
     provider: str = field(default="cpu", metadata={

@@ -48,7 +48,7 @@ class RuntimeOptions:
     large_rows: int = 512
     # a call that is the engine's only one takes the second session from this many rows x steps (0: never):
     # the other cores are idle then (a lone packed message at one token a session)
-    alone_rows: int = 64
+    alone_rows: int = 128
     log_severity: int = 3  # ONNX Runtime's own log lines: errors (4: fatal only, where the caller reports errors)
 
 
