@@ -472,7 +472,8 @@ class WriteQueue:
                 last_behind[w.key] = w
         ids = {id(w) for w in order}
         for key, w in self._newest.items():
-            assert key in _keys_of(w) and id(w) in ids, "the newest write of a session is not queued or in flight"
+            assert (isinstance(w, PutRows) or w.key == key) and id(w) in ids, \
+                "the newest write of a session is not queued or in flight"
         for key, w in last.items():
             assert key in self._fenced or self._newest.get(key) is w, \
                 "a session's newest write is not the last one queued for it (and the session is not fenced)"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.core.outputs import ActivationRequest, OutputOptions
-from service.errors import SessionExpired, SessionNotFound, StoreConflict
+from service.errors import SessionExpired, SessionNotFound, StoreConflict, Unavailable
 from service.store import MemoryStore, SessionRecord, SqliteStore
 from service.store.table import Loc, Rows, RowWrite, shapes_of
 from service.types import NamedTensor, StepInput
@@ -220,4 +220,33 @@ async def test_sqlite_row_writes_refuse_what_changed_and_survive_a_row_given_up(
         await store.get("t", "b")
     with pytest.raises(SessionExpired):
         await store.get("t", "c")
+    await store.close()
+
+
+async def test_a_sqlite_row_write_the_file_refuses_changes_nothing(tmp_path: Path) -> None:
+    """The file turns read-only between the read and the write: every row answers UNAVAILABLE, the cached
+    rows and the file keep what they had, the record round decides while the store fails, and once it
+    writes again (a probe committed) the rows write."""
+    clock = ManualClock()
+    store = await SqliteStore(tmp_path / "s.db", clock=clock).open()
+    for sid in "ab":
+        await store.create(_rec(sid, t=clock(), ttl=100))
+    locs = await store.read_rows("t", ["a", "b"])
+    assert locs is not None
+    assert store._conn is not None
+    await store._run(store._conn.execute, "PRAGMA query_only=ON")
+    out = await store.write_rows("t", _row_write(locs, ["a", "b"], clock()))  # type: ignore[arg-type]
+    assert all(isinstance(e, Unavailable) and "nothing was applied" in str(e) for e in out)
+    for sid in "ab":
+        rec = await store.get("t", sid)
+        assert rec.offset == 0 and np.array_equal(rec.state[0], _rec(sid).state[0])
+    assert await store.read_rows("t", ["a", "b"]) is None  # while the store fails, the record round decides
+    await store._run(store._conn.execute, "PRAGMA query_only=OFF")
+    await store.ping()  # a probe commits: the store writes again
+    locs = await store.read_rows("t", ["a", "b"])
+    assert locs is not None
+    assert await store.write_rows("t", _row_write(locs, ["a", "b"], clock())) == [None, None]  # type: ignore[arg-type]
+    await store.close()
+    store = await SqliteStore(tmp_path / "s.db", clock=clock).open()
+    assert [(await store.get("t", sid)).offset for sid in "ab"] == [1, 1]
     await store.close()
