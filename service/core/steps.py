@@ -405,10 +405,10 @@ class Pipeline:
         async with self.calls:
             for chunks in rounds:
                 async with self.locks.hold_many([(tenant, c.session_ids[i]) for i in chunks]):
-                    rest = await self.round_rows(tenant, c, chunks, sink, errors)
-                    stale = await self.round(tenant, c, rest, sink, errors) if rest else []
+                    rest, stale = await self.round_rows(tenant, c, chunks, sink, errors)
+                    stale += await self.round(tenant, c, rest, sink, errors) if rest else []
                     if stale:  # read from hints another replica made stale: again, from the store
-                        await self.round(tenant, c, stale, sink, errors, fresh=True)
+                        await self.round(tenant, c, sorted(stale), sink, errors, fresh=True)
         return errors
 
     async def _read(self, tenant: str, c: Chunks, chunks: list[int], fresh: bool
@@ -426,29 +426,32 @@ class Pipeline:
 
     # -- a round over a session table --------------------------------------------------------------
     async def round_rows(self, tenant: str, c: Chunks, chunks: list[int], sink: Sink,
-                         errors: dict[int, Exception]) -> list[int]:
+                         errors: dict[int, Exception]) -> tuple[list[int], list[int]]:
         """The round over a store that keeps its sessions as rows (store.read_rows): the chunks that run from
         their session's offset are decided, gathered, run and stored as array operations over their rows.
         Returns the chunks left to the record round: any whose offset is not its session's (a replay
-        or a refusal) or that names a request id, or all where the store keeps records."""
+        or a refusal) or that names a request id, or all where the store keeps records; and those whose
+        row was a hint another replica made stale (the write's compare-and-set said so): to run again
+        from a fresh read."""
         if len(chunks) < ROW_ROUND_MIN:
-            return chunks
+            return chunks, []
         with self.tracing.span("recur.plan", tenant, rows=len(chunks),
                                session=c.session_ids[chunks[0]] if len(chunks) == 1 else ""):
             with self.tracing.span("recur.store.read", tenant, rows=len(chunks)):
                 locs = await self.store.read_rows(tenant, [c.session_ids[i] for i in chunks])
             if locs is None:
-                return chunks
+                return chunks, []
             runs, rest = self._decide_rows(tenant, c, chunks, locs, sink, errors)
         with self.tracing.span("recur.engine", rows=sum(len(r.chunks) * r.steps for r in runs)):
             before = [r.block.gather(r.rows) for r in runs]
             jobs = [self._submit(r.model, c.columns.gather(r.chunks, r.xs, r.model), states, c.deadline,
                                  r.picks is not None) for r, states in zip(runs, before)]
             ran = await self._settle(jobs, [r.chunks for r in runs], errors)
+        stale: list[int] = []
         for r, states, result in zip(runs, before, ran):
             if not isinstance(result, BaseException):
-                await self._commit_rows(tenant, c, r, states, result, sink, errors)
-        return rest
+                stale += await self._commit_rows(tenant, c, r, states, result, sink, errors)
+        return rest, stale
 
     def _decide_rows(self, tenant: str, c: Chunks, chunks: list[int], locs: Sequence[Loc | Exception], sink: Sink,
                      errors: dict[int, Exception]) -> tuple[list[_RowRun], list[int]]:
@@ -517,8 +520,9 @@ class Pipeline:
         return list(runs.values()), rest
 
     async def _commit_rows(self, tenant: str, c: Chunks, r: _RowRun, before: list[np.ndarray], result: tuple,
-                           sink: Sink, errors: dict[int, Exception]) -> None:
-        """A run's new states stored in its rows, each by compare-and-set on the row as read."""
+                           sink: Sink, errors: dict[int, Exception]) -> list[int]:
+        """A run's new states stored in its rows, each by compare-and-set on the row as read. Returns the
+        chunks whose row was a stale hint (a store with hints: its compare-and-set failed)."""
         logits, states, acts = result
         sink.ran(r.chunks, logits, acts, r.picks)
         n = len(r.chunks)
@@ -541,13 +545,17 @@ class Pipeline:
         else:
             sink.committed_rows([r.chunks[j] for j in done], r.model, w.offsets[done], r.steps,
                                 lambda j: w.record(done[j], tenant))
+        stale = []
         for j, err in enumerate(stored):
-            if isinstance(err, StoreConflict):
+            if isinstance(err, StoreConflict) and self.store.hints:
+                stale.append(r.chunks[j])
+            elif isinstance(err, StoreConflict):
                 self.events.conflict(r.model.name, r.model.version, tenant)
                 errors[r.chunks[j]] = conflict_error(err, w.session_ids[j])
                 sink.refused_at(r.chunks[j], -1 if err.actual is None else err.actual)
             elif err is not None:
                 errors[r.chunks[j]] = err
+        return stale
 
     # -- one round -------------------------------------------------------------------------------
     async def round(self, tenant: str, c: Chunks, chunks: list[int], sink: Sink, errors: dict[int, Exception],

@@ -364,11 +364,12 @@ class SqliteStore(Store):
                 results[k] = outcome if isinstance(outcome, Exception) else None
         return results
 
-    # -- the row round (sync durability, this process the file's only writer) ---------------------------
+    # -- the row round (sync durability) -------------------------------------------------------------------
     async def read_rows(self, tenant: str, session_ids: list[str]) -> list[Loc | Exception] | None:
         """The sessions' cached rows when every one is cached, clean and live; else None (the record round
-        reads them: a miss, an expiry or a refusal is decided there, in one place)."""
-        if self.durability != "sync" or self.shared or self.writes.failure is not None:
+        reads them: a miss, an expiry or a refusal is decided there, in one place). Shared (--workers), the
+        rows are hints: a write the file's compare-and-set refuses runs again from a fresh read."""
+        if self.durability != "sync" or self.writes.failure is not None:
             return None
         t = self.clock()
         out: list[Loc | Exception] = []
