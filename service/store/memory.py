@@ -34,7 +34,7 @@ from service.store.base import (
     server_limit,
     tenant_limit,
 )
-from service.store.table import Loc, Rows, RowWrite, Shapes, block_for
+from service.store.table import Loc, Rows, RowWrite, Shapes, block_for, check_held
 
 Key = tuple[str, str]
 
@@ -110,8 +110,7 @@ class MemoryStore(Store):
 
     @staticmethod
     def _expires(loc: Loc) -> float:
-        block, r = loc
-        return float(block.updated[r]) + float(block.ttl[r])
+        return float(loc[0].expires(loc[1]))
 
     def _uncount(self, model: tuple[str, int]) -> None:
         n = self._models[model] - 1
@@ -155,20 +154,12 @@ class MemoryStore(Store):
     def check(self) -> None:
         """The table's invariants (tests run it): every session's row is in use, in its block, held by
         it alone; the counts and the byte total are the rows'."""
-        used: dict[int, set[int]] = {id(b): set(range(b.capacity)) - set(b.free) for b in self._blocks.values()}
-        assert all(len(b.free) == len(set(b.free)) for b in self._blocks.values()), "a row freed twice"
-        seen: set[tuple[int, int]] = set()
+        total = check_held(self._rows.items(), self._blocks.values())
         tenants: dict[str, int] = {}
         models: dict[tuple[str, int], int] = {}
-        total = 0
-        for (tenant, sid), (block, r) in self._rows.items():
-            assert r in used[id(block)] and (id(block), r) not in seen, f"session {sid}'s row {r} is not its own"
-            assert block.tenant[r] == tenant and block.session_id[r] == sid, f"row {r} names another session"
-            seen.add((id(block), r))
+        for (tenant, _), (block, _) in self._rows.items():
             tenants[tenant] = tenants.get(tenant, 0) + 1
             models[(block.model, block.version)] = models.get((block.model, block.version), 0) + 1
-            total += int(block.nbytes[r])
-        assert len(seen) == sum(len(u) for u in used.values()), "a row in use that no session holds"
         assert tenants == self._tenants and models == self._models, "the counts are off"
         assert total == self._bytes, f"the byte count is off: {self._bytes}, rows {total}"
 
@@ -217,7 +208,7 @@ class MemoryStore(Store):
 
     async def write_rows(self, tenant: str, w: RowWrite) -> list[Exception | None]:
         t, b = self.clock(), w.block
-        bad = b.stale(w.rows, w.gens, w.offsets) | (b.updated[w.rows] + b.ttl[w.rows] <= t)
+        bad = b.stale(w.rows, w.gens, w.offsets) | (b.expires(w.rows) <= t)
         out: list[Exception | None] = [None] * len(w.rows)
         if bad.any():  # say why each is refused; the rest are stored
             for j in np.flatnonzero(bad).tolist():

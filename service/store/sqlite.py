@@ -375,7 +375,7 @@ class SqliteStore(Store):
         out: list[Loc | Exception] = []
         for session_id in session_ids:
             loc = self.writes.clean_row((tenant, session_id))
-            if loc is None or float(loc[0].updated[loc[1]]) + float(loc[0].ttl[loc[1]]) <= t:
+            if loc is None or loc[0].expires(loc[1]) <= t:
                 return None
             out.append(loc)
         return out
@@ -386,12 +386,11 @@ class SqliteStore(Store):
         b, t = w.block, self.clock()
         out: list[Exception | None] = [None] * len(w.rows)
         held = ~b.stale(w.rows, w.gens, w.offsets)
-        expired = held & (b.updated[w.rows] + b.ttl[w.rows] <= t)
+        expired = held & (b.expires(w.rows) <= t)
         at = np.arange(len(w.rows))
         if expired.any():  # expired while it ran: as the record round's put refuses it
             for j in np.flatnonzero(expired).tolist():
-                r = int(w.rows[j])
-                out[j] = self._expire((tenant, w.session_ids[j]), float(b.updated[r]) + float(b.ttl[r]))
+                out[j] = self._expire((tenant, w.session_ids[j]), float(b.expires(int(w.rows[j]))))
             at, w = at[~expired], w.only(~expired)
         if len(at):
             put = PutRows([(tenant, sid) for sid in w.session_ids], w, at=t)

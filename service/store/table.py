@@ -13,7 +13,7 @@ it, from which a replay recomputes the chunk's outputs.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,6 +129,10 @@ class Rows:
             last_logits=logits, last_prev_state=[a[:, r].copy() for a in self.prev] if prev else None,
             last_request=self.request[r], token=b"")
 
+    def expires(self, rows: int | np.ndarray) -> np.ndarray:
+        """When the rows expire (updated + ttl): a number for a row, an array for rows."""
+        return self.updated[rows] + self.ttl[rows]
+
     def gather(self, rows: np.ndarray | list[int]) -> list[np.ndarray]:
         """The rows' states as the engine takes them: each (layers, len(rows), ...), a new array."""
         return [a[:, rows] for a in self.state]
@@ -172,6 +176,23 @@ def shapes_of(rec: SessionRecord) -> Shapes:
     return tuple(s.shape for s in rec.state)
 
 
+def check_held(held: Iterable[tuple[Key, Loc]], blocks: Iterable[Rows]) -> int:
+    """The invariants of rows held by session (tests run them): each row is in use in its block, names its
+    session and is held once, and every row in use is held. Returns the held rows' bytes."""
+    blocks = list(blocks)
+    assert all(len(b.free) == len(set(b.free)) for b in blocks), "a row freed twice"
+    used = {id(b): set(range(b.capacity)) - set(b.free) for b in blocks}
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for (tenant, sid), (block, r) in held:
+        assert r in used[id(block)] and (id(block), r) not in seen, f"session {sid}'s row {r} is not its own"
+        assert block.tenant[r] == tenant and block.session_id[r] == sid, f"row {r} names another session"
+        seen.add((id(block), r))
+        total += int(block.nbytes[r])
+    assert len(seen) == sum(len(u) for u in used.values()), "a row in use that no session holds"
+    return total
+
+
 def block_for(blocks: dict[tuple[str, int, Shapes], Rows], rec: SessionRecord) -> Rows:
     """The block of rows that holds records like `rec` (its model, version and state shapes), made on first use."""
     key = (rec.model, rec.version, shapes_of(rec))
@@ -192,12 +213,6 @@ class RowCache:
 
     def __len__(self) -> int:
         return len(self._locs)
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self._locs
-
-    def keys(self) -> Iterator[Key]:
-        return iter(self._locs)
 
     def loc(self, key: Key) -> Loc | None:
         """The session's row, now the most recently used; None when not held."""
@@ -246,19 +261,12 @@ class RowCache:
             self.nbytes += w.block.commit(w.only(held))
 
     def expired(self, t: float) -> list[Key]:
-        return [k for k, (b, r) in self._locs.items() if float(b.updated[r]) + float(b.ttl[r]) <= t]
+        return [k for k, (b, r) in self._locs.items() if b.expires(r) <= t]
 
     def check(self) -> None:
         """Every held row is in use, in its block, names its session and is held once; the byte count is
         the rows'."""
-        seen: set[tuple[int, int]] = set()
-        total = 0
-        for (tenant, sid), (block, r) in self._locs.items():
-            assert r not in block.free and (id(block), r) not in seen, f"session {sid}'s row {r} is not its own"
-            assert block.tenant[r] == tenant and block.session_id[r] == sid, f"row {r} names another session"
-            seen.add((id(block), r))
-            total += int(block.nbytes[r])
-        assert len(seen) == sum(b.used for b in self._blocks.values()), "a row in use that no session holds"
+        total = check_held(self._locs.items(), self._blocks.values())
         assert total == self.nbytes, f"the cache's byte count is off: {self.nbytes}, rows {total}"
 
 
