@@ -2,12 +2,18 @@
 a dict of states, no batching; the model in PyTorch eager (--engine torch) or in ONNX Runtime with
 its default threads (--engine ort). Kept here to measure recur against.
 
-    python -m bench.naive_server --model models/pylm/1 --port 50061 [--engine ort]
+    python -m bench.naive_server --model models/pylm/1 --port 50061 [--engine ort] [--aio [--header]]
+
+`--aio` serves the same methods from grpc.aio's server (each runs on the event loop, as recur's do),
+and `--header` adds what recur sends every caller it knows: an `x-recur-replica` initial-metadata
+header, which grpc.aio sends as an operation of its own. Together they split a unary Step's latency
+into the server framework's share, the header's and recur's own (bench.targets).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import uuid
 from concurrent import futures
 from pathlib import Path
@@ -80,15 +86,44 @@ class NaiveOrtServicer(recur_pb2_grpc.RecurServicer):
         return out
 
 
+class AioServicer(recur_pb2_grpc.RecurServicer):
+    """A naive servicer's CreateSession and Step on grpc.aio: run inline on the event loop."""
+
+    def __init__(self, inner: recur_pb2_grpc.RecurServicer, header: bool) -> None:
+        self.inner, self.header = inner, (("x-recur-replica", "naive"),) if header else None
+
+    async def CreateSession(self, request, context):  # type: ignore[no-untyped-def]
+        return self.inner.CreateSession(request, context)
+
+    async def Step(self, request, context):  # type: ignore[no-untyped-def]
+        if self.header is not None:
+            await context.send_initial_metadata(self.header)
+        return self.inner.Step(request, context)
+
+
+async def serve_aio(servicer: recur_pb2_grpc.RecurServicer, port: int) -> None:
+    server = grpc.aio.server()
+    recur_pb2_grpc.add_RecurServicer_to_server(servicer, server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"recur listening on port {bound}", flush=True)
+    await server.wait_for_termination()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--engine", choices=["torch", "ort"], default="torch")
+    p.add_argument("--aio", action="store_true", help="serve from grpc.aio's server, not grpcio's thread pool")
+    p.add_argument("--header", action="store_true", help="with --aio: send an x-recur-replica header per call")
     args = p.parse_args()
     torch.set_num_threads(1)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     servicer = NaiveServicer(args.model) if args.engine == "torch" else NaiveOrtServicer(args.model)
+    if args.aio:
+        asyncio.run(serve_aio(AioServicer(servicer, args.header), args.port))
+        return
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     recur_pb2_grpc.add_RecurServicer_to_server(servicer, server)
     port = server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()

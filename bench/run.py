@@ -184,9 +184,9 @@ def recur_server(store: str, *extra: str, models: Path = ROOT / "models") -> Pro
                     "-1", *extra])
 
 
-def naive_server(engine: str = "torch") -> Process:
+def naive_server(engine: str = "torch", *extra: str) -> Process:
     return Process([sys.executable, "-m", "bench.naive_server", "--model", str(MODEL_DIR), "--port", "0",
-                    "--engine", engine])
+                    "--engine", engine, *extra])
 
 
 def yardstick_server() -> Process:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bench.capacity import STEP_PACKED, answered_offsets, create_sessions, frame, h2load, packed_request
-from bench.run import TOL, Process, _sequences, recur_server, reference, yardstick_server
+from bench.run import TOL, Process, _sequences, naive_server, recur_server, reference, yardstick_server
 from recur.v1 import recur_pb2 as pb
 from recur.v1 import recur_pb2_grpc
 
@@ -152,6 +152,35 @@ def test_core_cpu_bench_smoke() -> None:
     out = subprocess.run([sys.executable, "-m", "bench.core_cpu", "--against", str(ROOT), "--sessions", "8",
                           "--messages", "5"], cwd=ROOT, check=True, timeout=300, capture_output=True, text=True).stdout
     assert out.count("| this | 8 |") == 3 and out.count("| against | 8 |") == 3
+
+
+def test_core_cpu_step_smoke() -> None:
+    """bench.core_cpu --step: a lone unary Step's cost in process (every Step applied, or the run fails)."""
+    out = subprocess.run([sys.executable, "-m", "bench.core_cpu", "--step"], cwd=ROOT, check=True, timeout=300,
+                         capture_output=True, text=True).stdout
+    assert out.count("| this | 1 |") == 1 and "inside its run" in out
+
+
+def test_naive_server_on_grpc_aio_sends_the_replica_header_and_one_pass_logits() -> None:
+    """bench.targets' unary split: the naive server on grpc.aio with --header answers Steps as one pass
+    would, each with an x-recur-replica initial-metadata header (without --header, none)."""
+    seq = _sequences(1, 6, seed=3)[0]
+    for extra, header in ((["--aio", "--header"], True), (["--aio"], False)):
+        server = naive_server("ort", *extra)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+                stub = recur_pb2_grpc.RecurStub(ch)
+                sid = stub.CreateSession(pb.CreateSessionRequest(model="pylm")).session_id
+                logits = []
+                for a in range(0, 6, 3):
+                    reply, call = stub.Step.with_call(pb.StepRequest(session_id=sid, tokens=seq[a : a + 3].tolist(),
+                                                                     return_logits=True))
+                    assert reply.offset == a + 3
+                    assert (dict(call.initial_metadata()).get("x-recur-replica") == "naive") is header
+                    logits.append(np.frombuffer(reply.logits, "<f4").reshape(tuple(reply.logits_shape)))
+            assert np.abs(np.concatenate(logits) - reference(seq)).max() <= TOL
+        finally:
+            server.stop()
 
 
 def test_core_cpu_on_sqlite_and_store_ratio_smoke() -> None:
