@@ -9,6 +9,7 @@ checkout has) or, with `--store sqlite`, a SQLite file with sync durability in a
     python -m bench.core_cpu --against ../old-checkout   # A/B: alternating runs of both, 3 each
     python -m bench.core_cpu --store sqlite           # the durable store's share
     python -m bench.core_cpu --step                   # a lone unary Step, as the wire gives it
+    python -m bench.core_cpu --store redis            # a local redis-server (its own CPU in the last column)
 
 `--step`: one session's 1-token Steps one after another (the request message converted as the
 servicer converts it, the reply converted back), each running on the event loop's thread as a lone
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -44,13 +46,20 @@ def _child(root: str, sessions: int, messages: int, store: str, step: bool = Fal
     from service.engine.engine import Engine, EngineOptions
     from service.engine.runtime import RuntimeOptions
     from service.repository.models import ModelRepository
-    from service.store import MemoryStore
+    from service.store import MemoryStore, Store
+    from service.store.redis import RedisStore
     from service.store.sqlite import SqliteStore
     from service.transport import convert
 
+    redis: subprocess.Popen | None = None
+
     async def run(tmp: str) -> dict:
         repo = ModelRepository.load(ROOT / "models", RuntimeOptions())
-        db = MemoryStore() if store == "memory" else await SqliteStore(Path(tmp) / "s.db").open()
+        db: Store
+        if store == "redis":
+            db = RedisStore(f"redis://127.0.0.1:{redis_port}/0")
+        else:
+            db = MemoryStore() if store == "memory" else await SqliteStore(Path(tmp) / "s.db").open()
         # a lone Step runs inline when no call ended for inline_idle: over gRPC the round trip gives that
         core = SessionService(Settings(), repo, db, Engine(EngineOptions(inline_idle=0.0) if step else EngineOptions()))
         if step:
@@ -73,13 +82,14 @@ def _child(root: str, sessions: int, messages: int, store: str, step: bool = Fal
         for _ in range(messages):
             model.runtime.run(x, states)
         ort = (time.process_time() - c0) / messages / sessions
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, r0 = time.perf_counter(), time.process_time(), _cpu_of(redis)
         for k in range(20, 20 + messages):
             await one(k)
         wall = (time.perf_counter() - t0) / messages / sessions
         cpu = (time.process_time() - c0) / messages / sessions
+        store_cpu = (_cpu_of(redis) - r0) / messages / sessions
         await core.close()
-        return {"wall_us": wall * 1e6, "cpu_us": cpu * 1e6, "ort_us": ort * 1e6}
+        return {"wall_us": wall * 1e6, "cpu_us": cpu * 1e6, "ort_us": ort * 1e6, "store_us": store_cpu * 1e6}
 
     async def unary(core: SessionService, repo: ModelRepository) -> dict:
         from recur.v1 import recur_pb2 as pb
@@ -109,7 +119,28 @@ def _child(root: str, sessions: int, messages: int, store: str, step: bool = Fal
         return {"wall_us": wall * 1e6, "cpu_us": cpu * 1e6, "ort_us": inside[0] / messages * 1e6}
 
     with tempfile.TemporaryDirectory() as tmp:
-        return asyncio.run(run(tmp))
+        if store == "redis":  # as the compose file runs it: append-only, fsync every second
+            from bench.redis_store import _free_port, _wait_port
+
+            redis_port = _free_port()
+            redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", tmp,
+                                      "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+                                     stdout=subprocess.DEVNULL)
+            _wait_port(redis_port, redis)
+        try:
+            return asyncio.run(run(tmp))
+        finally:
+            if redis is not None:
+                redis.terminate()
+                redis.wait(30)
+
+
+def _cpu_of(proc: subprocess.Popen | None) -> float:
+    """User + system CPU seconds of a child process so far (0 without one)."""
+    if proc is None:
+        return 0.0
+    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _measure(root: Path, sessions: int, messages: int, store: str, step: bool) -> dict:
@@ -125,7 +156,7 @@ def main() -> None:
     ap.add_argument("--against", type=Path, help="another checkout, measured alternately with this one")
     ap.add_argument("--sessions", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--messages", type=int, default=300)
-    ap.add_argument("--store", choices=["memory", "sqlite"], default="memory")
+    ap.add_argument("--store", choices=["memory", "sqlite", "redis"], default="memory")
     ap.add_argument("--step", action="store_true", help="a lone unary Step (S = 1), not packed messages")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -138,14 +169,15 @@ def main() -> None:
     rounds = 3 if args.against else 1
     ort = "ONNX Runtime wall µs/chunk (inside its run)" if args.step else "ONNX Runtime CPU µs/chunk"
     print(f"| checkout | S | core wall µs/chunk | core CPU µs/chunk | {ort} | Python µs/chunk "
-          "| ratio (ORT / core wall) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+          "| ratio (ORT / core wall) | redis-server CPU µs/chunk |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for _ in range(rounds):
         for name, root in roots[::-1]:
             for s in args.sessions:
                 m = _measure(root, s, args.messages, args.store, args.step)
                 print(f"| {name} | {s} | {m['wall_us']:.1f} | {m['cpu_us']:.1f} | {m['ort_us']:.1f} | "
-                      f"{m['cpu_us'] - m['ort_us']:.1f} | {m['ort_us'] / m['wall_us']:.2f} |", flush=True)
+                      f"{m['cpu_us'] - m['ort_us']:.1f} | {m['ort_us'] / m['wall_us']:.2f} | "
+                      + (f"{m['store_us']:.1f} |" if args.store == "redis" else "- |"), flush=True)
 
 
 if __name__ == "__main__":

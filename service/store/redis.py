@@ -63,7 +63,7 @@ from service.store.base import (
     settled,
     tenant_limit,
 )
-from service.store.record import from_hash, hash_field, hash_value, to_hash
+from service.store.record import from_hash, hash_field, hash_value, mp_array, mp_str, packed_hash, to_hash
 from service.store.redis_url import RedisUrl, connect, parse
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 # node serves) are not RedisErrors.
 REDIS_ERRORS = (RedisError, RedisClusterException)
 CARRIED = 4096  # sessions whose last write's id this store remembers for a chain of writes (_token)
+PUT_SESSIONS = 64  # sessions one put script writes (a round's writes are one script per 64, pipelined)
 MAX_IN_FLIGHT = 64  # Redis operations one store runs at once (per node's pool on a cluster: below its 100)
 
 # Redis's time in milliseconds; a script sees one frozen time, the one its PEXPIREs count from.
@@ -96,18 +97,31 @@ redis.call('ZADD', KEYS[3], now + tonumber(ARGV[1]), ARGV[6])
 redis.call('ZADD', KEYS[4], now + tonumber(ARGV[1]), ARGV[7])
 return 1
 """
-# KEYS: as _CREATE; ARGV: ttl_ms, tombstone_ms, prev_offset, expires, id, member, prev_wid, then field/value pairs
+# KEYS: _CREATE's four for each session in turn; ARGV[1]: one MessagePack array with an entry per session,
+# [ttl_ms, tombstone_ms, prev_offset, expires, id, member, prev_wid, its field/value pairs (an array)]
+# (RedisStore._put_args). Each session's compare-and-set and write as a put of one would do them; one
+# answer per session: -2 applied, -1 no such session, -3 written since it was read, else its offset.
 _PUT = _NOW + """
-local cur = redis.call('HMGET', KEYS[1], 'offset', 'wid')
-if not cur[1] then return -1 end
-if tonumber(cur[1]) ~= tonumber(ARGV[3]) then return tonumber(cur[1]) end
-if ARGV[7] ~= '' and (cur[2] or '') ~= ARGV[7] then return -3 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 8))
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[2])
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[1]), ARGV[5])
-redis.call('ZADD', KEYS[4], now + tonumber(ARGV[1]), ARGV[6])
-return -2
+local out = {}
+for i, a in ipairs(cmsgpack.unpack(ARGV[1])) do
+  local k = 4 * (i - 1)
+  local cur = redis.call('HMGET', KEYS[k + 1], 'offset', 'wid')
+  if not cur[1] then
+    out[i] = -1
+  elseif tonumber(cur[1]) ~= tonumber(a[3]) then
+    out[i] = tonumber(cur[1])
+  elseif a[7] ~= '' and (cur[2] or '') ~= a[7] then
+    out[i] = -3
+  else
+    redis.call('HSET', KEYS[k + 1], unpack(a[8]))
+    redis.call('PEXPIRE', KEYS[k + 1], a[1])
+    redis.call('SET', KEYS[k + 2], a[4], 'PX', a[2])
+    redis.call('ZADD', KEYS[k + 3], now + tonumber(a[1]), a[5])
+    redis.call('ZADD', KEYS[k + 4], now + tonumber(a[1]), a[6])
+    out[i] = -2
+  end
+end
+return out
 """
 # KEYS: as _CREATE; ARGV: id, member
 _DELETE = """
@@ -371,13 +385,15 @@ class RedisStore(Store):
         if res == -2:
             raise tenant_limit(record.tenant, max_tenant_sessions)
 
-    def _args(self, record: SessionRecord, prev_offset: int, wid: bytes) -> list:
-        """The put script's ARGV: the record's `token` is the write id it was read with (compared, when
-        there is one: a record read from a hash written before write ids existed has none)."""
+    def _put_entry(self, record: SessionRecord, prev_offset: int, wid: bytes) -> bytes:
+        """A session's entry in the put script's argument (MessagePack): the record's `token` is the write
+        id it was read with (compared, when there is one: a record read from a hash written before write
+        ids existed has none)."""
         ttl_ms, tomb_ms = self._ms(record)
-        return [ttl_ms, tomb_ms, prev_offset, repr(record.expires_at), record.session_id,
-                self._member(record.tenant, record.session_id), self._token(record, prev_offset),
-                *to_hash(record, wid)]
+        head = [b"%d" % ttl_ms, b"%d" % tomb_ms, b"%d" % prev_offset, repr(record.expires_at).encode(),
+                record.session_id.encode(), self._member(record.tenant, record.session_id).encode(),
+                self._token(record, prev_offset)]
+        return b"".join([mp_array(8), *map(mp_str, head), packed_hash(record, wid)])
 
     def _outcome(self, record: SessionRecord, res: object, wid: bytes) -> RecurError | None:
         """What the put script's answer means: -2 applied, -1 no such session, -3 written since it was
@@ -397,21 +413,13 @@ class RedisStore(Store):
         return StoreConflict(f"session {record.session_id!r} is at offset {res}", int(res))  # type: ignore[call-overload]
 
     async def put(self, record: SessionRecord, prev_offset: int) -> None:
-        keys, wid = self._keys(record.tenant, record.session_id), os.urandom(8)
-        try:
-            res = await settled(self._write(self._put, keys, self._args(record, prev_offset, wid), applied=-2))
-        except REDIS_ERRORS as e:
-            self._forget((record.tenant, record.session_id))
-            raise self._down(e) from e
-        except Unavailable:
-            self._forget((record.tenant, record.session_id))
-            raise
-        error = self._outcome(record, res, wid)
+        error = (await self.put_many([(record, prev_offset)]))[0]
         if error is not None:
             raise error
 
     async def put_many(self, writes: list[tuple[SessionRecord, int]]) -> list[Exception | None]:
-        """All the scripts in one pipelined round trip (EVALSHA); each still atomic and compare-and-set."""
+        """The writes in one pipelined round trip: a put script (EVALSHA) per PUT_SESSIONS sessions (one per
+        session on a cluster, whose sessions lie in many slots), each session's write compare-and-set."""
         if not writes:
             return []
         wids = [os.urandom(8) for _ in writes]
@@ -434,19 +442,23 @@ class RedisStore(Store):
 
     _wait_in_pipeline = True  # one connection carries the whole pipeline (not so on a cluster)
 
+    _put_sessions = PUT_SESSIONS  # sessions one put script may write: their keys must share a slot on a cluster
+
     async def _put_pipeline(self, writes: list[tuple[SessionRecord, int]],
                             wids: list[bytes]) -> tuple[list, int | None]:
         """The put scripts in one pipeline (with min_replicas, and a WAIT after them where one connection
-        carries them all); their answers and the fewest replicas a WAIT confirmed (None: none asked).
-        A NOSCRIPT answer ran nothing: those writes alone run again once the script is loaded."""
+        carries them all); each write's answer and the fewest replicas a WAIT confirmed (None: none asked).
+        A script's error (NOSCRIPT: it ran nothing) is the answer of each of its writes; after a NOSCRIPT
+        those writes alone run again once the script is loaded."""
         outcomes: list = [None] * len(writes)
         todo, acked = list(range(len(writes))), None
         for attempt in range(2):
+            groups = [todo[a : a + self._put_sessions] for a in range(0, len(todo), self._put_sessions)]
             async with self._permits, self._r.pipeline(transaction=False) as pipe:
-                for i in todo:
-                    (record, prev_offset), wid = writes[i], wids[i]
-                    pipe.evalsha(self._put.sha, 4, *self._keys(record.tenant, record.session_id),
-                                 *self._args(record, prev_offset, wid))
+                for group in groups:
+                    keys = [k for i in group for k in self._keys(writes[i][0].tenant, writes[i][0].session_id)]
+                    entries = [self._put_entry(*writes[i], wids[i]) for i in group]
+                    pipe.evalsha(self._put.sha, len(keys), *keys, b"".join([mp_array(len(group)), *entries]))
                 wait = bool(self.min_replicas and self._wait_in_pipeline)
                 if wait:
                     pipe.execute_command("WAIT", self.min_replicas, max(1, int(self.wait_timeout * 1000)))
@@ -456,8 +468,9 @@ class RedisStore(Store):
                 if isinstance(n, Exception):
                     raise n
                 acked = int(n) if acked is None else min(acked, int(n))
-            for i, res in zip(todo, got):
-                outcomes[i] = res
+            for group, res in zip(groups, got):
+                for j, i in enumerate(group):
+                    outcomes[i] = res if isinstance(res, Exception) else res[j]
             todo = [i for i in todo if isinstance(outcomes[i], NoScriptError)]
             if attempt or not todo:
                 return outcomes, acked

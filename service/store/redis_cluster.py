@@ -94,6 +94,7 @@ class ClusterStore(RedisStore):
     and exactly-once; keys hash-tagged by bucket; limits bounded as the module says."""
 
     _wait_in_pipeline = False  # a cluster pipeline spreads over nodes: writes are confirmed per node
+    _put_sessions = 1  # a script's keys must share a slot: one session's four do
 
     def __init__(self, url: str, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)

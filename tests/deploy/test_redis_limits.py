@@ -15,12 +15,15 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import redis as sync_redis
+from redis._parsers.encoders import Encoder
 from grpc_health.v1 import health, health_pb2
 
 from recur.client import RecurClient
-from service.errors import LimitExceeded, SessionExpired, SessionNotFound, Unavailable
+from service.errors import LimitExceeded, SessionExpired, SessionNotFound, StoreConflict, Unavailable
 from service.store.base import SessionRecord
-from service.store.redis import RedisStore
+from service.store.record import to_hash
+from service.store.redis import PUT_SESSIONS, RedisStore
 from service.transport.health import watch_store
 from tests.helpers import Redis, Server
 
@@ -72,6 +75,37 @@ async def test_a_thousand_writes_at_once_wait_for_their_turn(redis: Redis) -> No
         assert results == [None] * 1000
         got = await asyncio.gather(*(store.fresh("t", f"c{i}") for i in range(1000)))
         assert {r.offset for r in got} == {1} and await store.count() == 1000
+    finally:
+        await store.close()
+
+
+async def test_a_round_of_puts_stores_each_hash_as_a_record_writes_it(redis: Redis) -> None:
+    """put_many over more sessions than one put script takes: every hash holds, field by field, the bytes
+    redis-py would have sent for to_hash's pairs (the write id the one the store keeps as its hint's), and a
+    session refused in the middle of a script (deleted; advanced elsewhere) leaves the others applied."""
+    store = RedisStore(redis.url)
+    n = PUT_SESSIONS + 6
+    try:
+        await asyncio.gather(*(store.create(_rec(f"p{i}")) for i in range(n)))
+        recs = [_rec(f"p{i}", offset=3).copy(last_digest=bytes([i]) * 32, last_start=0, last_request=f"req-é{i}",
+                                             last_logits=np.arange(6, dtype=np.float32).reshape(3, 2) * i,
+                                             last_prev_state=[np.full((2, 4), -i, np.float32)]) for i in range(n)]
+        await store.delete("t", "p3")
+        writes = [(r, 0) for r in recs]
+        writes[PUT_SESSIONS + 1] = (recs[PUT_SESSIONS + 1], 2)  # read at another offset: it is at 0
+        results = await store.put_many(writes)
+        assert isinstance(results[3], SessionNotFound)
+        conflict = results[PUT_SESSIONS + 1]
+        assert isinstance(conflict, StoreConflict) and conflict.actual == 0
+        applied = [i for i in range(n) if i not in (3, PUT_SESSIONS + 1)]
+        assert [results[i] for i in applied] == [None] * len(applied)
+        raw, wire = sync_redis.Redis(port=redis.port), Encoder("utf-8", "strict", False)
+        for i in applied:
+            stored = raw.hgetall(f"recur:t:s:p{i}")
+            pairs = to_hash(recs[i], stored[b"wid"])
+            assert stored == {wire.encode(k): wire.encode(v) for k, v in zip(pairs[::2], pairs[1::2])}
+            assert (await store.get("t", f"p{i}")).token == stored[b"wid"]
+        assert raw.hget(f"recur:t:s:p{PUT_SESSIONS + 1}", "offset") == b"0" and not raw.exists("recur:t:s:p3")
     finally:
         await store.close()
 
