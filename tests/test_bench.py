@@ -192,3 +192,15 @@ def test_core_cpu_on_sqlite_and_store_ratio_smoke() -> None:
     out = subprocess.run([sys.executable, "-m", "bench.store_ratio", "--quick", "--against", str(ROOT)], cwd=ROOT,
                          check=True, timeout=300, capture_output=True, text=True).stdout
     assert out.count("| this | 4 | 2 |") == 2 and out.count("| against | 4 | 2 |") == 2
+
+
+def test_core_cpu_and_store_ratio_on_redis_smoke() -> None:
+    """The same two on a local redis-server (each run starts its own): the core's rounds and the put scripts'
+    answers in process, then Redis against memory over gRPC (logits checked); not a measurement."""
+    out = subprocess.run([sys.executable, "-m", "bench.core_cpu", "--store", "redis", "--sessions", "8",
+                          "--messages", "5"], cwd=ROOT, check=True, timeout=300, capture_output=True, text=True).stdout
+    row = [line for line in out.splitlines() if line.startswith("| this | 8 |")]
+    assert len(row) == 1 and float(row[0].split("|")[-2]) >= 0  # redis-server's CPU, read from /proc
+    out = subprocess.run([sys.executable, "-m", "bench.store_ratio", "--quick", "--store", "redis"], cwd=ROOT,
+                         check=True, timeout=300, capture_output=True, text=True).stdout
+    assert "Redis / memory" in out and out.count("| this | 4 | 2 |") == 1

@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 import pytest
 import redis as sync_redis
-from redis._parsers.encoders import Encoder
 from grpc_health.v1 import health, health_pb2
+from redis._parsers.encoders import Encoder
 
 from recur.client import RecurClient
 from service.errors import LimitExceeded, SessionExpired, SessionNotFound, StoreConflict, Unavailable
