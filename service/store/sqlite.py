@@ -97,15 +97,21 @@ _SUMMARY = [(f.name, sqlite_column(f.name)) for f in fields(SessionSummary)]  # 
 _SELECT = f"SELECT {', '.join(f'[{n}]' for n in _NAMES)} FROM sessions WHERE tenant=:tenant AND id=:id"
 _INSERT = (f"INSERT INTO sessions ({', '.join(f'[{n}]' for n in _NAMES)}) "
            f"VALUES ({', '.join(f':{n}' for n in _NAMES)})")
+# A put's compare-and-set: the offset it read. A file shared by workers adds the session's creation time, so
+# that a write from a worker's cached row (a hint) never lands on a session another worker deleted and
+# created again since, at the same offset; a process that is the file's only writer holds no such row.
+_CREATED = sqlite_column("created_at")
 _UPDATE = (f"UPDATE sessions SET {', '.join(f'[{n}]=:{n}' for n in _NAMES if n not in SQLITE_FIXED)} "
            "WHERE tenant=:tenant AND id=:id AND [offset]=:prev_offset")
-# A row round's write (PutRows): what a chunk changes, by compare-and-set on the offset; the columns a create
+_UPDATE_SHARED = f"{_UPDATE} AND [{_CREATED}]=:{_CREATED}"
+# A row round's write (PutRows): what a chunk changes, by compare-and-set as _UPDATE's; the columns a create
 # fixes are left alone. Every other column must be here: a field added to SessionRecord fails this at import.
 _ROW_SET = ("version", "offset", "updated_at", "ttl", "expires_at", "state", "last_digest", "last_start",
             "last_logits", "last_prev_state", "last_request")
 assert {sqlite_column(n) for n in _ROW_SET} | set(SQLITE_FIXED) == set(_NAMES), "a column the row write leaves out"
 _UPDATE_ROW = (f"UPDATE sessions SET {', '.join(f'[{sqlite_column(n)}]=?' for n in _ROW_SET)} "
                "WHERE tenant=? AND id=? AND [offset]=?")
+_UPDATE_ROW_SHARED = f"{_UPDATE_ROW} AND [{_CREATED}]=?"
 _PACK_LOGITS, _PACK_PREV = (sqlite_encoder(n) for n in ("last_logits", "last_prev_state"))
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS sessions (
@@ -138,21 +144,22 @@ def _expired(session_id: str, at: float) -> SessionExpired:
     return SessionExpired(f"session {session_id!r} expired at {fmt_time(at)} after its idle TTL")
 
 
-def _row_params(tenant: str, w: RowWrite) -> list[tuple]:
-    """Each row's UPDATE parameters (_UPDATE_ROW's order): the record the row round's write makes, as the
-    record round would store it (`RowWrite.outputs`), its arrays encoded a column at a time."""
+def _row_params(tenant: str, w: RowWrite, shared: bool) -> list[tuple]:
+    """Each row's UPDATE parameters (_UPDATE_ROW's order, or _UPDATE_ROW_SHARED's): the record the row round's
+    write makes, as the record round would store it (`RowWrite.outputs`), its arrays encoded a column at a time."""
     version, n = w.block.version, len(w.session_ids)
     states = pack_rows(w.states)
     finals = pack_rows([w.final[None]]) if n else []  # row j: final[j : j + 1], as a record keeps it
     kept = w.kept or [None] * n
     out = []
-    for j, (sid, start, steps, ttl, complete) in enumerate(zip(w.session_ids, w.offsets.tolist(), w.steps.tolist(),
-                                                               w.ttl.tolist(), w.complete.tolist())):
+    for j, (sid, start, steps, ttl, complete, created) in enumerate(zip(
+            w.session_ids, w.offsets.tolist(), w.steps.tolist(), w.ttl.tolist(), w.complete.tolist(),
+            w.created.tolist())):
         k = kept[j]
         logits = finals[j] if k is None else _PACK_LOGITS(k)
         prev = None if complete else _PACK_PREV([s[:, j] for s in w.before])
         out.append((version, start + steps, w.t, ttl, w.t + ttl, states[j], w.digests[j], start, logits, prev, "",
-                    tenant, sid, start))
+                    tenant, sid, start, *((created,) if shared else ())))
     return out
 
 
@@ -381,8 +388,8 @@ class SqliteStore(Store):
         return out
 
     async def write_rows(self, tenant: str, w: RowWrite) -> list[Exception | None]:
-        """The rows' new records in one transaction, each by compare-and-set on its offset in the file; the
-        cached rows take them once it commits."""
+        """The rows' new records in one transaction, each by compare-and-set (offset and creation time) in the
+        file; the cached rows take them once it commits."""
         b, t = w.block, self.clock()
         out: list[Exception | None] = [None] * len(w.rows)
         held = ~b.stale(w.rows, w.gens, w.offsets)
@@ -451,16 +458,16 @@ class SqliteStore(Store):
         c.execute(_INSERT, to_row(w.record))
         return None
 
-    @staticmethod
-    def _put(c: sqlite3.Connection, w: Put) -> Exception | None:
-        if c.execute(_UPDATE, {**to_row(w.record), "prev_offset": w.prev_offset}).rowcount == 1:
+    def _put(self, c: sqlite3.Connection, w: Put) -> Exception | None:
+        update = _UPDATE_SHARED if self.shared else _UPDATE
+        if c.execute(update, {**to_row(w.record), "prev_offset": w.prev_offset}).rowcount == 1:
             return None
         return SqliteStore._refused(c, w.key)
 
-    @staticmethod
-    def _put_rows(c: sqlite3.Connection, w: PutRows) -> list[Exception | None]:
-        return [None if c.execute(_UPDATE_ROW, params).rowcount == 1 else SqliteStore._refused(c, key)
-                for key, params in zip(w.keys, _row_params(w.keys[0][0], w.write))]
+    def _put_rows(self, c: sqlite3.Connection, w: PutRows) -> list[Exception | None]:
+        update = _UPDATE_ROW_SHARED if self.shared else _UPDATE_ROW
+        return [None if c.execute(update, params).rowcount == 1 else SqliteStore._refused(c, key)
+                for key, params in zip(w.keys, _row_params(w.keys[0][0], w.write, self.shared))]
 
     @staticmethod
     def _refused(c: sqlite3.Connection, k: Key) -> Exception:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from service.core import steps
 from service.core.outputs import OutputOptions
 from service.errors import OffsetMismatch, SessionNotFound
 from service.store import SqliteStore
@@ -90,9 +91,9 @@ async def test_a_batch_over_stale_cached_rows_runs_again_from_the_file(make_core
     written: list[int] = []
     put_rows = SqliteStore._put_rows
 
-    def counting(c, w):  # type: ignore[no-untyped-def]
+    def counting(self, c, w):  # type: ignore[no-untyped-def]
         written.append(len(w.keys))
-        return put_rows(c, w)
+        return put_rows(self, c, w)
 
     try:
         async with make_core(store=a_store, events=events) as a, make_core(store=b_store, events=events) as b:
@@ -100,7 +101,7 @@ async def test_a_batch_over_stale_cached_rows_runs_again_from_the_file(make_core
             first = await a.step_batch("t", [StepInput(s, tokens=x[:4].tolist(), options=LOGITS)
                                              for s, x in zip(sids, xs)])
             await _step(b, sids[1], xs[1][4:8])  # a's row for sids[1] is now stale
-            SqliteStore._put_rows = staticmethod(counting)  # type: ignore[method-assign]
+            SqliteStore._put_rows = counting  # type: ignore[method-assign]
             second = await a.step_batch("t", [StepInput(s, tokens=(x[4:8] if k != 1 else x[8:]).tolist(),
                                                         options=LOGITS) for k, (s, x) in enumerate(zip(sids, xs))])
             assert written and written[0] == 4  # the row round wrote the batch's rows together
@@ -113,6 +114,36 @@ async def test_a_batch_over_stale_cached_rows_runs_again_from_the_file(make_core
                 assert float(np.abs(r2.logits - want[-4:]).max()) <= TOL
             assert "conflict" not in events.counts
     finally:
-        SqliteStore._put_rows = staticmethod(put_rows)  # type: ignore[method-assign]
+        SqliteStore._put_rows = put_rows  # type: ignore[method-assign]
+        await a_store.close()
+        await b_store.close()
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite"])
+@pytest.mark.parametrize("row_round_min", [1, 4], ids=["row round", "record round"])
+async def test_a_hint_of_a_session_deleted_and_created_again_is_never_written(
+        make_core: MakeCore, tmp_path: Path, reference, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+        row_round_min: int) -> None:
+    """One worker caches a session; the other deletes it, creates it again under the same id and brings it
+    to the offset the cached row shows. A chunk the first worker then takes must run from the new
+    session's state, not the old one's: the file's compare-and-set checks the session's creation time
+    beside its offset, so the stale row's write fails and the chunk runs again from a fresh read."""
+    monkeypatch.setattr(steps, "ROW_ROUND_MIN", row_round_min)
+    rng = np.random.default_rng(11)
+    old, new = rng.integers(0, 98, 8), rng.integers(0, 98, 8)
+    events = CountingEvents()
+    a_store, b_store = await _shared(tmp_path / "d.db"), await _shared(tmp_path / "d.db")
+    try:
+        async with make_core(store=a_store, events=events) as a, make_core(store=b_store, events=events) as b:
+            await a.create("t", "lstm-lm", 0, session_id="s1")
+            await _step(a, "s1", old[:4], 0)  # a caches s1 at offset 4, the old session's state
+            await b.delete("t", "s1")
+            await b.create("t", "lstm-lm", 0, session_id="s1")
+            await _step(b, "s1", new[:4], 0)  # the new s1 is at offset 4 too
+            got = await _step(a, "s1", new[4:], 4)
+            want, _ = reference("lstm-lm").run(new)
+            assert got.offset == 8 and float(np.abs(got.logits - want[4:]).max()) <= TOL
+            assert (await b.get("t", "s1")).offset == 8 and "conflict" not in events.counts
+    finally:
         await a_store.close()
         await b_store.close()
