@@ -99,7 +99,7 @@ return 1
 """
 # KEYS: _CREATE's four for each session in turn; ARGV[1]: one MessagePack array with an entry per session,
 # [ttl_ms, tombstone_ms, prev_offset, expires, id, member, prev_wid, its field/value pairs (an array)]
-# (RedisStore._put_args). Each session's compare-and-set and write as a put of one would do them; one
+# (RedisStore._put_entry). Each session's compare-and-set and write as a put of one would do them; one
 # answer per session: -2 applied, -1 no such session, -3 written since it was read, else its offset.
 _PUT = _NOW + """
 local out = {}
