@@ -45,6 +45,7 @@ from collections import OrderedDict
 from dataclasses import fields
 from typing import Any, cast
 
+import numpy as np
 from redis.commands.core import AsyncScript as Script
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
@@ -63,8 +64,21 @@ from service.store.base import (
     settled,
     tenant_limit,
 )
-from service.store.record import from_hash, hash_field, hash_value, mp_array, mp_str, packed_hash, to_hash
+from service.store.record import (
+    HASH_ORDER,
+    from_hash,
+    hash_field,
+    hash_value,
+    mp_array,
+    mp_str,
+    pack_arrays,
+    pack_rows,
+    packed_hash,
+    packed_values,
+    to_hash,
+)
 from service.store.redis_url import RedisUrl, connect, parse
+from service.store.table import Loc, RowCache, RowWrite
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +155,11 @@ _SUMMARY = ["model", *(f.name for f in fields(SessionSummary) if f.name not in (
             "ttl"]
 _SUMMARY_FIELDS = [hash_field(name) for name in _SUMMARY]
 _GLOBAL = "recur-live"  # not under "recur:", so no tenant or id can name it
+# What a row write puts in a session's hash (RedisStore._row_entries), in the hash's order; a field added to
+# SessionRecord fails this at import until the row write writes it too.
+_ROW_HASH = ("model", "version", "offset", "created_at", "updated_at", "ttl", "state", "last_digest", "last_start",
+             "last_logits", "last_prev_state", "last_request", "token")
+assert HASH_ORDER == _ROW_HASH, f"the row write's hash fields are not the hash's: {HASH_ORDER}"
 # KEYS: session hashes. A no-op write (the key's expiry set to itself) that moves this connection's
 # replication offset past every earlier write of those keys, so that a WAIT after it covers them.
 _TOUCH = """
@@ -182,9 +201,10 @@ class RedisStore(Store):
         self._put = self._r.register_script(_PUT)
         self._delete = self._r.register_script(_DELETE)
         self._count = self._r.register_script(_COUNT)
-        # hints: (tenant, id) -> the record as this replica last wrote or read it; least recent first
-        self._hints: OrderedDict[tuple[str, str], SessionRecord] = OrderedDict()
-        self._hint_bytes = 0
+        # hints: the sessions as this replica last wrote or read them, as rows of a session table (the chunk
+        # pipeline's row round reads and writes them in place), least recent first; beside each its write id
+        self._hints = RowCache()
+        self._tokens: dict[tuple[str, str], bytes] = {}
         self.cache_size, self.cache_bytes = cache_size, cache_bytes
         # this store's last writes: (tenant, id) -> (the token the record carried, its offset, the write's id);
         # least recent first, at most CARRIED (a chain of writes needs only its last one)
@@ -193,31 +213,31 @@ class RedisStore(Store):
 
     # -- hints ---------------------------------------------------------------------------------
     def _hint(self, key: tuple[str, str]) -> SessionRecord | None:
-        rec = self._hints.get(key)
-        if rec is None:
+        loc = self._hints.loc(key)
+        if loc is None:
             return None
-        if rec.expires_at <= self.clock():
+        if loc[0].expires(loc[1]) <= self.clock():
             self._forget(key)
             return None
-        self._hints.move_to_end(key)
         self.hint_hits += 1
-        return rec
+        return loc[0].record(loc[1], self._tokens[key])
 
     def _remember(self, rec: SessionRecord) -> None:
         key = (rec.tenant, rec.session_id)
         self._forget(key)
         if not self.cache_size or rec.nbytes > self.cache_bytes:
             return
-        self._hints[key] = rec
-        self._hint_bytes += rec.nbytes
-        while len(self._hints) > self.cache_size or self._hint_bytes > self.cache_bytes:
-            _, old = self._hints.popitem(last=False)
-            self._hint_bytes -= old.nbytes
+        self._hints.put(rec)
+        self._tokens[key] = rec.token
+        self._bound()
+
+    def _bound(self) -> None:
+        while len(self._hints) > self.cache_size or self._hints.nbytes > self.cache_bytes:
+            del self._tokens[self._hints.pop_oldest()]
 
     def _forget(self, key: tuple[str, str]) -> None:
-        old = self._hints.pop(key, None)
-        if old is not None:
-            self._hint_bytes -= old.nbytes
+        self._hints.pop(key)
+        self._tokens.pop(key, None)
         self._carried.pop(key, None)
 
     def _token(self, record: SessionRecord, prev_offset: int) -> bytes:
@@ -306,8 +326,9 @@ class RedisStore(Store):
         return Unavailable(f"the redis session store is unreachable ({e.__class__.__name__}); "
                            "nothing was applied, retry shortly")
 
-    def _ms(self, r: SessionRecord) -> tuple[int, int]:
-        ttl_ms = max(1, int(r.ttl * 1000))
+    def _ms(self, ttl: float) -> tuple[int, int]:
+        """A session's TTL and its tombstone's, in milliseconds."""
+        ttl_ms = max(1, int(ttl * 1000))
         return ttl_ms, ttl_ms + int(self.tombstone_seconds * 1000)
 
     async def get(self, tenant: str, session_id: str) -> SessionRecord:
@@ -367,7 +388,7 @@ class RedisStore(Store):
         return from_hash(h, tenant, session_id)
 
     async def create(self, record: SessionRecord, *, max_sessions: int = 0, max_tenant_sessions: int = 0) -> None:
-        ttl_ms, tomb_ms = self._ms(record)
+        ttl_ms, tomb_ms = self._ms(record.ttl)
         wid = os.urandom(8)
         try:
             res = await self._write(self._create, self._keys(record.tenant, record.session_id),
@@ -385,19 +406,17 @@ class RedisStore(Store):
         if res == -2:
             raise tenant_limit(record.tenant, max_tenant_sessions)
 
-    def _put_entry(self, record: SessionRecord, prev_offset: int, wid: bytes) -> bytes:
-        """A session's entry in the put script's argument (MessagePack): the record's `token` is the write
-        id it was read with (compared, when there is one: a record read from a hash written before write
-        ids existed has none)."""
-        ttl_ms, tomb_ms = self._ms(record)
+    def _put_entry(self, record: SessionRecord, prev_offset: int, token: bytes, wid: bytes) -> bytes:
+        """A session's entry in the put script's argument (MessagePack): `token` is the write id it was read
+        with (compared, when there is one: a record read from a hash written before write ids existed has
+        none), `wid` the write's own."""
+        ttl_ms, tomb_ms = self._ms(record.ttl)
         head = [b"%d" % ttl_ms, b"%d" % tomb_ms, b"%d" % prev_offset, repr(record.expires_at).encode(),
-                record.session_id.encode(), self._member(record.tenant, record.session_id).encode(),
-                self._token(record, prev_offset)]
+                record.session_id.encode(), self._member(record.tenant, record.session_id).encode(), token]
         return b"".join([mp_array(8), *map(mp_str, head), packed_hash(record, wid)])
 
     def _outcome(self, record: SessionRecord, res: object, wid: bytes) -> RecurError | None:
-        """What the put script's answer means: -2 applied, -1 no such session, -3 written since it was
-        read (another version of the session at that offset), else the actual offset. Hints follow."""
+        """What the put script's answer means: -2 applied, else why not (`_refusal`). Hints follow."""
         key = (record.tenant, record.session_id)
         if res == -2:
             self._remember(record.copy(token=wid))
@@ -406,11 +425,17 @@ class RedisStore(Store):
                 self._carried.popitem(last=False)
             return None
         self._forget(key)
+        return self._refusal(record.session_id, res)
+
+    @staticmethod
+    def _refusal(session_id: str, res: object) -> RecurError:
+        """A put script's answer other than -2 (applied): -1 no such session, -3 written since it was read
+        (another version of the session at that offset), else the actual offset."""
         if res == -1:
-            return SessionNotFound(f"session {record.session_id!r} does not exist")
+            return SessionNotFound(f"session {session_id!r} does not exist")
         if res == -3:
-            return StoreConflict(f"session {record.session_id!r} was written since it was read", None)
-        return StoreConflict(f"session {record.session_id!r} is at offset {res}", int(res))  # type: ignore[call-overload]
+            return StoreConflict(f"session {session_id!r} was written since it was read", None)
+        return StoreConflict(f"session {session_id!r} is at offset {res}", int(res))  # type: ignore[call-overload]
 
     async def put(self, record: SessionRecord, prev_offset: int) -> None:
         error = (await self.put_many([(record, prev_offset)]))[0]
@@ -423,42 +448,123 @@ class RedisStore(Store):
         if not writes:
             return []
         wids = [os.urandom(8) for _ in writes]
-        try:
-            outcomes, acked = await settled(self._put_pipeline(writes, wids))
-            unconfirmed = await settled(self._unconfirmed(writes, outcomes, acked))
-        except REDIS_ERRORS as e:
-            for record, _ in writes:
-                self._forget((record.tenant, record.session_id))
-            return [self._down(e)] * len(writes)
+        keys = [(r.tenant, r.session_id) for r, _ in writes]
+        entries = [self._put_entry(r, prev, self._token(r, prev), wid) for (r, prev), wid in zip(writes, wids)]
+        results = await self._put_all(keys, entries)
         out: list[Exception | None] = []
-        for (record, _), res, wid in zip(writes, outcomes, wids):
-            error = unconfirmed.get(self._keys(record.tenant, record.session_id)[0]) if res == -2 else None
+        for (record, _), res, wid in zip(writes, results, wids):
+            out.append(res if isinstance(res, Exception) else self._outcome(record, res, wid))
+        return out
+
+    async def _put_all(self, keys: list[tuple[str, str]], entries: list[bytes]) -> list[Any]:
+        """The put scripts' answers, one per write, or the error a write met (Redis unreachable, too few
+        replicas confirmed it): those writes' hints are forgotten."""
+        if not keys:
+            return []
+        try:
+            outcomes, acked = await settled(self._put_pipeline(keys, entries))
+            unconfirmed = await settled(self._unconfirmed(keys, outcomes, acked))
+        except REDIS_ERRORS as e:
+            for key in keys:
+                self._forget(key)
+            return [self._down(e)] * len(keys)
+        out: list[Any] = []
+        for key, res in zip(keys, outcomes):
+            error = unconfirmed.get(self._keys(*key)[0]) if res == -2 else None
             if isinstance(res, Exception) or error is not None:
-                self._forget((record.tenant, record.session_id))
+                self._forget(key)
                 out.append(error or self._down(cast(Exception, res)))
             else:
-                out.append(self._outcome(record, res, wid))
+                out.append(res)
+        return out
+
+    # -- the row round: a round's sessions as hint rows ------------------------------------------------
+    async def read_rows(self, tenant: str, session_ids: list[str]) -> list[Loc | Exception] | None:
+        """The sessions' hint rows when this replica holds every one, live; else None (the record round reads
+        them). Hints: a write the put script's compare-and-set refuses runs again from a fresh read."""
+        t, out = self.clock(), []
+        for session_id in session_ids:
+            loc = self._hints.loc((tenant, session_id))
+            if loc is None or loc[0].expires(loc[1]) <= t:
+                return None
+            out.append(loc)
+        self.hint_hits += len(out)
+        return cast(list[Loc | Exception], out)
+
+    async def write_rows(self, tenant: str, w: RowWrite) -> list[Exception | None]:
+        """The rows' new records by the put scripts, each compare-and-set on the offset and write id its row
+        was read with; the hint rows take the writes Redis applied. A row given up since it was read (its
+        write id gone with it) is answered a conflict, so its chunk runs again from a fresh read."""
+        n, out = len(w.rows), cast(list[Exception | None], [None] * len(w.rows))
+        held = ~w.block.stale(w.rows, w.gens, w.offsets)
+        at = np.flatnonzero(held).tolist()
+        for j in np.flatnonzero(~held).tolist():
+            out[j] = StoreConflict(f"session {w.session_ids[j]!r} was written since it was read", None)
+        keys = [(tenant, w.session_ids[j]) for j in at]
+        read = [self._tokens[key] for key in keys]
+        wids = [os.urandom(8) for _ in at]
+        entries = self._row_entries(tenant, w, at, read, wids)
+        results = await self._put_all(keys, entries)
+        # rows given up while the scripts ran take nothing (a fresh read may hold the session again meanwhile)
+        still = ~w.block.stale(w.rows, w.gens, w.offsets)
+        applied = np.zeros(n, bool)
+        for j, key, res, token, wid in zip(at, keys, results, read, wids):
+            if isinstance(res, Exception):
+                out[j] = res
+            elif res == -2:
+                applied[j] = True
+                if still[j]:
+                    self._tokens[key] = wid
+                self._carried[key] = (token, int(w.offsets[j] + w.steps[j]), wid)
+            else:
+                self._forget(key)
+                out[j] = self._refusal(w.session_ids[j], res)
+        if applied.any():
+            self._hints.commit(w.only(applied))
+            while len(self._carried) > CARRIED:
+                self._carried.popitem(last=False)
+            self._bound()
+        return out
+
+    def _row_entries(self, tenant: str, w: RowWrite, at: list[int], tokens: list[bytes],
+                     wids: list[bytes]) -> list[bytes]:
+        """Rows `at` of a row write as the put script's entries: what _put_entry gives for each row's record
+        (`w.record(j)`, byte for byte: tested), its arrays encoded a column at a time."""
+        b, n = w.block, len(w.rows)
+        states, finals = pack_rows(w.states), pack_rows([w.final[None]]) if n else []
+        kept = w.kept or [None] * n
+        model, version, updated = b.model.encode(), b"%d" % b.version, repr(w.t).encode()
+        out = []
+        for j, token, wid in zip(at, tokens, wids):
+            sid, start, ttl, k = w.session_ids[j], int(w.offsets[j]), float(w.ttl[j]), kept[j]
+            ttl_ms, tomb_ms = self._ms(ttl)
+            prev = b"" if w.complete[j] else pack_arrays([s[:, j] for s in w.before])
+            head = [b"%d" % ttl_ms, b"%d" % tomb_ms, b"%d" % start, repr(w.t + ttl).encode(), sid.encode(),
+                    self._member(tenant, sid).encode(), token]
+            values = [model, version, b"%d" % (start + int(w.steps[j])), repr(float(w.created[j])).encode(), updated,
+                      repr(ttl).encode(), states[j], w.digests[j], b"%d" % start,
+                      finals[j] if k is None else pack_arrays([k]), prev, b"", wid]
+            out.append(b"".join([mp_array(8), *map(mp_str, head), packed_values(values)]))
         return out
 
     _wait_in_pipeline = True  # one connection carries the whole pipeline (not so on a cluster)
 
     _put_sessions = PUT_SESSIONS  # sessions one put script may write: their keys must share a slot on a cluster
 
-    async def _put_pipeline(self, writes: list[tuple[SessionRecord, int]],
-                            wids: list[bytes]) -> tuple[list, int | None]:
+    async def _put_pipeline(self, keys: list[tuple[str, str]], entries: list[bytes]) -> tuple[list, int | None]:
         """The put scripts in one pipeline (with min_replicas, and a WAIT after them where one connection
         carries them all); each write's answer and the fewest replicas a WAIT confirmed (None: none asked).
         A script's error (NOSCRIPT: it ran nothing) is the answer of each of its writes; after a NOSCRIPT
         those writes alone run again once the script is loaded."""
-        outcomes: list = [None] * len(writes)
-        todo, acked = list(range(len(writes))), None
+        outcomes: list = [None] * len(keys)
+        todo, acked = list(range(len(keys))), None
         for attempt in range(2):
             groups = [todo[a : a + self._put_sessions] for a in range(0, len(todo), self._put_sessions)]
             async with self._permits, self._r.pipeline(transaction=False) as pipe:
                 for group in groups:
-                    keys = [k for i in group for k in self._keys(writes[i][0].tenant, writes[i][0].session_id)]
-                    entries = [self._put_entry(*writes[i], wids[i]) for i in group]
-                    pipe.evalsha(self._put.sha, len(keys), *keys, b"".join([mp_array(len(group)), *entries]))
+                    names = [k for i in group for k in self._keys(*keys[i])]
+                    pipe.evalsha(self._put.sha, len(names), *names,
+                                 b"".join([mp_array(len(group)), *(entries[i] for i in group)]))
                 wait = bool(self.min_replicas and self._wait_in_pipeline)
                 if wait:
                     pipe.execute_command("WAIT", self.min_replicas, max(1, int(self.wait_timeout * 1000)))
@@ -478,19 +584,19 @@ class RedisStore(Store):
                 await self._r.script_load(_PUT)
         raise AssertionError("unreachable")
 
-    async def _unconfirmed(self, writes: list[tuple[SessionRecord, int]], outcomes: list,
+    async def _unconfirmed(self, keys: list[tuple[str, str]], outcomes: list,
                            acked: int | None) -> dict[str, Unavailable]:
         """With min_replicas: the applied writes (by session key) that too few replicas confirmed."""
         if not self.min_replicas:
             return {}
-        keys = [self._keys(r.tenant, r.session_id)[0] for (r, _), res in zip(writes, outcomes) if res == -2]
+        names = [self._keys(*key)[0] for key, res in zip(keys, outcomes) if res == -2]
         if acked is not None:
             error = self._unreplicated(acked)
-            return {} if error is None else dict.fromkeys(keys, error)
+            return {} if error is None else dict.fromkeys(names, error)
         try:
-            await self._confirm(keys)
+            await self._confirm(names)
         except Unavailable as e:
-            return dict.fromkeys(keys, e)
+            return dict.fromkeys(names, e)
         return {}
 
     async def delete(self, tenant: str, session_id: str) -> None:

@@ -223,7 +223,7 @@ class ClusterStore(RedisStore):
 
     async def _create_one(self, record: SessionRecord, max_sessions: int, max_tenant_sessions: int) -> None:
         b = self._bucket(record.tenant, record.session_id)
-        ttl_ms, tomb_ms = self._ms(record)
+        ttl_ms, tomb_ms = self._ms(record.ttl)
         wid = os.urandom(8)
         try:
             others_all, others_tenant = await asyncio.gather(

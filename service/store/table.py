@@ -112,9 +112,10 @@ class Rows:
         self.floats[r] = (rec.created_at, rec.updated_at, rec.ttl)
         self.flags[r] = (prev is not None, False, False)
 
-    def record(self, r: int) -> SessionRecord:
+    def record(self, r: int, token: bytes = b"") -> SessionRecord:
         """Row r as a SessionRecord of its own arrays (a row a commit wrote has the form of a record whose
-        outputs were too large to keep: its final step's outputs and the state before)."""
+        outputs were too large to keep: its final step's outputs and the state before); `token`: the store's
+        version of it, where the store keeps one beside the row (Redis's write id)."""
         _, offset, last_start, _, _ = self.ints[r].tolist()
         created, updated, ttl = self.floats[r].tolist()
         prev, final, complete = self.flags[r].tolist()
@@ -127,7 +128,7 @@ class Rows:
             offset=offset, created_at=created, updated_at=updated, ttl=ttl,
             state=[a[:, r].copy() for a in self.state], last_digest=self.digest[r], last_start=last_start,
             last_logits=logits, last_prev_state=[a[:, r].copy() for a in self.prev] if prev else None,
-            last_request=self.request[r], token=b"")
+            last_request=self.request[r], token=token)
 
     def expires(self, rows: int | np.ndarray) -> np.ndarray:
         """When the rows expire (updated + ttl): a number for a row, an array for rows."""
@@ -203,8 +204,9 @@ def block_for(blocks: dict[tuple[str, int, Shapes], Rows], rec: SessionRecord) -
 
 
 class RowCache:
-    """Sessions held as rows for a store whose own copy is elsewhere (the SQLite store's clean records), least
-    recently used first. Bounded by its owner, which evicts (`pop_oldest`) while over its limits."""
+    """Sessions held as rows for a store whose own copy is elsewhere (the SQLite store's clean records, a Redis
+    replica's hints), least recently used first. Bounded by its owner, which evicts (`pop_oldest`) while over
+    its limits."""
 
     def __init__(self) -> None:
         self._locs: OrderedDict[Key, Loc] = OrderedDict()
@@ -242,9 +244,10 @@ class RowCache:
         self._release(loc)
         return True
 
-    def pop_oldest(self) -> None:
-        _, loc = self._locs.popitem(last=False)
+    def pop_oldest(self) -> Key:
+        key, loc = self._locs.popitem(last=False)
         self._release(loc)
+        return key
 
     def _release(self, loc: Loc) -> None:
         block, r = loc
@@ -252,8 +255,8 @@ class RowCache:
         block.release(r)
 
     def commit(self, w: RowWrite) -> None:
-        """The file stored `w`: rows still held as they were read take it; a row given up meanwhile is not
-        held any more (the next read goes to the file)."""
+        """The store stored `w`: rows still held as they were read take it; a row given up meanwhile is not
+        held any more (the next read goes to the store)."""
         held = ~w.block.stale(w.rows, w.gens, w.offsets)
         if held.all():
             self.nbytes += w.block.commit(w)

@@ -6,6 +6,7 @@ over rows answer as its rounds over records do."""
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +251,29 @@ async def test_a_sqlite_row_write_the_file_refuses_changes_nothing(tmp_path: Pat
     store = await SqliteStore(tmp_path / "s.db", clock=clock).open()
     assert [(await store.get("t", sid)).offset for sid in "ab"] == [1, 1]
     await store.close()
+
+
+async def test_redis_row_entries_are_the_records_entries_byte_for_byte() -> None:
+    """A Redis row write encodes its rows a column at a time (RedisStore._row_entries); each entry of the put
+    script must be what the record round's entry for that row's record is: a chunk whose outputs are its final
+    step's, one whose several steps' outputs were kept whole, and one kept with the state before."""
+    from service.store.redis import RedisStore
+
+    clock = ManualClock()
+    memory = MemoryStore(clock=clock)
+    for sid in ("a", "b", "c"):
+        await memory.create(_rec(sid, offset=4, t=clock(), ttl=90.5))
+    locs = await memory.read_rows("t", ["a", "b", "c"])
+    assert all(not isinstance(x, Exception) for x in locs)
+    w = _row_write(typing.cast(list[Loc], locs), ["a", "b", "c"], clock() + 2.25, value=0.5)
+    w.steps = np.array([1, 3, 2])
+    w.kept = [None, np.arange(12, dtype=np.float32).reshape(3, 4), None]
+    w.complete = np.array([True, True, False])
+    store = RedisStore("redis://127.0.0.1:1/0")  # never connects: only its encoding is used
+    try:
+        tokens, wids = [b"t" * 8, b"", b"u" * 8], [b"w1" * 4, b"w2" * 4, b"w3" * 4]
+        got = store._row_entries("t", w, [0, 1, 2], tokens, wids)
+        want = [store._put_entry(w.record(j, "t"), int(w.offsets[j]), tokens[j], wids[j]) for j in range(3)]
+        assert got == want
+    finally:
+        await store.close()

@@ -15,6 +15,8 @@ import pytest
 import redis as sync_redis
 
 from service.config import Settings
+from service.core import steps
+from service.core.outputs import OutputOptions
 from service.core.packed import PackedInput
 from service.core.sessions import SessionService
 from service.engine.engine import Engine, EngineOptions
@@ -22,7 +24,9 @@ from service.engine.runtime import RuntimeOptions
 from service.errors import OffsetMismatch
 from service.repository.models import ModelRepository
 from service.store.redis import RedisStore
-from service.types import GenerateInput, StepInput
+from service.store.table import RowWrite
+from service.types import GenerateInput, StepInput, StepResult
+from tests.core.entries import CountingEvents
 from tests.helpers import TOL, Redis, Reference
 
 
@@ -92,8 +96,13 @@ async def test_a_retry_on_the_first_replica_after_the_second_moved_on(redis: Red
             await b.step("t", _step("s", seq[:4], 4))
 
 
+@pytest.mark.parametrize("row_round_min", [4, 1], ids=["record round", "row round"])
 async def test_deleted_and_created_again_is_never_written_from_the_old_state(
-        redis: Redis, repository: ModelRepository, reference: Callable[[str], Reference]) -> None:
+        redis: Redis, repository: ModelRepository, reference: Callable[[str], Reference],
+        monkeypatch: pytest.MonkeyPatch, row_round_min: int) -> None:
+    """A's hint (a record, or a row the row round writes by the write id it was read with) of a session
+    that b deleted and created again at the same offset is never written over the new session."""
+    monkeypatch.setattr(steps, "ROW_ROUND_MIN", row_round_min)  # 1: a lone Step takes the row round too
     seq = np.random.default_rng(3).integers(0, 98, 10)
     async with _replicas(redis.url, repository) as (a, b):
         await a.create("t", "rnn-lm", 1, "s")
@@ -165,3 +174,48 @@ async def test_scripts_survive_a_script_flush(redis: Redis, repository: ModelRep
         sync_redis.Redis(port=redis.port).script_flush()
         res = await a.step_packed("t", PackedInput(["s"], [2], np.arange(2, dtype="<i4").tobytes()))
         assert not res.errors and list(res.offsets) == [5]
+
+
+async def test_a_batch_takes_the_row_round_over_hints_and_a_stale_row_runs_again(
+        redis: Redis, repository: ModelRepository, reference: Callable[[str], Reference]) -> None:
+    """A replica's hints are rows of a session table: a batch over sessions it holds takes the row round
+    (one write_rows, the put scripts written from the rows). A row the other replica advanced meanwhile
+    fails its put script's compare-and-set, and that chunk runs again from a fresh read: every session ends
+    equal to one pass, and nothing is refused or counted as a conflict."""
+    rng = np.random.default_rng(12)
+    xs = [rng.integers(0, 98, 12) for _ in range(5)]
+    events = CountingEvents()
+    cores = [SessionService(Settings(), repository, RedisStore(redis.url), Engine(EngineOptions()), events=events)
+             for _ in range(2)]
+    a, b = cores
+    written: list[int] = []
+    write_rows = a.store.write_rows
+
+    async def counting(tenant: str, w: RowWrite) -> list[Exception | None]:
+        written.append(len(w.rows))
+        return await write_rows(tenant, w)
+
+    try:
+        sids = [f"r{k}" for k in range(5)]
+        for sid in sids:
+            await a.create("t", "lstm-lm", 1, sid)
+        await a.step_batch("t", [StepInput(s, tokens=x[:4].tolist(), expected_offset=0) for s, x in zip(sids, xs)])
+        await b.step("t", _step("r1", xs[1][4:8], 4))  # a's row for r1 is stale now
+        a.store.write_rows = counting  # type: ignore[method-assign]
+        second = await a.step_batch("t", [StepInput(s, tokens=(x[4:8] if k != 1 else x[8:]).tolist(),
+                                                    options=OutputOptions(return_logits=True))
+                                          for k, (s, x) in enumerate(zip(sids, xs))])
+        assert written == [5]  # the row round wrote the batch's rows together
+        for k, x in enumerate(xs):
+            got = second[k]
+            assert isinstance(got, StepResult), got
+            assert got.offset == (12 if k == 1 else 8)
+            want, _ = reference("lstm-lm").run(x[: got.offset])
+            assert got.logits is not None and float(np.abs(got.logits - want[-4:]).max()) <= TOL
+        assert (await b.get("t", "r1")).offset == 12 and "conflict" not in events.counts
+        # the hints took the rows' writes: the next batch reads them in place, each at its new offset
+        assert await a.store.read_rows("t", sids) is not None and (await a.store.get("t", "r0")).offset == 8
+    finally:
+        for core in cores:
+            await core.store.close()
+            await core.close()
