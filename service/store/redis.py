@@ -10,8 +10,9 @@ replicas can never both advance one session, and a session deleted and created a
 another version, is never written from its old state. Scripts run by EVALSHA (pipelined ones too,
 without redis-py's SCRIPT EXISTS round trip per pipeline); a NOSCRIPT answer loads them once.
 
-Each replica keeps the records it wrote or read last as hints (bounded by count and bytes): a
-chunk reads its session from the hint, and the script stays the judge. A hint another replica
+Each replica keeps the records it wrote or read last as hints (bounded by count and bytes), as rows
+of a session table with each one's write id beside it, so the chunk pipeline's row round reads and
+writes them in place: a chunk reads its session from the hint, and the script stays the judge. A hint another replica
 made stale fails the compare-and-set, or disagrees with the client's offset; either way the core
 reads the session again (`fresh`) and decides on what is stored, so a stale hint costs one read.
 A reply is sent after Redis acknowledged the write; how durable that is, is Redis's
