@@ -225,10 +225,11 @@ class RedisStore(Store):
 
     def _remember(self, rec: SessionRecord) -> None:
         key = (rec.tenant, rec.session_id)
-        self._forget(key)
+        self._carried.pop(key, None)
         if not self.cache_size or rec.nbytes > self.cache_bytes:
+            self._forget(key)
             return
-        self._hints.put(rec)
+        self._hints.put(rec)  # in its row when it has one
         self._tokens[key] = rec.token
         self._bound()
 

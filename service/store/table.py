@@ -230,11 +230,17 @@ class RowCache:
 
     def put(self, rec: SessionRecord) -> None:
         key = (rec.tenant, rec.session_id)
-        self.pop(key)
-        block = block_for(self._blocks, rec)
-        r = block.allocate()
+        block, loc = block_for(self._blocks, rec), self._locs.get(key)
+        if loc is not None and loc[0] is block:  # the session's row, written again in place
+            r = loc[1]
+            self.nbytes -= int(block.nbytes[r])
+            block.gen[r] += 1  # as a row freed and given again: whoever read it before cannot write it now
+            self._locs.move_to_end(key)
+        else:
+            self.pop(key)
+            r = block.allocate()
+            self._locs[key] = (block, r)
         block.write(r, rec)
-        self._locs[key] = (block, r)
         self.nbytes += int(block.nbytes[r])
 
     def pop(self, key: Key) -> bool:
