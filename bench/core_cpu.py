@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -120,14 +119,10 @@ def _child(root: str, sessions: int, messages: int, store: str, step: bool = Fal
                 "store_us": (_cpu_of(redis) - r0) / messages * 1e6}
 
     with tempfile.TemporaryDirectory() as tmp:
-        if store == "redis":  # as the compose file runs it: append-only, fsync every second
-            from bench.redis_store import _free_port, _wait_port
+        if store == "redis":
+            from bench.redis_store import start_redis
 
-            redis_port = _free_port()
-            redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--dir", tmp,
-                                      "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
-                                     stdout=subprocess.DEVNULL)
-            _wait_port(redis_port, redis)
+            redis, redis_port = start_redis(tmp)
         try:
             return asyncio.run(run(tmp))
         finally:
@@ -138,10 +133,9 @@ def _child(root: str, sessions: int, messages: int, store: str, step: bool = Fal
 
 def _cpu_of(proc: subprocess.Popen | None) -> float:
     """User + system CPU seconds of a child process so far (0 without one)."""
-    if proc is None:
-        return 0.0
-    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    from bench.run import cpu_seconds
+
+    return 0.0 if proc is None else cpu_seconds(proc.pid)
 
 
 def _measure(root: Path, sessions: int, messages: int, store: str, step: bool) -> dict:

@@ -37,20 +37,31 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None
         time.sleep(0.05)
 
 
-def main() -> None:
+def start_redis(directory: str) -> tuple[subprocess.Popen, int]:
+    """A local redis-server keeping its files in `directory`, with the compose file's persistence (append-only,
+    fsync every second), once it accepts connections: (its process, its port)."""
     redis_server = shutil.which("redis-server")
     if redis_server is None:
         raise SystemExit("redis-server is not installed (make test installs it)")
+    port = _free_port()
+    redis = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", directory,
+                              "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
+                             stdout=subprocess.DEVNULL)
+    try:
+        _wait_port(port, redis)
+    except BaseException:
+        redis.kill()
+        raise
+    return redis, port
+
+
+def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port()
-        redis = subprocess.Popen([redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp,
-                                  "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],
-                                 stdout=subprocess.DEVNULL)
+        redis, port = start_redis(tmp)
         servers: dict[str, Process] = {}
         try:
-            _wait_port(port, redis)
             servers["memory"] = recur_server("memory:")
             servers["redis"] = recur_server(f"redis://127.0.0.1:{port}/0")
             for api in ("packed", "stream"):

@@ -122,6 +122,12 @@ def in_process(seqs: np.ndarray, chunk: int, batched: bool, threads: int = 1) ->
                   else n * len(lat))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Process:
     """A server process on a free port (it prints "... listening on port N"), with its peak RSS readable."""
 
@@ -141,8 +147,7 @@ class Process:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def ort_seconds(self) -> float:
         """CPU seconds so far of ONNX Runtime's threads: the server's inference thread (named recur-ort)

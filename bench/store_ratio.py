@@ -28,7 +28,7 @@ from bench.run import _sequences, over_grpc, recur_server
 from bench.redis_store import _free_port, _wait_port
 out, redis = [], None
 with tempfile.TemporaryDirectory() as tmp:
-    if sys.argv[3] == "redis":
+    if sys.argv[3] == "redis":  # as bench.redis_store.start_redis, which an older checkout lacks
         port = _free_port()
         redis = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", tmp,
                                   "--appendonly", "yes", "--appendfsync", "everysec", "--save", ""],

@@ -366,12 +366,7 @@ def packed_hash(r: SessionRecord, token: bytes) -> bytes:
     """to_hash's pairs as one MessagePack array, which the put script unpacks into HSET's arguments: one
     script argument where there were two per field (redis-py encodes each argument in Python), and the
     same bytes stored (tested)."""
-    out = [mp_array(2 * len(_PACKED_FIELDS))]
-    pack = _MP.pack
-    for name, head, encode in _PACKED_FIELDS:
-        v = token if name == _TOKEN else encode(getattr(r, name))
-        out += (head, pack(0xDB, len(v)), v)
-    return b"".join(out)
+    return packed_values([token if name == _TOKEN else encode(getattr(r, name)) for name, _, encode in _PACKED_FIELDS])
 
 
 def from_hash(h: dict[bytes, bytes], tenant: str, session_id: str) -> SessionRecord:

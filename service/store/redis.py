@@ -412,19 +412,29 @@ class RedisStore(Store):
         """A session's entry in the put script's argument (MessagePack): `token` is the write id it was read
         with (compared, when there is one: a record read from a hash written before write ids existed has
         none), `wid` the write's own."""
-        ttl_ms, tomb_ms = self._ms(record.ttl)
-        head = [b"%d" % ttl_ms, b"%d" % tomb_ms, b"%d" % prev_offset, repr(record.expires_at).encode(),
-                record.session_id.encode(), self._member(record.tenant, record.session_id).encode(), token]
-        return b"".join([mp_array(8), *map(mp_str, head), packed_hash(record, wid)])
+        return self._entry(record.tenant, record.session_id, record.ttl, prev_offset, record.expires_at, token,
+                           packed_hash(record, wid))
+
+    def _entry(self, tenant: str, session_id: str, ttl: float, prev_offset: int, expires: float, token: bytes,
+               fields: bytes) -> bytes:
+        """The put script's entry for a session: its arguments (see _PUT), then its hash's packed fields."""
+        ttl_ms, tomb_ms = self._ms(ttl)
+        head = [b"%d" % ttl_ms, b"%d" % tomb_ms, b"%d" % prev_offset, repr(expires).encode(), session_id.encode(),
+                self._member(tenant, session_id).encode(), token]
+        return b"".join([mp_array(8), *map(mp_str, head), fields])
+
+    def _carry(self, key: tuple[str, str], token: bytes, offset: int, wid: bytes) -> None:
+        """This store's last write of a session (see _token), at most CARRIED of them."""
+        self._carried[key] = (token, offset, wid)
+        if len(self._carried) > CARRIED:
+            self._carried.popitem(last=False)
 
     def _outcome(self, record: SessionRecord, res: object, wid: bytes) -> RecurError | None:
         """What the put script's answer means: -2 applied, else why not (`_refusal`). Hints follow."""
         key = (record.tenant, record.session_id)
         if res == -2:
             self._remember(record.copy(token=wid))
-            self._carried[key] = (record.token, record.offset, wid)
-            if len(self._carried) > CARRIED:
-                self._carried.popitem(last=False)
+            self._carry(key, record.token, record.offset, wid)
             return None
         self._forget(key)
         return self._refusal(record.session_id, res)
@@ -517,14 +527,12 @@ class RedisStore(Store):
                 applied[j] = True
                 if still[j]:
                     self._tokens[key] = wid
-                self._carried[key] = (token, int(w.offsets[j] + w.steps[j]), wid)
+                self._carry(key, token, int(w.offsets[j] + w.steps[j]), wid)
             else:
                 self._forget(key)
                 out[j] = self._refusal(w.session_ids[j], res)
         if applied.any():
             self._hints.commit(w.only(applied))
-            while len(self._carried) > CARRIED:
-                self._carried.popitem(last=False)
             self._bound()
         return out
 
@@ -538,15 +546,12 @@ class RedisStore(Store):
         model, version, updated = b.model.encode(), b"%d" % b.version, repr(w.t).encode()
         out = []
         for j, token, wid in zip(at, tokens, wids):
-            sid, start, ttl, k = w.session_ids[j], int(w.offsets[j]), float(w.ttl[j]), kept[j]
-            ttl_ms, tomb_ms = self._ms(ttl)
+            start, ttl, k = int(w.offsets[j]), float(w.ttl[j]), kept[j]
             prev = b"" if w.complete[j] else pack_arrays([s[:, j] for s in w.before])
-            head = [b"%d" % ttl_ms, b"%d" % tomb_ms, b"%d" % start, repr(w.t + ttl).encode(), sid.encode(),
-                    self._member(tenant, sid).encode(), token]
             values = [model, version, b"%d" % (start + int(w.steps[j])), repr(float(w.created[j])).encode(), updated,
                       repr(ttl).encode(), states[j], w.digests[j], b"%d" % start,
                       finals[j] if k is None else pack_arrays([k]), prev, b"", wid]
-            out.append(b"".join([mp_array(8), *map(mp_str, head), packed_values(values)]))
+            out.append(self._entry(tenant, w.session_ids[j], ttl, start, w.t + ttl, token, packed_values(values)))
         return out
 
     _wait_in_pipeline = True  # one connection carries the whole pipeline (not so on a cluster)
